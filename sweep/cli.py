@@ -1,0 +1,140 @@
+"""The `sweep` command line. Heavy libraries load inside the commands that need them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="sweep",
+    help="Hyperparameter search for QLoRA fine-tuning: YAML spec -> Ray Tune ASHA -> Optuna study -> export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+STORAGE_HELP = "SQLAlchemy URL of the study (overrides the spec's storage); password from PGPASSWORD if omitted"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def _load(path: Path):
+    from sweep.spec import SpecError, load_spec
+
+    try:
+        return load_spec(path)
+    except SpecError as e:
+        _fail(str(e))
+
+
+@app.command()
+def validate(spec: list[Path] = typer.Argument(..., help="spec YAML file(s)")) -> None:
+    """Check spec files without running anything; report every problem at once."""
+    from sweep.spec import SpecError, load_spec
+
+    bad = 0
+    for path in spec:
+        try:
+            s = load_spec(path)
+        except SpecError as e:
+            typer.echo(str(e), err=True)
+            bad += 1
+            continue
+        kind = f"{s.num_trials} trials ({s.search.sampler})" if s.search else "training config (no search)"
+        unit = s.budget.unit
+        typer.echo(f"{path}: ok — {s.name}: {kind}, rungs {' -> '.join(map(str, s.budget.rungs))} {unit}")
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="search space YAML"),
+    name: Optional[str] = typer.Option(None, "--name", help="study name (default: the spec's name)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"),
+    num_trials: Optional[int] = typer.Option(None, "--num-trials", min=1, help="override search.num_trials"),
+) -> None:
+    """Run the search: ASHA over QLoRA trials, every trial recorded in the study."""
+    s = _load(spec)
+    if s.search is None:
+        _fail(f"{spec}: has no `search` section; to train this config once use `sweep train {spec}`")
+    from sweep.controller import run_sweep
+
+    summary = run_sweep(s, spec_path=spec, study_name=name, storage=storage, address=address, num_trials=num_trials)
+    if summary.get("errors"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    study: str = typer.Argument(..., help="study name (as given to `sweep run`) or the spec file"),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the leaderboard as JSON"),
+) -> None:
+    """Leaderboard of a study, read from its storage."""
+    from sweep.leaderboard import leaderboard, render, to_json
+
+    st = _open_study(study, storage)
+    rows = leaderboard(st)
+    if as_json:
+        typer.echo(to_json(rows, st))
+    else:
+        render(rows, st)
+
+
+@app.command()
+def export(
+    study: str = typer.Argument(..., help="study name or spec file"),
+    out: Path = typer.Option(Path("best.yaml"), "-o", "--out", help="where to write the training config"),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+) -> None:
+    """Write the best COMPLETE trial as a full training config (validates with `sweep validate`)."""
+    from sweep.export import ExportError, export_best
+
+    st = _open_study(study, storage)
+    try:
+        info = export_best(st, out)
+    except ExportError as e:
+        _fail(f"sweep export: {e}")
+    typer.echo(f"wrote {out}" + (f" — {info}" if info else ""))
+
+
+def _open_study(ref: str, storage: Optional[str]):
+    """A study from its name (registry), or a spec path (its storage), with --storage winning."""
+    from sweep.record import StudyNotFound, load_study, resolve_study
+
+    if ref.endswith((".yaml", ".yml")) and Path(ref).exists():
+        from sweep.spec import default_storage
+
+        s = _load(Path(ref))
+        url = storage or s.storage or default_storage(s, ref)
+        name = s.name
+    else:
+        try:
+            url, name = resolve_study(ref, storage)
+        except StudyNotFound as e:
+            _fail(f"sweep: {e}")
+    try:
+        return load_study(url, name)
+    except StudyNotFound as e:
+        _fail(f"sweep: {e}")
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

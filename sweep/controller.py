@@ -1,0 +1,228 @@
+"""The controller: a Ray Tune `Tuner` with an Optuna searcher on the study and ASHA.
+
+`run_sweep` is the whole of `sweep run`:
+  spec -> assets (demo model/data if asked) -> study (created, spec recorded) ->
+  base model's val loss (once per study) -> Tuner(OptunaSearch on the study,
+  ASHAScheduler on the budget unit, trials with {cpu, gpu}) -> leaderboard.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from sweep.spec import SweepSpec, default_storage, public_dict, resolve_paths, spec_hash
+
+
+def optuna_space(spec: SweepSpec) -> dict:
+    """The spec's search params as Optuna distributions (the one place this mapping lives)."""
+    import optuna.distributions as od
+
+    out = {}
+    for name, p in spec.search.params.items():  # type: ignore[union-attr]
+        if p.type == "choice":
+            out[name] = od.CategoricalDistribution(list(p.values))
+        elif p.type == "uniform":
+            out[name] = od.FloatDistribution(p.low, p.high)
+        elif p.type == "loguniform":
+            out[name] = od.FloatDistribution(p.low, p.high, log=True)
+        else:
+            out[name] = od.IntDistribution(p.low, p.high, step=p.step, log=p.log)
+    return out
+
+
+def make_sampler(spec: SweepSpec):
+    """The Optuna sampler the spec asks for, seeded."""
+    import optuna
+
+    s = spec.search
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.sampler == "grid":
+        grid = {n: list(p.values) for n, p in s.params.items()}
+        return optuna.samplers.GridSampler(grid, seed=s.seed)
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True)
+
+
+def _make_progress_callback(searcher, spec: SweepSpec, console):
+    from ray.tune import Callback
+
+    unit = spec.budget.unit
+    rungs = spec.budget.rungs
+    t0 = time.time()
+
+    def label(trial) -> str:
+        n = searcher.trial_number(trial.trial_id)
+        return f"trial {n:>3}" if n is not None else f"trial {trial.trial_id}"
+
+    def params(trial) -> str:
+        return " ".join(f"{k}={_fmt(v)}" for k, v in sorted(trial.config.items()))
+
+    class Progress(Callback):
+        """One line per trial event: started, each rung (val loss, ppl), and how it ended."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            console.print(f"[dim]{time.time() - t0:7.1f}s[/] {label(trial)} [cyan]started[/]  {params(trial)}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            b = result.get(unit)
+            r = rungs.index(b) + 1 if b in rungs else "?"
+            console.print(
+                f"[dim]{time.time() - t0:7.1f}s[/] {label(trial)} rung {r}/{len(rungs)} ({unit} {b})"
+                f"  val_loss [bold]{result.get('val_loss', float('nan')):.4f}[/]  ppl {result.get('ppl', float('nan')):.2f}"
+                f"  {result.get('samples_per_s', 0):.1f} samples/s"
+            )
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            state = searcher.final_state(trial.trial_id) or "DONE"
+            color = {"COMPLETE": "green", "PRUNED": "yellow"}.get(state, "white")
+            b = (trial.last_result or {}).get(unit)
+            console.print(f"[dim]{time.time() - t0:7.1f}s[/] {label(trial)} [{color}]{state}[/] at {unit} {b}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            reason = _error_text(trial)
+            searcher.record_failure(trial.trial_id, reason)
+            console.print(f"[dim]{time.time() - t0:7.1f}s[/] {label(trial)} [red]FAIL[/]: {reason.splitlines()[-1] if reason else '?'}")
+
+    return Progress()
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        if path and os.path.exists(path):
+            text = Path(path).read_text()
+            return text[-4000:]
+    except OSError:
+        pass
+    return str(getattr(trial, "error_msg", "") or "trial failed")
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    spec_path,
+    study_name: Optional[str] = None,
+    storage: Optional[str] = None,
+    address: Optional[str] = None,
+    num_trials: Optional[int] = None,
+    console=None,
+) -> dict:
+    """Run the search the spec describes; return a summary (study, storage, counts by state)."""
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    spec_path = Path(spec_path)
+    study_name = study_name or spec.name
+    storage_url = storage or spec.storage or default_storage(spec, spec_path)
+    spec = resolve_paths(spec, spec_path.parent)
+    job = spec.job()
+
+    import optuna
+
+    from sweep.record import open_storage, record_base_metrics, record_spec, register_study, safe_url
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+    rstorage = open_storage(storage_url)
+    study = optuna.create_study(storage=rstorage, study_name=study_name, direction="minimize", load_if_exists=True)
+    record_spec(study, public_dict(spec), spec_hash(spec))
+    register_study(study_name, storage_url)
+    console.print(f"study [bold]{study_name}[/] in {safe_url(storage_url)}")
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from sweep.search import StudySearch
+    from trial_worker.entry import evaluate_base, prepare_assets, run_trial
+
+    prepare_assets(job)
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        configure_logging=True,
+        logging_level="WARNING",
+        log_to_driver=True,
+        ignore_reinit_error=True,
+    )
+    res = spec.resources
+    try:
+        if "base_val_loss" not in study.user_attrs:
+            console.print("evaluating the base model (once per study) ...")
+            remote = ray.remote(evaluate_base).options(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
+            base = ray.get(remote.remote(job))
+            record_base_metrics(study, base["val_loss"], base["ppl"])
+            console.print(f"base model: val_loss {base['val_loss']:.4f}  ppl {base['ppl']:.2f}")
+
+        n_trials = num_trials or spec.num_trials
+        budget = spec.budget
+        searcher = StudySearch(
+            optuna_space(spec),
+            metric="val_loss",
+            mode="min",
+            sampler=make_sampler(spec),
+            study_name=study_name,
+            storage=rstorage,
+            budget_key=budget.unit,
+            top_rung=budget.rungs[-1],
+        )
+        scheduler = ASHAScheduler(
+            time_attr=budget.unit,
+            max_t=budget.max,
+            grace_period=budget.min,
+            reduction_factor=budget.reduction_factor,
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, job=job.model_dump(mode="json")),
+            {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
+        )
+        out_dir = Path(spec.output_dir or "sweep_runs").resolve()
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric="val_loss",
+                mode="min",
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=n_trials,
+                max_concurrent_trials=res.max_concurrent_trials,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=study_name,
+                storage_path=str(out_dir),
+                verbose=0,
+                callbacks=[_make_progress_callback(searcher, spec, console)],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                failure_config=tune.FailureConfig(max_failures=res.max_failures),
+            ),
+        )
+        console.print(
+            f"ASHA over {n_trials} trials, rungs {' -> '.join(map(str, budget.rungs))} {budget.unit}, "
+            f"{res.cpus_per_trial:g} CPU / {res.gpus_per_trial:g} GPU per trial"
+        )
+        results = tuner.fit()
+        errors = sum(1 for r in results if r.error is not None)
+    finally:
+        ray.shutdown()
+
+    from sweep.leaderboard import leaderboard, render
+
+    study = optuna.load_study(study_name=study_name, storage=rstorage)
+    render(leaderboard(study), study, console=console)
+    counts: dict[str, int] = {}
+    for t in study.trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return {"study": study_name, "storage": safe_url(storage_url), "states": counts, "errors": errors}

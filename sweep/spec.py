@@ -1,0 +1,377 @@
+"""The sweep spec: a YAML file parsed with `yaml.safe_load` and validated with pydantic.
+
+A spec is a job (`trial_worker.config.JobConfig`: model, data, training, budget) plus
+the controller's sections: `search`, `resources`, `storage`, `tracking`. Without a
+`search` section the same file is a training config (what `sweep export` writes).
+
+`load_spec` reports every problem at once as a `SpecError`: file, line, field path,
+value, and what is allowed. Nothing here imports torch, transformers, ray or optuna.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from trial_worker.config import (
+    BudgetConfig,
+    DataConfig,
+    JobConfig,
+    LoraConfig,
+    ModelConfig,
+    QuantizationConfig,
+    Strict,
+    TrainingConfig,
+    apply_params,
+    searchable_params,
+)
+
+# ---------------------------------------------------------------- search space
+
+
+class Choice(Strict):
+    type: Literal["choice"]
+    values: list[Union[bool, int, float, str]] = Field(..., min_length=1)
+
+
+class Uniform(Strict):
+    type: Literal["uniform"]
+    low: float
+    high: float
+
+
+class LogUniform(Strict):
+    type: Literal["loguniform"]
+    low: float
+    high: float
+
+
+class IntRange(Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, gt=0)
+    log: bool = False
+
+
+Param = Annotated[Union[Choice, Uniform, LogUniform, IntRange], Field(discriminator="type")]
+
+
+class SearchConfig(Strict):
+    params: dict[str, Param] = Field(..., min_length=1, description="name -> distribution; names are HF/TRL knob names")
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    num_trials: Optional[int] = Field(None, gt=0, le=100_000, description="trials to run (grid: default = every combination)")
+    metric: Literal["val_loss"] = "val_loss"
+    mode: Literal["min"] = "min"
+    seed: int = Field(0, ge=0, lt=2**32)
+    n_startup_trials: int = Field(4, ge=0, description="TPE: random trials before the model-based ones")
+
+
+class ResourcesConfig(Strict):
+    gpus_per_trial: float = Field(1.0, ge=0.0, le=64)
+    cpus_per_trial: float = Field(1.0, gt=0.0, le=1024)
+    max_concurrent_trials: Optional[int] = Field(None, gt=0, le=10_000)
+    max_failures: int = Field(0, ge=0, le=100, description="Ray retries of a failed trial from its last checkpoint")
+
+
+class WandbConfig(Strict):
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online when WANDB_API_KEY is set, else offline"
+    )
+    project: Optional[str] = None
+    entity: Optional[str] = None
+
+
+class TrackingConfig(Strict):
+    wandb: WandbConfig = Field(default_factory=lambda: WandbConfig(mode="disabled"))
+
+
+class SweepSpec(JobConfig):
+    """A search space file: a job plus what the controller needs to search over it."""
+
+    search: Optional[SearchConfig] = None
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage: Optional[str] = Field(None, description="SQLAlchemy URL of the study; default: SQLite beside the spec")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output_dir: Optional[str] = Field(None, description="Ray results and checkpoints; default ./sweep_runs")
+
+    @model_validator(mode="after")
+    def _storage_scheme(self):
+        if self.storage is not None and not self.storage.split(":", 1)[0].startswith(("sqlite", "postgresql", "mysql")):
+            raise ValueError(f"storage must be a SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...), got {_redact(self.storage)!r}")
+        return self
+
+    def job(self) -> JobConfig:
+        """The job part of the spec (what a trial worker receives)."""
+        return JobConfig.model_validate(self.model_dump(include=set(JobConfig.model_fields)))
+
+    @property
+    def num_trials(self) -> int:
+        s = self.search
+        if s is None:
+            return 1
+        if s.num_trials:
+            return s.num_trials
+        if s.sampler == "grid":
+            return math.prod(len(p.values) for p in s.params.values())  # type: ignore[union-attr]
+        return 20
+
+
+# ------------------------------------------------------------------ errors
+
+
+@dataclass
+class Problem:
+    path: str
+    message: str
+    value: Any = None
+    line: Optional[int] = None
+    has_value: bool = True
+
+    def render(self, file: str) -> str:
+        where = f"{file}:{self.line}" if self.line else file
+        val = f" = {_short(self.value)}" if self.has_value else ""
+        return f"{where}: {self.path or '<top>'}{val}: {self.message}"
+
+
+class SpecError(Exception):
+    """Everything wrong with one spec file, reported at once."""
+
+    def __init__(self, file: str, problems: list[Problem]):
+        self.file = file
+        self.problems = problems
+        n = len(problems)
+        lines = [f"{file}: the spec is not valid, found {n} problem{'s' if n != 1 else ''}:"]
+        lines += ["  " + p.render(file) for p in problems]
+        super().__init__("\n".join(lines))
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, default=str) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _redact(url: str) -> str:
+    """A URL with its password replaced, for messages (never show secrets)."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        if ":" in cred:
+            cred = cred.split(":", 1)[0] + ":***"
+        return f"{scheme}://{cred}@{host}"
+    return url
+
+
+# Section name -> model class, to list allowed keys for an unknown one.
+_SECTION_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
+    (): SweepSpec,
+    ("model",): ModelConfig,
+    ("model", "quantization"): QuantizationConfig,
+    ("model", "lora"): LoraConfig,
+    ("data",): DataConfig,
+    ("training",): TrainingConfig,
+    ("budget",): BudgetConfig,
+    ("search",): SearchConfig,
+    ("resources",): ResourcesConfig,
+    ("tracking",): TrackingConfig,
+    ("tracking", "wandb"): WandbConfig,
+}
+_PARAM_MODELS = {"choice": Choice, "uniform": Uniform, "loguniform": LogUniform, "int": IntRange}
+
+
+def _allowed_keys(loc: tuple) -> Optional[list[str]]:
+    parent = tuple(str(x) for x in loc[:-1])
+    if len(parent) == 3 and parent[:2] == ("search", "params"):
+        return None  # handled by the union tag
+    if len(parent) == 4 and parent[:2] == ("search", "params"):
+        model = _PARAM_MODELS.get(parent[3])
+        return sorted(model.model_fields) if model else None
+    model = _SECTION_MODELS.get(parent)
+    return sorted(model.model_fields) if model else None
+
+
+def _pydantic_problems(err: ValidationError) -> list[Problem]:
+    out = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        # Union members add their tag to the path (search.params.lr.loguniform.low): keep it readable.
+        path_parts = [str(x) for x in loc]
+        if len(loc) >= 4 and loc[:2] == ("search", "params") and loc[3] in _PARAM_MODELS:
+            path_parts.pop(3)
+        path = ".".join(path_parts)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc) or []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = "unknown field" + (f"; did you mean {close[0]!r}?" if close else "") + (
+                f" Allowed: {', '.join(allowed)}" if allowed else ""
+            )
+        elif e["type"] == "union_tag_invalid" or e["type"] == "union_tag_not_found":
+            msg = "a search parameter needs `type:` one of choice, uniform, loguniform, int"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        out.append(Problem(path, msg, e.get("input"), has_value=e["type"] != "missing"))
+    return out
+
+
+# ------------------------------------------------------------ cross-field rules
+
+
+def check_rules(spec: SweepSpec) -> list[Problem]:
+    """Rules that span fields; each returns a Problem naming the field, the value and what is allowed."""
+    problems: list[Problem] = []
+    job = spec.job()
+    if spec.search is not None:
+        allowed = searchable_params()
+        for name, p in spec.search.params.items():
+            path = f"search.params.{name}"
+            if name not in allowed:
+                close = difflib.get_close_matches(name, list(allowed), n=1)
+                problems.append(Problem(path, "not a searchable knob" + (f"; did you mean {close[0]!r}?" if close else "")
+                                        + f" Searchable: {', '.join(sorted(allowed))}", name))
+                continue
+            if isinstance(p, (Uniform, LogUniform, IntRange)):
+                if p.low > p.high:
+                    problems.append(Problem(path + ".low", f"low ({p.low}) is greater than high ({p.high}); need low <= high", p.low))
+                    continue
+                if isinstance(p, LogUniform) or (isinstance(p, IntRange) and p.log):
+                    if p.low <= 0:
+                        problems.append(Problem(path + ".low", "a log-scale range needs low > 0", p.low))
+                        continue
+                values = [p.low, p.high]
+            else:
+                values = list(p.values)
+            for v in values:
+                try:
+                    apply_params(job, {name: v})
+                except ValidationError as e:
+                    reason = e.errors()[0]["msg"].removeprefix("Value error, ")
+                    problems.append(Problem(path, f"value {v!r} is not allowed for {name}: {reason}", v))
+                    break
+        if spec.search.sampler == "grid":
+            bad = [n for n, p in spec.search.params.items() if not isinstance(p, Choice)]
+            if bad:
+                problems.append(Problem("search.sampler", f"grid search needs `type: choice` for every param; not choice: {', '.join(bad)}", "grid"))
+    if spec.resources.gpus_per_trial > 1 and spec.resources.gpus_per_trial != int(spec.resources.gpus_per_trial):
+        problems.append(Problem("resources.gpus_per_trial", "above 1, GPUs per trial must be a whole number", spec.resources.gpus_per_trial))
+    if job.training.use_cpu and spec.resources.gpus_per_trial > 0:
+        problems.append(Problem("resources.gpus_per_trial", "training.use_cpu is true, so trials need 0 GPUs", spec.resources.gpus_per_trial))
+    q = job.model.quantization
+    if job.training.bf16 and q.load_in_4bit and q.bnb_4bit_compute_dtype == "float16":
+        problems.append(Problem("model.quantization.bnb_4bit_compute_dtype", "training.bf16 is true: use bfloat16 compute (or fp16 training)", "float16"))
+    if job.training.fp16 and q.load_in_4bit and q.bnb_4bit_compute_dtype == "bfloat16":
+        problems.append(Problem("model.quantization.bnb_4bit_compute_dtype", "training.fp16 is true: use float16 compute (or bf16 training)", "bfloat16"))
+    return problems
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _line_of(root: Optional[yaml.Node], path: str) -> Optional[int]:
+    node, line = root, None
+    for part in path.split(".") if path else []:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if str(k.value) == part:
+                    nxt, line = v, k.start_mark.line + 1
+                    break
+            if nxt is None:
+                return line if line else (node.start_mark.line + 1)
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def parse_spec(text: str, file: str = "<spec>", *, default_name: Optional[str] = None) -> SweepSpec:
+    """Parse and validate spec text; raise SpecError listing every problem."""
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else None
+        raise SpecError(file, [Problem("", f"not valid YAML: {e.problem or e}" + (" (only plain YAML is accepted: no !!python tags)" if "python" in str(e) else ""), line=line, has_value=False)]) from None
+    except yaml.YAMLError as e:
+        raise SpecError(file, [Problem("", f"not valid YAML: {e}", has_value=False)]) from None
+    if data is None:
+        raise SpecError(file, [Problem("", "the file is empty; a spec needs at least model, data and budget sections", has_value=False)])
+    if not isinstance(data, dict):
+        raise SpecError(file, [Problem("", f"the top level must be a mapping of sections, got {type(data).__name__}", data)])
+    if default_name and "name" not in data:
+        data["name"] = default_name
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        problems = _pydantic_problems(e)
+    else:
+        problems = check_rules(spec)
+    if problems:
+        for p in problems:
+            p.line = _line_of(root, p.path)
+        raise SpecError(file, problems)
+    return spec
+
+
+def load_spec(path: Union[str, Path]) -> SweepSpec:
+    """Read a spec file. Relative local paths in it resolve against the file's folder."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise SpecError(str(path), [Problem("", "no such file", has_value=False)]) from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
+        raise SpecError(str(path), [Problem("", f"cannot read the file: {e}", has_value=False)]) from None
+    stem = "".join(c if (c.isalnum() or c in "_.-") else "_" for c in p.stem) or "sweep"
+    return parse_spec(text, str(path), default_name=stem)
+
+
+def resolve_paths(spec: SweepSpec, base_dir: Union[str, Path]) -> SweepSpec:
+    """Local model/data paths made absolute against the spec's folder (hub ids are left alone)."""
+    base = Path(base_dir).resolve()
+
+    def local(p: str, generated: bool) -> str:
+        if os.path.isabs(p) or p.startswith("hf://"):
+            return p
+        cand = base / p
+        # A generated asset, an existing file or an explicit ./ or ../ path is local; else a hub id.
+        if generated or cand.exists() or p.startswith((".", "~")):
+            return str(cand.expanduser().resolve())
+        return p
+
+    d = spec.model_dump()
+    d["model"]["name_or_path"] = local(spec.model.name_or_path, spec.model.generate is not None)
+    d["data"]["path"] = local(spec.data.path, spec.data.generate is not None)
+    return SweepSpec.model_validate(d)
+
+
+def default_storage(spec: SweepSpec, spec_path: Union[str, Path]) -> str:
+    """SQLite file beside the spec, named after it."""
+    folder = Path(spec_path).resolve().parent
+    return f"sqlite:///{folder / (spec.name + '.db')}"
+
+
+def spec_hash(spec: SweepSpec) -> str:
+    """A stable hash of the validated spec (to notice edits between run and resume)."""
+    blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def public_dict(spec: SweepSpec) -> dict:
+    """The spec as plain data with the storage password removed (safe to store and export)."""
+    d = spec.model_dump(mode="json")
+    if d.get("storage"):
+        d["storage"] = _redact(d["storage"])
+    return d

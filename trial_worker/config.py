@@ -1,0 +1,219 @@
+"""The job description shared by the controller (`sweep`) and the GPU side (`trial_worker`).
+
+This is the one module both packages import. It holds plain pydantic models and no
+heavy imports, so `sweep validate` can use it without torch, and a GPU node can run
+a trial with only `trial_worker` installed.
+
+A *job* is everything one training run needs: model (with quantization and LoRA),
+data, training knobs and the budget ladder. A sweep spec is a job plus a `search`
+section; a trial is the job with the searched parameters applied (`apply_params`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    """Every spec model rejects unknown keys: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+ALL_LINEAR_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class QuantizationConfig(Strict):
+    load_in_4bit: bool = Field(True, description="Load the frozen base in 4 bit (QLoRA). False trains LoRA on a 16/32-bit base.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0, le=4096, description="LoRA rank")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (lora_alpha)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(default_factory=lambda: list(ALL_LINEAR_LLAMA))
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module (e.g. q_proj) or be 'all-linear'")
+        return v
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(..., min_length=1, description="Hugging Face hub id or local folder")
+    generate: Optional[Literal["tiny-llama"]] = Field(
+        None, description="If the local folder is missing, write the project's tiny Llama there (demo/tests)."
+    )
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+DataFormat = Literal["auto", "sharegpt", "messages", "text", "instruction"]
+
+
+class DataConfig(Strict):
+    path: str = Field(..., min_length=1, description="HF dataset id, local .jsonl/.json/.parquet file, or a folder of them")
+    generate: Optional[Literal["arithmetic"]] = Field(
+        None, description="If the local folder is missing, write the project's generated task data there (demo/tests)."
+    )
+    format: DataFormat = Field("auto", description="sharegpt (conversations/from/value), messages (role/content), text, instruction (instruction/input/output)")
+    split: str = "train"
+    validation_split: Optional[str] = Field(None, description="Named split to validate on (e.g. 'validation' or 'test')")
+    validation_fraction: Optional[float] = Field(None, gt=0.0, lt=1.0, description="Hold out this fraction of the train split when no validation split is named")
+    max_seq_length: int = Field(1024, gt=0, le=1_048_576)
+    packing: bool = False
+    max_train_samples: Optional[int] = Field(None, gt=0)
+    max_eval_samples: Optional[int] = Field(None, gt=0)
+    system_prompt: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_validation_source(self):
+        if self.validation_split and self.validation_fraction:
+            raise ValueError("set either validation_split or validation_fraction, not both")
+        return self
+
+
+Optimizer = Literal[
+    "adamw_torch", "adamw_torch_fused", "adafactor", "sgd",
+    "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit", "lion_8bit",
+]
+Scheduler = Literal[
+    "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt",
+    "cosine_with_min_lr", "warmup_stable_decay",
+]
+
+
+class TrainingConfig(Strict):
+    """The knobs of an HF/TRL SFT run, with the names HF users know."""
+
+    learning_rate: float = Field(2e-4, gt=0.0, le=10.0)
+    per_device_train_batch_size: int = Field(4, gt=0, le=65536)
+    gradient_accumulation_steps: int = Field(1, gt=0, le=65536)
+    per_device_eval_batch_size: int = Field(8, gt=0, le=65536)
+    optim: Optimizer = "adamw_torch"
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    lr_scheduler_type: Scheduler = "linear"
+    gradient_checkpointing: bool = True
+    group_by_length: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    logging_steps: int = Field(10, gt=0)
+    seed: int = Field(42, ge=0, lt=2**32)
+    dataloader_num_workers: int = Field(0, ge=0, le=64)
+    use_cpu: Optional[bool] = Field(None, description="None: use a GPU when one is visible, else the CPU")
+    torch_threads: Optional[int] = Field(None, gt=0, le=1024, description="CPU threads per trial (default: the trial's CPUs)")
+
+    @model_validator(mode="after")
+    def _one_half_precision(self):
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both true; choose one")
+        return self
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+class BudgetConfig(Strict):
+    """The successive-halving ladder: rungs at min * reduction_factor**k, up to max."""
+
+    unit: Literal["steps", "samples"] = Field("steps", description="steps = optimizer steps; samples = training examples seen")
+    min: int = Field(..., gt=0, le=10**9)
+    max: int = Field(..., gt=0, le=10**9)
+    reduction_factor: int = Field(2, ge=2, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max}); need min <= max")
+        return self
+
+    @property
+    def rungs(self) -> list[int]:
+        out, r = [], self.min
+        while r < self.max:
+            out.append(r)
+            r *= self.reduction_factor
+        out.append(self.max)
+        return out
+
+    def steps_for(self, value: int, effective_batch_size: int) -> int:
+        """Optimizer steps at which a trial with this effective batch reaches `value` budget units."""
+        if self.unit == "steps":
+            return value
+        return max(1, math.ceil(value / effective_batch_size))
+
+
+class JobConfig(Strict):
+    """One training run: what a trial executes and what `sweep train` runs."""
+
+    name: str = Field("sweep", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    budget: BudgetConfig
+
+
+# Search parameter name -> (section, field). Training knobs keep their HF names;
+# LoRA knobs use the lora_ prefix that PEFT/TRL users write in their scripts.
+_LORA_PARAMS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+_DATA_PARAMS = {"max_seq_length": "max_seq_length", "packing": "packing"}
+_TRAINING_NOT_SEARCHABLE = {"use_cpu", "torch_threads", "dataloader_num_workers", "logging_steps"}
+
+
+def searchable_params() -> dict[str, tuple[str, str]]:
+    """Every name a `search.params` entry may use, mapped to (section, field)."""
+    out = {name: ("training", name) for name in TrainingConfig.model_fields if name not in _TRAINING_NOT_SEARCHABLE}
+    out.update({name: ("lora", f) for name, f in _LORA_PARAMS.items()})
+    out.update({name: ("data", f) for name, f in _DATA_PARAMS.items()})
+    return out
+
+
+def apply_params(job: JobConfig, params: dict[str, Any]) -> JobConfig:
+    """The job with a trial's sampled parameters written into their sections (validated again)."""
+    data = job.model_dump()
+    where = searchable_params()
+    for name, value in params.items():
+        if name not in where:
+            raise KeyError(f"unknown search parameter {name!r}")
+        section, field = where[name]
+        if section == "lora":
+            data["model"]["lora"][field] = value
+        else:
+            data[section][field] = value
+    return JobConfig.model_validate(data)
+
+
+# What a trial reports to Tune at each rung (and what the record stores).
+METRIC = "val_loss"
+REPORT_KEYS = (
+    "step",            # optimizer steps done
+    "samples",         # training examples seen
+    "rung",            # index of the rung just reached (0-based)
+    "val_loss",        # token-mean loss on the validation split (response tokens only)
+    "ppl",             # exp(val_loss)
+    "train_loss",      # mean training loss since the previous report
+    "learning_rate",   # LR at this step
+    "tokens_per_s",    # trained (non-padding) tokens per second of training time
+    "samples_per_s",
+    "peak_mem_gb",     # peak accelerator memory (GPU), or peak RSS on CPU
+    "wall_s",          # seconds since the trial started
+    "train_s",         # seconds spent in training steps
+)
