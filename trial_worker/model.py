@@ -1,0 +1,126 @@
+"""The QLoRA model: tokenizer + base in 4 bit (bitsandbytes NF4/FP4) + LoRA adapters (PEFT)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from trial_worker.config import ModelConfig, TrainingConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+# A plain turn-based template for tokenizers that ship none (base models): prompt-completion
+# data needs some chat template. Models with their own template keep it.
+FALLBACK_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '### ' + message['role'] | capitalize + ':\\n' + message['content'] | trim + '\\n\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '### Assistant:\\n' }}{%- endif %}"
+)
+
+
+def use_cpu(training: TrainingConfig) -> bool:
+    """CPU when the job says so, or when no GPU is visible."""
+    import torch
+
+    if training.use_cpu is not None:
+        return training.use_cpu
+    return not torch.cuda.is_available()
+
+
+def dtype_of(name: str) -> "torch.dtype":
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
+    """The model's tokenizer, with a pad token and a chat template guaranteed."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        # The pad id never reaches the loss (labels are -100 there), so eos is a safe stand-in.
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def load_base(cfg: ModelConfig, *, cpu: bool):
+    """The frozen base model: 4-bit when `quantization.load_in_4bit`, else in the compute dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = cfg.quantization
+    compute_dtype = dtype_of(q.bnb_4bit_compute_dtype)
+    kwargs = dict(
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=compute_dtype,
+        device_map={"": "cpu"} if cpu else {"": torch.cuda.current_device()},
+    )
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if q.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    model.config.use_cache = False  # training; the KV cache only costs memory here
+    if cpu and q.load_in_4bit:
+        keep_cpu_4bit_trainable(model)
+    return model
+
+
+def keep_cpu_4bit_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference when the model is evaluated.
+
+    On CPUs with AVX512-BF16, `Linear4bit` in eval mode converts its weight to an
+    inference-only layout and keeps it; training afterwards runs through `gemv_4bit`, which
+    has no backward, so LoRA layers below it get no gradient. Evaluating between rungs
+    would silently break training from the first rung on.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def add_lora(model, cfg: ModelConfig, *, gradient_checkpointing: bool) -> "PeftModel":
+    """Freeze the base, prepare it for k-bit training (QLoRA), and wrap it with LoRA adapters."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization.load_in_4bit:
+        # Freezes the base, upcasts norms/embeddings to fp32, and turns on checkpointing if asked.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    lora = cfg.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def load_model(cfg: ModelConfig, training: TrainingConfig):
+    """(tokenizer, PEFT model): the whole QLoRA model of a job, on the job's device."""
+    tokenizer = load_tokenizer(cfg)
+    base = load_base(cfg, cpu=use_cpu(training))
+    model = add_lora(base, cfg, gradient_checkpointing=training.gradient_checkpointing)
+    return tokenizer, model

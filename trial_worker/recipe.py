@@ -1,0 +1,292 @@
+"""The QLoRA trial, top to bottom: setup -> train (reporting at every rung) -> cleanup.
+
+One trial is one TRL `SFTTrainer` run of a job:
+
+- setup: tokenizer + 4-bit base + LoRA (`model.py`), prompt-completion data (`data.py`),
+  and an `SFTConfig` carrying every knob of `TrainingConfig`. The LR schedule's horizon is
+  the top rung (`budget.max`), so a trial promoted by ASHA continues its schedule instead of
+  restarting it.
+- train: `SFTTrainer.train`; a callback stops at each rung (`budget.rungs`, in optimizer
+  steps), has the Trainer save a full checkpoint (adapter, optimizer, scheduler, RNG, data
+  position), scores the validation split as a token-mean (`evaluate.py`) and calls
+  `report(metrics, checkpoint_dir)`. `resume_from=<that dir>` continues at the same step,
+  LR and data position (the Trainer's own `resume_from_checkpoint`).
+- cleanup: free the model and accelerator memory.
+
+`run(job, report=..., output_dir=...)` drives it; `evaluate_base(job)` scores the untrained
+base on the same validation tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from trial_worker.config import REPORT_KEYS, JobConfig
+from trial_worker.data import load_splits
+from trial_worker.evaluate import validation_loss
+from trial_worker.model import load_model, use_cpu
+
+Report = Callable[[dict, str], None]
+TRIAL_STATE_FILE = "sweep_trial_state.json"  # our own counters, saved beside the Trainer's checkpoint files
+WSD_DECAY_FRACTION = 0.2
+COSINE_MIN_LR_RATE = 0.1
+
+
+def rung_steps(job: JobConfig) -> list[int]:
+    """Optimizer steps at which this job reaches each rung of its budget ladder."""
+    eff = job.training.effective_batch_size
+    return [job.budget.steps_for(r, eff) for r in job.budget.rungs]
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by this process, or its peak RSS on CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 2**20 if sys.platform != "darwin" else kb / 2**30  # Linux reports KiB, macOS bytes
+
+
+def sft_config(job: JobConfig, output_dir: str, *, cpu: bool):
+    """The job's `TrainingConfig` as TRL's `SFTConfig`, with the top rung as the schedule horizon."""
+    from trl import SFTConfig
+
+    t, d = job.training, job.data
+    max_steps = rung_steps(job)[-1]
+    scheduler_kwargs: dict[str, Any] = {}
+    if t.lr_scheduler_type == "cosine_with_min_lr":
+        scheduler_kwargs["min_lr_rate"] = COSINE_MIN_LR_RATE
+    elif t.lr_scheduler_type == "warmup_stable_decay":
+        scheduler_kwargs["num_decay_steps"] = max(1, round(WSD_DECAY_FRACTION * max_steps))
+    kwargs: dict[str, Any] = dict(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        learning_rate=t.learning_rate,
+        optim=t.optim,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
+        # An int, not warmup_ratio: the ratio field left TrainingArguments in transformers 5.
+        warmup_steps=math.ceil(t.warmup_ratio * max_steps),
+        lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=t.bf16,
+        fp16=t.fp16,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=not cpu,
+        use_cpu=cpu,
+        # SFT data: prompt-completion rows -> loss on the completion tokens only.
+        max_length=d.max_seq_length,
+        packing=d.packing,
+        eval_packing=False,  # validation rows stay whole, so val_loss does not depend on packing
+        completion_only_loss=True,
+        dataset_num_proc=None,
+        # Rungs decide when to save and evaluate (the callback below), nothing else does.
+        save_strategy="no",
+        eval_strategy="no",
+        save_only_model=False,
+        report_to="none",
+        disable_tqdm=True,
+        log_level="warning",
+    )
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    if t.group_by_length:  # renamed in transformers 5 (train_sampling_strategy)
+        if "train_sampling_strategy" in fields:
+            kwargs["train_sampling_strategy"] = "group_by_length"
+        else:
+            kwargs["group_by_length"] = True
+    return SFTConfig(**kwargs)
+
+
+class QLoRATrial:
+    """One QLoRA SFT trial of `job`, writing checkpoints under `output_dir`."""
+
+    def __init__(self, job: JobConfig, *, output_dir: str | os.PathLike, report: Optional[Report] = None):
+        self.job = job
+        self.output_dir = str(output_dir)
+        self.report = report or (lambda metrics, checkpoint_dir: None)
+        self.rung_steps = rung_steps(job)
+        self.t_start = time.perf_counter()
+        self.trainer = None
+        self.last_metrics: Optional[dict] = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "QLoRATrial":
+        import torch
+        from trl import SFTTrainer
+
+        t = self.job.training
+        if t.torch_threads:
+            torch.set_num_threads(t.torch_threads)
+        cpu = use_cpu(t)
+        tokenizer, model = load_model(self.job.model, t)
+        train_ds, val_ds = load_splits(self.job.data)
+        args = sft_config(self.job, self.output_dir, cpu=cpu)
+        self.trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=val_ds,
+            processing_class=tokenizer,
+            callbacks=[_RungCallback(self)],
+        )
+        from transformers.trainer_callback import PrinterCallback
+
+        self.trainer.remove_callback(PrinterCallback)  # the rung reports are the output
+        return self
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self) -> dict[str, float]:
+        """Token-mean loss of the current model over the validation split: {val_loss, ppl, tokens}."""
+        tr = self.trainer
+        return validation_loss(tr.model, tr.get_eval_dataloader(), device=tr.args.device,
+                               autocast=tr.autocast_smart_context_manager)
+
+    # ------------------------------------------------------------------ train
+    def train(self, resume_from: Optional[str] = None) -> Optional[dict]:
+        """Train to the top rung, reporting at each rung; return the last rung's metrics."""
+        self._restore_counters(resume_from)
+        self.trainer.train(resume_from_checkpoint=resume_from)
+        return self.last_metrics
+
+    def _restore_counters(self, resume_from: Optional[str]) -> None:
+        self.offset = {"wall_s": 0.0, "train_s": 0.0, "tokens": 0.0}
+        if resume_from and (Path(resume_from) / TRIAL_STATE_FILE).exists():
+            saved = json.loads((Path(resume_from) / TRIAL_STATE_FILE).read_text())
+            self.offset = {k: float(saved.get(k, 0.0)) for k in self.offset}
+        self.train_s = 0.0  # seconds in training steps, this process
+        self.t_mark = None
+        self.logs: list[tuple[int, float]] = []  # (steps covered, mean loss) since the last report
+        self.last_logged_step = None
+        self.last_lr = float("nan")
+        self.tokens_seen = 0.0
+
+    # The callback calls these three at each step / log / checkpoint.
+    def _on_log(self, step: int, logs: dict) -> None:
+        if "loss" in logs:
+            covered = step - self.last_logged_step
+            self.logs.append((covered, float(logs["loss"])))
+            self.last_logged_step = step
+        if "learning_rate" in logs:
+            self.last_lr = float(logs["learning_rate"])
+        if "num_tokens" in logs:  # TRL: non-padding tokens trained by this process
+            self.tokens_seen = float(logs["num_tokens"])
+
+    def _on_rung(self, step: int, checkpoint_dir: str) -> None:
+        val = self.evaluate()
+        covered = sum(n for n, _ in self.logs)
+        train_loss = sum(n * loss for n, loss in self.logs) / covered if covered else float("nan")
+        self.logs = []
+        train_s = self.offset["train_s"] + self.train_s
+        tokens = self.offset["tokens"] + self.tokens_seen
+        samples = step * self.job.training.effective_batch_size
+        wall_s = self.offset["wall_s"] + time.perf_counter() - self.t_start
+        metrics = {
+            "step": step,
+            "samples": samples,
+            "rung": max(i for i, s in enumerate(self.rung_steps) if s == step),
+            "val_loss": val["val_loss"],
+            "ppl": val["ppl"],
+            "train_loss": train_loss,
+            "learning_rate": self.last_lr,
+            "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
+            "samples_per_s": (samples - self.start_step * self.job.training.effective_batch_size) / self.train_s
+            if self.train_s > 0 else 0.0,
+            "peak_mem_gb": peak_memory_gb(),
+            "wall_s": wall_s,
+            "train_s": train_s,
+        }
+        assert set(metrics) == set(REPORT_KEYS)
+        state = {"wall_s": wall_s, "train_s": train_s, "tokens": tokens, "val_tokens": val["tokens"]}
+        (Path(checkpoint_dir) / TRIAL_STATE_FILE).write_text(json.dumps(state))
+        self.last_metrics = metrics
+        self.report(dict(metrics), checkpoint_dir)
+
+    # ------------------------------------------------------------------ cleanup
+    def cleanup(self) -> None:
+        import torch
+
+        self.trainer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _RungCallback(trial: QLoRATrial):
+    """A TrainerCallback that turns the rung steps into checkpoint + evaluate + report."""
+    from transformers import TrainerCallback
+
+    class RungCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            trial.start_step = state.global_step
+            trial.last_logged_step = state.global_step
+            trial.t_mark = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in trial.rung_steps:
+                trial.train_s += time.perf_counter() - trial.t_mark
+                control.should_log = True  # so train_loss and lr cover exactly up to the rung
+                control.should_save = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            trial._on_log(state.global_step, logs or {})
+
+        def on_save(self, args, state, control, **kw):
+            step = state.global_step
+            if step in trial.rung_steps:
+                trial._on_rung(step, os.path.join(args.output_dir, f"checkpoint-{step}"))
+                trial.t_mark = time.perf_counter()  # eval, saving and reporting are not training time
+
+    return RungCallback()
+
+
+def run(job: JobConfig, *, report: Optional[Report] = None, resume_from: Optional[str] = None,
+        output_dir: str | os.PathLike) -> Optional[dict]:
+    """Run one QLoRA trial of `job` up to its top rung, calling `report(metrics, checkpoint_dir)` at each rung.
+
+    `resume_from` is a checkpoint folder a previous `report` handed out: training continues
+    from its step with the same optimizer, LR schedule, RNG and data position.
+    Returns the metrics of the last rung.
+    """
+    trial = QLoRATrial(job, output_dir=output_dir, report=report)
+    try:
+        trial.setup()
+        return trial.train(resume_from=resume_from)
+    finally:
+        trial.cleanup()
+
+
+def evaluate_base(job: JobConfig, *, output_dir: Optional[str | os.PathLike] = None) -> dict[str, float]:
+    """{"val_loss", "ppl", "tokens"} of the base model (4-bit, untrained LoRA) on the job's validation tokens.
+
+    LoRA's B matrices start at zero, so the untrained adapter leaves the base's outputs
+    unchanged; going through the same trial setup keeps tokens and masking identical.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sweep-base-") as tmp:
+        trial = QLoRATrial(job, output_dir=output_dir or tmp)
+        try:
+            trial.setup()
+            return trial.evaluate()
+        finally:
+            trial.cleanup()
