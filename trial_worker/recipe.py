@@ -109,12 +109,29 @@ def sft_config(job: JobConfig, output_dir: str, *, cpu: bool):
         log_level="warning",
     )
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    if "activation_checkpointing" in fields:  # the new name (transformers >= 5.2x); same switch
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+        kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
     if t.group_by_length:  # renamed in transformers 5 (train_sampling_strategy)
         if "train_sampling_strategy" in fields:
             kwargs["train_sampling_strategy"] = "group_by_length"
         else:
             kwargs["group_by_length"] = True
     return SFTConfig(**kwargs)
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info logs from datasets/transformers in a trial's output."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    # transformers 5 renamed gradient_* to activation_checkpointing; TRL/PEFT still call the old names.
+    warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
 
 
 class QLoRATrial:
@@ -134,6 +151,7 @@ class QLoRATrial:
         import torch
         from trl import SFTTrainer
 
+        quiet_libraries()
         t = self.job.training
         if t.torch_threads:
             torch.set_num_threads(t.torch_threads)
