@@ -1,0 +1,189 @@
+"""The leaderboard of a study: every trial ranked, read from the study alone (no Ray).
+
+Order: COMPLETE trials by val loss; then PRUNED ones, furthest budget first, then by the
+val loss at the rung where ASHA stopped them; then RUNNING, WAITING and FAIL trials by
+number. A PRUNED trial's loss was measured at a smaller budget, so it is never ranked
+above a trial that trained to the top rung, however low it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Optional, Union
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+_STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
+
+
+def base_metrics(study: optuna.Study) -> Optional[dict]:
+    """{"val_loss", "ppl"} of the base model from the study attrs, or None."""
+    attrs = study.user_attrs
+    if attrs.get("base_val_loss") is None:
+        return None
+    return {"val_loss": attrs["base_val_loss"], "ppl": attrs.get("base_ppl")}
+
+
+def _finite(v: Any) -> Optional[float]:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _row(t: FrozenTrial) -> dict:
+    a = t.user_attrs
+    iv = t.intermediate_values
+    last_step = max(iv) if iv else None
+    rung_last = a.get(f"rung_{last_step}", {}) if last_step is not None else {}
+    if not isinstance(rung_last, dict):
+        rung_last = {}
+    if t.state == TrialState.COMPLETE:
+        val = _finite(t.value)
+    else:
+        # PRUNED/RUNNING/FAIL: the last rung's loss (studies from other tools: the last intermediate value)
+        val = _finite(a.get("val_loss_last", rung_last.get("val_loss")))
+        if val is None and last_step is not None:
+            val = _finite(iv[last_step])
+
+    def last(key: str, final_key: Optional[str] = None):
+        v = a.get(final_key or key)
+        return _finite(v if v is not None else rung_last.get(key))
+
+    ppl = last("ppl", "ppl_last")
+    if ppl is None and val is not None:
+        ppl = math.exp(val) if val < 700 else None
+    row = {
+        "rank": 0,
+        "number": t.number,
+        "state": t.state.name,
+        "params": dict(t.params),
+        "rung_reached": a.get("rung_reached", len(iv)),
+        "budget_reached": a.get("budget_reached", last_step if last_step is not None else 0),
+        "budget_unit": a.get("budget_unit"),
+        "val_loss": val,
+        "ppl": ppl,
+        "samples_per_s": last("samples_per_s"),
+        "tokens_per_s": last("tokens_per_s"),
+        "peak_mem_gb": last("peak_mem_gb"),
+        "wall_s": last("wall_s"),
+    }
+    if t.state == TrialState.FAIL:
+        row["fail_reason"] = a.get("fail_reason")
+    return row
+
+
+def _key(row: dict):
+    state = _STATE_ORDER.get(row["state"], 5)
+    loss = row["val_loss"] if row["val_loss"] is not None else math.inf
+    if row["state"] == "COMPLETE":
+        return (state, loss, row["number"])
+    if row["state"] == "PRUNED":
+        return (state, -(row["budget_reached"] or 0), loss, row["number"])
+    return (state, row["number"])
+
+
+def leaderboard(study: optuna.Study) -> list[dict]:
+    """Rows (dicts) for every trial, ranked; see the module docstring for the order.
+
+    Keys: rank, number, state, params, rung_reached, budget_reached, budget_unit,
+    val_loss (final for COMPLETE, last rung's otherwise), ppl, samples_per_s,
+    tokens_per_s, peak_mem_gb, wall_s, and fail_reason for FAIL rows.
+    """
+    rows = sorted((_row(t) for t in study.get_trials(deepcopy=False)), key=_key)
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return rows
+
+
+def _base_of(base: Union[optuna.Study, dict, None]) -> tuple[Optional[dict], Optional[str]]:
+    if isinstance(base, optuna.Study):
+        return base_metrics(base), base.study_name
+    return base, None
+
+
+def to_json(rows: list[dict], base: Union[optuna.Study, dict, None] = None, *, indent: int = 2) -> str:
+    """{"study", "base", "trials": rows} as JSON (NaN never appears: missing numbers are null)."""
+    b, name = _base_of(base)
+    return json.dumps({"study": name, "base": b, "trials": rows}, indent=indent, allow_nan=False)
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def _fmt_param(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def render(rows: list[dict], base: Union[optuna.Study, dict, None] = None, *, console=None, limit: Optional[int] = None) -> None:
+    """Print the leaderboard as a rich table, with each loss's gain over the base model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(highlight=False)
+    b, name = _base_of(base)
+    base_loss = b.get("val_loss") if b else None
+    title = f"study {name}" if name else "leaderboard"
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    caption = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda x: _STATE_ORDER.get(x[0], 9)))
+    if b:
+        caption = f"base model: val_loss {_fmt(base_loss)}  ppl {_fmt(b.get('ppl'), '.2f')}" + (f"   |   {caption}" if caption else "")
+    table = Table(title=title, caption=caption or None)
+    table.add_column("#", justify="right")
+    table.add_column("trial", justify="right")
+    table.add_column("state")
+    table.add_column("rung", justify="right")
+    unit = next((r["budget_unit"] for r in rows if r.get("budget_unit")), None) or "budget"
+    table.add_column(unit, justify="right")
+    table.add_column("val_loss", justify="right")
+    table.add_column("ppl", justify="right")
+    if base_loss is not None:
+        table.add_column("gain vs base", justify="right")
+    table.add_column("samples/s", justify="right")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("params")
+    colors = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
+    shown = rows if limit is None else rows[:limit]
+    for r in shown:
+        cells = [
+            str(r["rank"]),
+            str(r["number"]),
+            f"[{colors.get(r['state'], 'white')}]{r['state']}[/]",
+            _fmt(r["rung_reached"]),
+            _fmt(r["budget_reached"]),
+            _fmt(r["val_loss"]),
+            _fmt(r["ppl"], ".2f"),
+        ]
+        if base_loss is not None:
+            if r["val_loss"] is None:
+                cells.append("—")
+            else:
+                gain = base_loss - r["val_loss"]
+                pct = f" ({100 * gain / base_loss:+.1f}%)" if base_loss else ""
+                cells.append(f"{gain:+.4f}{pct}")
+        cells += [
+            _fmt(r["samples_per_s"], ".1f"),
+            _fmt(r["tokens_per_s"], ",.0f"),
+            " ".join(f"{k}={_fmt_param(v)}" for k, v in sorted(r["params"].items())),
+        ]
+        table.add_row(*cells)
+    if not rows:
+        console.print(f"{title}: no trials yet")
+        return
+    console.print(table)
+    if limit is not None and len(rows) > limit:
+        console.print(f"... {len(rows) - limit} more trials")

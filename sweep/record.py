@@ -1,0 +1,272 @@
+"""The study record: where a sweep lives in SQL (SQLite or PostgreSQL) and how it is found again.
+
+Everything a person or a dashboard shows about a sweep is read from one Optuna study.
+This module opens its storage, writes the study-level attributes (the validated spec,
+the base model's metrics), and keeps a small registry so `sweep status NAME` finds a
+study without its URL. The Ray side of the record (`StudySearch`) is in `sweep.search`,
+so nothing here imports Ray.
+
+Study user attrs written here:
+  spec          the validated spec as plain data, secrets removed (what `sweep export` reads)
+  spec_hash     hash of that spec; `spec_history` lists earlier hashes when a resume changed it
+  base_val_loss, base_ppl   the untrained base model on the same validation tokens (written once)
+
+Trial user attrs (written by `sweep.search.StudySearch`, read by the leaderboard/export):
+  ray_trial_id                       Tune's id of the trial (set when the trial is asked)
+  rung_<budget>                      {val_loss, ppl, train_loss, learning_rate, tokens_per_s,
+                                      samples_per_s, peak_mem_gb, wall_s, train_s, step, samples}
+                                      at each rung, keyed by the budget value (rung_10, rung_20, ...)
+  rung_reached                       rungs reached, 1-based (0: no report)
+  budget_reached                     budget value of the last report (steps or samples)
+  budget_unit                        "steps" or "samples"
+  val_loss_last, ppl_last            metrics of the last report (a PRUNED trial's final word)
+  tokens_per_s, samples_per_s, peak_mem_gb, wall_s   from the last report
+  fail_reason                        error text of a FAIL trial (last 4000 characters)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import optuna
+
+logger = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_S = 60
+FAIL_REASON_MAX_CHARS = 4000
+
+
+class StudyNotFound(LookupError):
+    """A study name (or spec) that no registry entry or storage knows."""
+
+
+class StorageError(RuntimeError):
+    """The study storage could not be opened; the message never holds a password."""
+
+
+# ------------------------------------------------------------------ URLs
+
+
+def safe_url(url: str) -> str:
+    """The URL for messages: password shown as ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        # Not parseable: still never echo what may be a password.
+        return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def url_without_password(url: str) -> str:
+    """The URL with no password at all (libpq then reads PGPASSWORD or ~/.pgpass).
+
+    A relative SQLite path becomes absolute, so the URL works from any folder.
+    """
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.password is not None:
+        u = u.set(password=None)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+        u = u.set(database=str(Path(u.database).expanduser().resolve()))
+    return u.render_as_string(hide_password=False)
+
+
+def _sqlite_file(url: str) -> Optional[Path]:
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:" or u.database.startswith("file:"):
+        return None
+    return Path(u.database).expanduser()
+
+
+# ------------------------------------------------------------------ storage
+
+
+def open_storage(url: str, *, create: bool = True) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage for a SQLite or PostgreSQL URL, with its schema created.
+
+    SQLite waits up to a minute on a locked database (the dashboard may be reading);
+    a server connection is checked before use (`pool_pre_ping`) so a sweep survives a
+    database restart or an idle timeout. With `create=False` a missing SQLite file is
+    a `StudyNotFound` instead of a new empty database.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise StorageError(f"not a SQLAlchemy URL: {safe_url(url)!r} (expected sqlite:///path.db or postgresql+psycopg://user@host/db)") from None
+    engine_kwargs: dict[str, Any]
+    if backend == "sqlite":
+        path = _sqlite_file(url)
+        if path is not None:
+            if not create and not path.exists():
+                raise StudyNotFound(f"no study database at {path}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+        # SQLAlchemy's own message may carry the URL; only the driver's message is shown.
+        cause = getattr(e, "orig", None) or e.__cause__ or e
+        raise StorageError(f"cannot open the study storage {safe_url(url)}: {str(cause).strip()}") from None
+    except ImportError as e:
+        hint = " (pip install 'psycopg[binary]')" if backend == "postgresql" else ""
+        raise StorageError(f"cannot open the study storage {safe_url(url)}: {e}{hint}") from None
+
+
+def load_study(storage_url: str, name: str) -> optuna.Study:
+    """An existing study; `StudyNotFound` names the studies that the storage does hold."""
+    storage = open_storage(storage_url, create=False)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+        have = f"; it holds: {', '.join(names)}" if names else "; it holds no study"
+        raise StudyNotFound(f"no study named {name!r} in {safe_url(storage_url)}{have}") from None
+
+
+def set_trial_user_attr_any_state(storage: optuna.storages.BaseStorage, trial_id: int, key: str, value: Any) -> None:
+    """Set a trial user attr even when the trial has finished.
+
+    Optuna refuses to change a finished trial, but Ray tells the searcher that a trial
+    failed *before* its error callbacks run, so the error text arrives after the trial
+    is already FAIL. This writes the attribute row directly (RDB storages only).
+    """
+    from optuna.storages._cached_storage import _CachedStorage
+
+    if isinstance(storage, _CachedStorage):
+        storage = storage._backend
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        raise TypeError(f"annotating a finished trial needs an RDBStorage, got {type(storage).__name__}")
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+        attr = models.TrialUserAttributeModel.find_by_trial_and_key(trial, key, session)
+        if attr is None:
+            session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value)))
+        else:
+            attr.value_json = json.dumps(value)
+
+
+# ------------------------------------------------------------------ study attrs
+
+
+def record_base_metrics(study: optuna.Study, val_loss: float, ppl: float) -> bool:
+    """Store the base model's val loss / perplexity once per study; False if already there."""
+    attrs = study.user_attrs
+    if "base_val_loss" in attrs:
+        return False
+    study.set_user_attr("base_val_loss", _json_float(val_loss))
+    study.set_user_attr("base_ppl", _json_float(ppl))
+    return True
+
+
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_key|apikey|credential)", re.IGNORECASE)
+
+
+def scrub(value: Any) -> Any:
+    """Plain data with secrets removed: secret-looking keys dropped, URL passwords hidden."""
+    if isinstance(value, Mapping):
+        return {k: scrub(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v) for v in value]
+    if isinstance(value, str) and "://" in value and "@" in value:
+        return safe_url(value)
+    return value
+
+
+def record_spec(study: optuna.Study, spec_dict: Mapping[str, Any], spec_hash: str) -> bool:
+    """Store the validated spec (secrets removed) and its hash; True if it changed.
+
+    A resumed sweep whose spec was edited keeps the new spec (export uses it) and lists
+    the earlier hashes in `spec_history`, so the record shows that the space changed.
+    """
+    attrs = study.user_attrs
+    old = attrs.get("spec_hash")
+    if old == spec_hash and "spec" in attrs:
+        return False
+    if old is not None and old != spec_hash:
+        logger.warning("study %s: the spec changed since the last run (%s -> %s)", study.study_name, old, spec_hash)
+        study.set_user_attr("spec_history", list(attrs.get("spec_history", [])) + [old])
+    study.set_user_attr("spec", scrub(json.loads(json.dumps(dict(spec_dict), default=str))))
+    study.set_user_attr("spec_hash", spec_hash)
+    return True
+
+
+def _json_float(v: Any) -> Optional[float]:
+    if v is None:
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+# ------------------------------------------------------------------ registry
+
+
+def sweep_home() -> Path:
+    """$SWEEP_HOME, default ~/.sweep."""
+    return Path(os.environ.get("SWEEP_HOME") or Path.home() / ".sweep").expanduser()
+
+
+def _registry_path() -> Path:
+    return sweep_home() / "studies.json"
+
+
+def registered_studies() -> dict[str, str]:
+    """{study name: storage URL (no password)} from $SWEEP_HOME/studies.json."""
+    p = _registry_path()
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as e:
+        logger.warning("ignoring unreadable study registry %s: %s", p, e)
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def register_study(name: str, storage_url: str) -> Path:
+    """Remember where study `name` lives (the URL is stored without its password)."""
+    reg = registered_studies()
+    reg[name] = url_without_password(storage_url)
+    p = _registry_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(reg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, p)  # atomic: two sweeps starting at once never leave half a file
+    return p
+
+
+def resolve_study(ref: str, storage: Optional[str] = None) -> tuple[str, str]:
+    """(storage URL, study name) for a study name or a spec file path; `storage` wins when given.
+
+    A name is looked up in the registry; a spec path gives the spec's name and its
+    storage (the spec's `storage`, else the SQLite file beside it).
+    """
+    if ref.endswith((".yaml", ".yml")) and Path(ref).is_file():
+        from sweep.spec import default_storage, load_spec
+
+        spec = load_spec(ref)
+        return storage or spec.storage or default_storage(spec, ref), spec.name
+    if storage:
+        return storage, ref
+    reg = registered_studies()
+    if ref in reg:
+        return reg[ref], ref
+    known = f"known studies: {', '.join(sorted(reg))}" if reg else f"no study is registered in {_registry_path()}"
+    raise StudyNotFound(f"no study named {ref!r} ({known}); give its database with --storage URL or pass the spec file")

@@ -1,0 +1,279 @@
+"""`StudySearch`: Ray Tune's OptunaSearch, made to record the truth in the study.
+
+The stock searcher (ray.tune.search.optuna.OptunaSearch) gets three things wrong for ASHA:
+  * it reports intermediate values at Ray's report count (1, 2, 3), not at the budget step
+    (10, 20, 40), so the curves, the TPE sampler and optuna-dashboard see the wrong x axis;
+  * a trial that ASHA stopped at a low rung is told COMPLETE with its low-budget loss, so
+    it competes with fully trained trials as if it were one;
+  * a failed `tell` (database locked, connection dropped) is logged as a warning and the
+    trial stays RUNNING in the study forever.
+
+Here: values are reported at `result[budget_key]`; a trial is COMPLETE only when its last
+report reached `top_rung`, PRUNED when it ended earlier without error, FAIL on error; every
+storage write is retried with backoff and then raised. Each rung's metrics and the final
+ones are stored as trial user attrs (keys listed in `sweep.record`).
+
+This module imports Ray; `sweep status`/`export` never import it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Dict, Optional, TypeVar
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from sweep.record import FAIL_REASON_MAX_CHARS, set_trial_user_attr_any_state
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Metrics kept per rung and, from the last report, on the trial.
+RUNG_KEYS = ("val_loss", "ppl", "train_loss", "learning_rate", "tokens_per_s", "samples_per_s",
+             "peak_mem_gb", "wall_s", "train_s", "step", "samples")
+FINAL_KEYS = ("tokens_per_s", "samples_per_s", "peak_mem_gb", "wall_s")
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    from sqlalchemy import exc as sa_exc
+
+    return (
+        optuna.exceptions.StorageInternalError,
+        sa_exc.OperationalError,   # database is locked, server closed the connection
+        sa_exc.InterfaceError,
+        sa_exc.DisconnectionError,
+        sa_exc.TimeoutError,       # connection pool exhausted
+        ConnectionError,
+        TimeoutError,
+    )
+
+
+def _num(v: Any) -> Optional[float]:
+    """A JSON-safe number: NaN/inf become None (JSON has no NaN)."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch on a persistent study, with budget-step reports and truthful trial states.
+
+    Args:
+        space: Optuna distributions by parameter name.
+        metric / mode: the reported metric to optimise ("val_loss", "min").
+        sampler: the Optuna sampler (seeded by the caller).
+        study_name / storage: the study (created if missing, else continued).
+        budget_key: the reported key holding the budget value ("steps" or "samples").
+        top_rung: the budget of the top rung; a trial is COMPLETE only on reaching it.
+        retries / retry_backoff_s: storage writes are tried `retries` times, waiting
+            backoff, 2*backoff, 4*backoff... between tries, then the error is raised.
+    """
+
+    def __init__(
+        self,
+        space: Dict[str, optuna.distributions.BaseDistribution],
+        metric: str = "val_loss",
+        mode: str = "min",
+        sampler: Optional[optuna.samplers.BaseSampler] = None,
+        study_name: Optional[str] = None,
+        storage: Optional[optuna.storages.BaseStorage] = None,
+        *,
+        budget_key: str = "steps",
+        top_rung: int,
+        retries: int = 5,
+        retry_backoff_s: float = 0.5,
+    ):
+        if not isinstance(space, dict) or not space:
+            raise ValueError("space must be a non-empty dict of Optuna distributions (name -> distribution)")
+        if retries < 1:
+            raise ValueError(f"The value of `retries` is {retries}, but must be `retries >= 1`")
+        if top_rung <= 0:
+            raise ValueError(f"The value of `top_rung` is {top_rung}, but must be `top_rung > 0`")
+        self._budget_key = budget_key
+        self._top_rung = int(top_rung)
+        self._retries = int(retries)
+        self._retry_backoff_s = float(retry_backoff_s)
+        self._last_results: dict[str, dict] = {}   # ray trial id -> last result seen
+        self._final_states: dict[str, str] = {}    # ray trial id -> COMPLETE/PRUNED/FAIL
+        self._fail_reasons: dict[str, str] = {}
+        super().__init__(space, metric=metric, mode=mode, sampler=sampler, study_name=study_name, storage=storage)
+
+    # ------------------------------------------------------------ retries
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        transient = _transient_errors()
+        delay = self._retry_backoff_s
+        for attempt in range(1, self._retries + 1):
+            try:
+                return fn()
+            except transient as e:
+                if attempt == self._retries:
+                    logger.error("study %s: %s failed %d times, giving up: %s", self._study_name, what, attempt, e)
+                    raise
+                logger.warning("study %s: %s failed (try %d of %d), retrying in %.1fs: %s",
+                               self._study_name, what, attempt, self._retries, delay, e)
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------ Searcher API
+    def suggest(self, trial_id: str) -> Optional[Dict]:
+        new = trial_id not in self._ot_trials
+        config = self._retry("ask", lambda: super(StudySearch, self).suggest(trial_id))
+        if new and trial_id in self._ot_trials:
+            ot_trial = self._ot_trials[trial_id]
+            self._retry("set ray_trial_id", lambda: ot_trial.set_user_attr("ray_trial_id", trial_id))
+        return config
+
+    def on_trial_result(self, trial_id: str, result: Dict) -> None:
+        if trial_id in self._completed_trials:
+            logger.warning("Received a result for trial %s after it finished; ignored: %s", trial_id, result)
+            return
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            logger.error("Received a result for trial %s that this searcher did not suggest; ignored", trial_id)
+            return
+        value, budget = result.get(self.metric), result.get(self._budget_key)
+        if value is None or budget is None:
+            logger.debug("result of trial %s has no %s/%s; not a rung report", trial_id, self.metric, self._budget_key)
+            return
+        step = int(budget)
+        self._last_results[trial_id] = dict(result)
+        rung = {k: _num(result.get(k)) for k in RUNG_KEYS if k in result}
+        self._retry("store rung metrics", lambda: ot_trial.set_user_attr(f"rung_{step}", rung))
+        if step not in ot_trial._cached_frozen_trial.intermediate_values:
+            self._retry("report", lambda: ot_trial.report(float(value), step))
+
+    def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            logger.warning("Received a second completion for trial %s; ignored", trial_id)
+            return
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            logger.error("Completion of trial %s that this searcher did not suggest; nothing recorded", trial_id)
+            return
+        last = self._last_results.get(trial_id, {})
+        if result and result.get(self._budget_key) is not None and result.get(self.metric) is not None:
+            if last.get(self._budget_key) is None or result[self._budget_key] >= last[self._budget_key]:
+                last = dict(result)
+        budget = last.get(self._budget_key)
+        value = _num(last.get(self.metric))
+        reached_top = budget is not None and budget >= self._top_rung
+
+        if error:
+            state, told = TrialState.FAIL, None
+        elif reached_top and value is not None:
+            state, told = TrialState.COMPLETE, value
+        elif reached_top:
+            state, told = TrialState.FAIL, None
+            self._fail_reasons.setdefault(trial_id, f"{self.metric} is {last.get(self.metric)!r} at the top rung")
+        else:
+            state, told = TrialState.PRUNED, None  # ASHA stopped it below the top rung
+
+        frozen = ot_trial._cached_frozen_trial
+        attrs = {
+            "rung_reached": len(frozen.intermediate_values),
+            "budget_reached": int(budget) if budget is not None else 0,
+            "budget_unit": self._budget_key,
+            "val_loss_last": value,
+            "ppl_last": _num(last.get("ppl")),
+            **{k: _num(last.get(k)) for k in FINAL_KEYS},
+            "ray_trial_id": trial_id,
+        }
+        if trial_id in self._fail_reasons:
+            attrs["fail_reason"] = self._fail_reasons[trial_id]
+        for k, v in attrs.items():
+            self._retry(f"set {k}", lambda k=k, v=v: ot_trial.set_user_attr(k, v))
+
+        def tell():
+            # skip_if_finished: a retry after a write that did land must not fail the sweep.
+            return self._ot_study.tell(ot_trial, told, state=state, skip_if_finished=True)
+
+        self._retry("tell", tell)
+        self._completed_trials.add(trial_id)
+        self._final_states[trial_id] = state.name
+        self._last_results.pop(trial_id, None)
+        logger.debug("trial %s (number %d) -> %s at %s %s", trial_id, frozen.number, state.name, self._budget_key, budget)
+
+    # ------------------------------------------------------------ for callbacks
+    def record_failure(self, trial_id: str, reason: str) -> None:
+        """Attach the error text of a failed trial (user attr `fail_reason`).
+
+        Ray tells the searcher about an error before its callbacks run, so the trial is
+        usually FAIL already; the attribute is written to it all the same.
+        """
+        reason = (reason or "trial failed")[-FAIL_REASON_MAX_CHARS:]
+        self._fail_reasons[trial_id] = reason
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return
+        storage = self._ot_study._storage
+        if trial_id in self._completed_trials:
+            self._retry("record failure", lambda: set_trial_user_attr_any_state(storage, ot_trial._trial_id, "fail_reason", reason))
+        else:
+            self._retry("record failure", lambda: ot_trial.set_user_attr("fail_reason", reason))
+
+    def trial_number(self, trial_id: str) -> Optional[int]:
+        """The Optuna trial number of a Ray trial (None if unknown)."""
+        t = self._ot_trials.get(trial_id)
+        return t.number if t is not None else None
+
+    def final_state(self, trial_id: str) -> Optional[str]:
+        """"COMPLETE", "PRUNED" or "FAIL" once the trial has finished, else None."""
+        return self._final_states.get(trial_id)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    # ------------------------------------------------------------ checkpointing
+    # Tune pickles the searcher (tuner.pkl) and saves it in its experiment checkpoint.
+    # Optuna Trial objects hold a storage cache with a lock; keep their ids instead and
+    # rebuild the study and the unfinished trials from the storage on restore.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_ot_trials"] = {rid: t._trial_id for rid, t in self._ot_trials.items()}
+        state["_ot_study"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        trial_ids = state.pop("_ot_trials", {}) or {}
+        state.pop("_ot_study", None)
+        self.__dict__.update(state)
+        self._ot_trials = {}
+        self._ot_study = None
+        if not self._space:
+            return
+        self._setup_study(self._mode)
+        for rid, tid in trial_ids.items():
+            if isinstance(tid, int):
+                self._ot_trials[rid] = optuna.trial.Trial(self._ot_study, tid)
+            else:  # a Trial pickled by an older checkpoint
+                self._ot_trials[rid] = tid
+
+    def _setup_study(self, mode):
+        # No warm-start points here; the stock set-up creates or loads the study.
+        self._retry("open study", lambda: super(StudySearch, self)._setup_study(mode))
+
+    def save(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        if not isinstance(state, dict):
+            raise ValueError(f"{checkpoint_path} is not a StudySearch checkpoint")
+        self.__setstate__(state)

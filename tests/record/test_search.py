@@ -1,0 +1,189 @@
+"""StudySearch on a real SQL study, driven as Tune's controller drives a searcher (no cluster)."""
+
+from __future__ import annotations
+
+import pickle
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from sqlalchemy.exc import OperationalError
+
+from sweep.record import load_study, open_storage
+
+
+def test_intermediate_values_sit_at_the_budget_steps(storage_url, drive):
+    search = drive.make_search(open_storage(storage_url))
+    drive.run_trial(search, "t1", [2.0, 1.5, 1.2])
+    t = load_study(storage_url, "s").trials[0]
+    assert t.intermediate_values == {10: 2.0, 20: 1.5, 40: 1.2}  # not Ray's report count 1, 2, 3
+
+
+def test_trial_that_reached_the_top_rung_is_complete_with_its_top_rung_value(storage_url, drive):
+    search = drive.make_search(open_storage(storage_url))
+    drive.run_trial(search, "t1", [2.0, 1.5, 1.2])
+    t = load_study(storage_url, "s").trials[0]
+    assert t.state == TrialState.COMPLETE
+    assert t.value == pytest.approx(1.2)
+    a = t.user_attrs
+    assert a["rung_reached"] == 3 and a["budget_reached"] == 40 and a["budget_unit"] == "steps"
+    assert a["val_loss_last"] == pytest.approx(1.2)
+    assert a["ray_trial_id"] == "t1"
+    assert a["tokens_per_s"] == pytest.approx(1002.0) and a["samples_per_s"] == pytest.approx(12.0)
+    assert a["peak_mem_gb"] == pytest.approx(1.5) and a["wall_s"] == pytest.approx(120.0)
+    assert a["rung_20"]["val_loss"] == pytest.approx(1.5) and a["rung_20"]["samples"] == 160
+    assert search.final_state("t1") == "COMPLETE"
+    assert search.trial_number("t1") == 0
+
+
+def test_trial_stopped_by_asha_below_the_top_rung_is_pruned(storage_url, drive):
+    search = drive.make_search(open_storage(storage_url))
+    drive.run_trial(search, "t1", [2.0, 1.9])  # ASHA stopped it at 20 of 40
+    t = load_study(storage_url, "s").trials[0]
+    assert t.state == TrialState.PRUNED
+    assert t.intermediate_values == {10: 2.0, 20: 1.9}
+    assert t.user_attrs["val_loss_last"] == pytest.approx(1.9)
+    assert t.user_attrs["rung_reached"] == 2 and t.user_attrs["budget_reached"] == 20
+    assert search.final_state("t1") == "PRUNED"
+    # PRUNED trials never count as the best trial
+    study = load_study(storage_url, "s")
+    with pytest.raises(ValueError):
+        study.best_trial
+
+
+def test_failed_trial_is_fail_with_the_reason_written_after_tune_told_the_searcher(storage_url, drive):
+    search = drive.make_search(open_storage(storage_url))
+    drive.run_trial(search, "t1", [2.0], error=True)
+    # Tune calls search_alg.on_trial_complete(error=True) first, then the callbacks' on_trial_error.
+    search.record_failure("t1", "Traceback ...\nRuntimeError: CUDA out of memory")
+    t = load_study(storage_url, "s").trials[0]
+    assert t.state == TrialState.FAIL
+    assert t.value is None
+    assert t.user_attrs["fail_reason"].endswith("CUDA out of memory")
+    assert t.user_attrs["val_loss_last"] == pytest.approx(2.0)
+    assert search.final_state("t1") == "FAIL"
+
+
+def test_reason_recorded_before_completion_is_kept(storage_url, drive):
+    search = drive.make_search(open_storage(storage_url))
+    search.suggest("t1")
+    search.record_failure("t1", "worker died")
+    search.on_trial_complete("t1", error=True)
+    t = load_study(storage_url, "s").trials[0]
+    assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "worker died"
+
+
+def test_nan_loss_at_the_top_rung_is_fail_not_complete(storage_url, drive):
+    search = drive.make_search(open_storage(storage_url))
+    drive.run_trial(search, "t1", [2.0, 1.5, float("nan")])
+    t = load_study(storage_url, "s").trials[0]
+    assert t.state == TrialState.FAIL
+    assert "nan" in t.user_attrs["fail_reason"]
+
+
+def test_a_mixed_sweep_leaves_no_trial_running(storage_url, drive):
+    search = drive.make_search(open_storage(storage_url))
+    drive.run_trial(search, "a", [2.0, 1.5, 1.2])
+    drive.run_trial(search, "b", [2.5])
+    drive.run_trial(search, "c", [2.1, 1.6])
+    drive.run_trial(search, "d", [], error=True)
+    search.suggest("e")
+    search.on_trial_complete("e")  # removed while PENDING: Tune completes it with no result
+    states = [t.state.name for t in load_study(storage_url, "s").trials]
+    assert states == ["COMPLETE", "PRUNED", "PRUNED", "FAIL", "PRUNED"]
+
+
+def test_repeated_rung_report_after_a_restart_is_ignored(storage_url, drive):
+    search = drive.make_search(open_storage(storage_url))
+    search.suggest("t1")
+    search.on_trial_result("t1", drive.result(10, 2.0, 0))
+    search.on_trial_result("t1", drive.result(10, 2.05, 1))  # the trial restarted from its rung-10 checkpoint
+    search.on_trial_result("t1", drive.result(20, 1.8, 2))
+    search.on_trial_complete("t1", result=drive.result(20, 1.8, 2))
+    t = load_study(storage_url, "s").trials[0]
+    assert t.intermediate_values == {10: 2.0, 20: 1.8}
+
+
+class FlakyStorage(optuna.storages.RDBStorage):
+    """A real SQL storage whose first `fail_times` state writes fail like a locked SQLite file."""
+
+    def __init__(self, *a, fail_times: int = 1, **kw):
+        super().__init__(*a, **kw)
+        self.fail_times = fail_times
+        self.calls = 0
+
+    def set_trial_state_values(self, trial_id, state, values=None):
+        self.calls += 1
+        if self.calls <= self.fail_times:
+            raise OperationalError("UPDATE trials ...", {}, Exception("database is locked"))
+        return super().set_trial_state_values(trial_id, state, values)
+
+
+def test_tell_is_retried_when_the_storage_fails_transiently(storage_url, drive, caplog):
+    storage = FlakyStorage(storage_url, fail_times=2)
+    search = drive.make_search(storage)
+    with caplog.at_level("WARNING", logger="sweep.search"):
+        drive.run_trial(search, "t1", [2.0, 1.5, 1.2])
+    assert storage.calls == 3
+    assert "tell failed (try 1 of 5)" in caplog.text
+    t = load_study(storage_url, "s").trials[0]
+    assert t.state == TrialState.COMPLETE and t.value == pytest.approx(1.2)
+
+
+def test_tell_failure_is_raised_after_the_retries_never_swallowed(storage_url, drive):
+    storage = FlakyStorage(storage_url, fail_times=100)
+    search = drive.make_search(storage, retries=3)
+    with pytest.raises(OperationalError, match="database is locked"):
+        drive.run_trial(search, "t1", [2.0, 1.5, 1.2])
+    assert storage.calls == 3
+    assert search.final_state("t1") is None  # not marked done: the record did not take it
+
+
+def test_values_reported_at_budget_steps_feed_the_sampler(storage_url, drive):
+    """TPE ranks PRUNED trials by how far they got: its input must use the budget steps."""
+    search = drive.make_search(open_storage(storage_url))
+    drive.run_trial(search, "a", [2.0, 1.5, 1.2])
+    drive.run_trial(search, "b", [2.5, 2.4])
+    study = load_study(storage_url, "s")
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED][0]
+    assert pruned.last_step == 20
+
+
+def test_checkpoint_restore_continues_the_same_trials(storage_url, drive, tmp_path):
+    search = drive.make_search(open_storage(storage_url))
+    search.suggest("t1")
+    search.on_trial_result("t1", drive.result(10, 2.0, 0))
+    drive.run_trial(search, "t0", [2.2])
+    ckpt = tmp_path / "searcher.pkl"
+    search.save(str(ckpt))
+
+    # Tune restores into a searcher built again from the same arguments.
+    restored = drive.make_search(open_storage(storage_url))
+    restored.restore(str(ckpt))
+    assert restored.trial_number("t1") == 0
+    assert restored.final_state("t0") == "PRUNED"
+    restored.on_trial_result("t1", drive.result(20, 1.6, 1))
+    restored.on_trial_result("t1", drive.result(40, 1.3, 2))
+    restored.on_trial_complete("t1", result=drive.result(40, 1.3, 2))
+    restored.on_trial_complete("t0")  # already finished before the checkpoint: ignored
+    study = load_study(storage_url, "s")
+    assert len(study.trials) == 2
+    t1 = study.trials[0]
+    assert t1.state == TrialState.COMPLETE and t1.intermediate_values == {10: 2.0, 20: 1.6, 40: 1.3}
+
+
+def test_searcher_pickles_for_tunes_experiment_state(storage_url, drive):
+    search = drive.make_search(open_storage(storage_url))
+    search.suggest("t1")
+    clone = pickle.loads(pickle.dumps(search))
+    clone.on_trial_result("t1", drive.result(10, 2.0, 0))
+    clone.on_trial_complete("t1", result=drive.result(10, 2.0, 0))
+    assert load_study(storage_url, "s").trials[0].state == TrialState.PRUNED
+
+
+def test_an_existing_study_is_continued_not_replaced(storage_url, drive):
+    drive.run_trial(drive.make_search(open_storage(storage_url)), "a", [2.0, 1.5, 1.2])
+    drive.run_trial(drive.make_search(open_storage(storage_url)), "b", [2.0, 1.5, 1.1])
+    study = load_study(storage_url, "s")
+    assert [t.number for t in study.trials] == [0, 1]
+    assert study.best_trial.number == 1
