@@ -69,11 +69,12 @@ def url_without_password(url: str) -> str:
 
     A relative SQLite path becomes absolute, so the URL works from any folder.
     """
-    from sqlalchemy.engine import make_url
+    from sqlalchemy.engine import URL, make_url
 
     u = make_url(url)
     if u.password is not None:
-        u = u.set(password=None)
+        # (URL.set(password=None) means "leave unchanged", so build it again.)
+        u = URL.create(u.drivername, username=u.username, host=u.host, port=u.port, database=u.database, query=u.query)
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
         u = u.set(database=str(Path(u.database).expanduser().resolve()))
     return u.render_as_string(hide_password=False)

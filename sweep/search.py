@@ -1,10 +1,12 @@
 """`StudySearch`: Ray Tune's OptunaSearch, made to record the truth in the study.
 
-The stock searcher (ray.tune.search.optuna.OptunaSearch) gets three things wrong for ASHA:
+The stock searcher (ray.tune.search.optuna.OptunaSearch) gets four things wrong for ASHA:
   * it reports intermediate values at Ray's report count (1, 2, 3), not at the budget step
     (10, 20, 40), so the curves, the TPE sampler and optuna-dashboard see the wrong x axis;
   * a trial that ASHA stopped at a low rung is told COMPLETE with its low-budget loss, so
     it competes with fully trained trials as if it were one;
+  * the result on which Tune stops a trial (the rung where ASHA cuts it, or the top rung)
+    reaches only `on_trial_complete`, so the stock searcher never records that rung;
   * a failed `tell` (database locked, connection dropped) is logged as a warning and the
     trial stays RUNNING in the study forever.
 
@@ -141,16 +143,22 @@ class StudySearch(OptunaSearch):
         if ot_trial is None:
             logger.error("Received a result for trial %s that this searcher did not suggest; ignored", trial_id)
             return
+        self._record_rung(trial_id, ot_trial, result)
+
+    def _record_rung(self, trial_id: str, ot_trial, result: Dict) -> None:
         value, budget = result.get(self.metric), result.get(self._budget_key)
         if value is None or budget is None:
             logger.debug("result of trial %s has no %s/%s; not a rung report", trial_id, self.metric, self._budget_key)
             return
         step = int(budget)
-        self._last_results[trial_id] = dict(result)
+        prev = self._last_results.get(trial_id)
+        if prev is None or step > prev[self._budget_key]:
+            self._last_results[trial_id] = dict(result)
+        if step in ot_trial._cached_frozen_trial.intermediate_values:
+            return  # a rung reported again after a restart from its checkpoint: the first report stands
         rung = {k: _num(result.get(k)) for k in RUNG_KEYS if k in result}
         self._retry("store rung metrics", lambda: ot_trial.set_user_attr(f"rung_{step}", rung))
-        if step not in ot_trial._cached_frozen_trial.intermediate_values:
-            self._retry("report", lambda: ot_trial.report(float(value), step))
+        self._retry("report", lambda: ot_trial.report(float(value), step))
 
     def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
@@ -160,10 +168,11 @@ class StudySearch(OptunaSearch):
         if ot_trial is None:
             logger.error("Completion of trial %s that this searcher did not suggest; nothing recorded", trial_id)
             return
+        if result:
+            # Tune sends the result on which it stops a trial (ASHA's cut, or the top rung)
+            # only here, never to on_trial_result: it is a rung report too.
+            self._record_rung(trial_id, ot_trial, result)
         last = self._last_results.get(trial_id, {})
-        if result and result.get(self._budget_key) is not None and result.get(self.metric) is not None:
-            if last.get(self._budget_key) is None or result[self._budget_key] >= last[self._budget_key]:
-                last = dict(result)
         budget = last.get(self._budget_key)
         value = _num(last.get(self.metric))
         reached_top = budget is not None and budget >= self._top_rung

@@ -56,16 +56,22 @@ def result(steps: int, val_loss: float, i: int = 0) -> dict:
 
 
 def run_trial(search, trial_id: str, losses: list[float], *, error: bool = False) -> None:
-    """Suggest, report one loss per rung (10, 20, 40...), then complete (as ASHA/Tune would)."""
+    """Suggest, report one loss per rung (10, 20, 40...), then complete, exactly as Tune does.
+
+    Tune passes the result on which it stops a trial (the rung where ASHA cuts it, or the
+    top rung) only to `on_trial_complete`, not to `on_trial_result`; an error ends the
+    trial with no result.
+    """
     search.suggest(trial_id)
-    last = None
-    for i, loss in enumerate(losses):
-        last = result(RUNGS[i], loss, i)
-        search.on_trial_result(trial_id, last)
+    results = [result(RUNGS[i], loss, i) for i, loss in enumerate(losses)]
     if error:
+        for r in results:
+            search.on_trial_result(trial_id, r)
         search.on_trial_complete(trial_id, error=True)
-    else:
-        search.on_trial_complete(trial_id, result=last)
+        return
+    for r in results[:-1]:
+        search.on_trial_result(trial_id, r)
+    search.on_trial_complete(trial_id, result=results[-1] if results else None)
 
 
 @pytest.fixture

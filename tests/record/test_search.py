@@ -187,3 +187,14 @@ def test_an_existing_study_is_continued_not_replaced(storage_url, drive):
     study = load_study(storage_url, "s")
     assert [t.number for t in study.trials] == [0, 1]
     assert study.best_trial.number == 1
+
+
+def test_a_stop_result_also_sent_to_on_trial_result_is_recorded_once(storage_url, drive):
+    """Some Tune paths send the last result to both hooks; the rung is recorded once."""
+    search = drive.make_search(open_storage(storage_url))
+    search.suggest("t1")
+    for i, loss in enumerate([2.0, 1.5, 1.2]):
+        search.on_trial_result("t1", drive.result(drive.RUNGS[i], loss, i))
+    search.on_trial_complete("t1", result=drive.result(40, 1.2, 2))
+    t = load_study(storage_url, "s").trials[0]
+    assert t.state == TrialState.COMPLETE and t.intermediate_values == {10: 2.0, 20: 1.5, 40: 1.2}
