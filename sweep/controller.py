@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -49,44 +50,59 @@ def make_sampler(spec: SweepSpec):
 def _make_progress_callback(searcher, spec: SweepSpec, console):
     from ray.tune import Callback
 
-    unit = spec.budget.unit
-    rungs = spec.budget.rungs
-    t0 = time.time()
-
-    def label(trial) -> str:
-        n = searcher.trial_number(trial.trial_id)
-        return f"trial {n:>3}" if n is not None else f"trial {trial.trial_id}"
-
-    def params(trial) -> str:
-        return " ".join(f"{k}={_fmt(v)}" for k, v in sorted(trial.config.items()))
-
     class Progress(Callback):
-        """One line per trial event: started, each rung (val loss, ppl), and how it ended."""
+        """One line per trial event: started, each rung (val loss, ppl), and how it ended.
+
+        Tune pickles its callbacks with the experiment state, so the console (which holds
+        a lock) is kept out of the pickled state and made again after a restore.
+        """
+
+        def __init__(self, searcher, unit, rungs, console):
+            self.searcher, self.unit, self.rungs, self.t0 = searcher, unit, rungs, time.time()
+            self.console = console
+
+        def __getstate__(self):
+            return {k: v for k, v in self.__dict__.items() if k != "console"}
+
+        def __setstate__(self, state):
+            self.__dict__.update(state)
+            from rich.console import Console
+
+            self.console = Console(highlight=False)
+
+        def _say(self, text: str) -> None:
+            self.console.print(f"[dim]{time.time() - self.t0:7.1f}s[/] {text}")
+
+        def _label(self, trial) -> str:
+            n = self.searcher.trial_number(trial.trial_id)
+            return f"trial {n:>3}" if n is not None else f"trial {trial.trial_id}"
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            console.print(f"[dim]{time.time() - t0:7.1f}s[/] {label(trial)} [cyan]started[/]  {params(trial)}")
+            params = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(trial.config.items()))
+            self._say(f"{self._label(trial)} [cyan]started[/]  {params}")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            b = result.get(unit)
-            r = rungs.index(b) + 1 if b in rungs else "?"
-            console.print(
-                f"[dim]{time.time() - t0:7.1f}s[/] {label(trial)} rung {r}/{len(rungs)} ({unit} {b})"
+            b = result.get(self.unit)
+            r = self.rungs.index(b) + 1 if b in self.rungs else "?"
+            self._say(
+                f"{self._label(trial)} rung {r}/{len(self.rungs)} ({self.unit} {b})"
                 f"  val_loss [bold]{result.get('val_loss', float('nan')):.4f}[/]  ppl {result.get('ppl', float('nan')):.2f}"
                 f"  {result.get('samples_per_s', 0):.1f} samples/s"
             )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            state = searcher.final_state(trial.trial_id) or "DONE"
+            state = self.searcher.final_state(trial.trial_id) or "DONE"
             color = {"COMPLETE": "green", "PRUNED": "yellow"}.get(state, "white")
-            b = (trial.last_result or {}).get(unit)
-            console.print(f"[dim]{time.time() - t0:7.1f}s[/] {label(trial)} [{color}]{state}[/] at {unit} {b}")
+            b = (trial.last_result or {}).get(self.unit)
+            self._say(f"{self._label(trial)} [{color}]{state}[/] at {self.unit} {b}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             reason = _error_text(trial)
-            searcher.record_failure(trial.trial_id, reason)
-            console.print(f"[dim]{time.time() - t0:7.1f}s[/] {label(trial)} [red]FAIL[/]: {reason.splitlines()[-1] if reason else '?'}")
+            self.searcher.record_failure(trial.trial_id, reason)
+            last = reason.strip().splitlines()[-1] if reason.strip() else "?"
+            self._say(f"{self._label(trial)} [red]FAIL[/]: {last}")
 
-    return Progress()
+    return Progress(searcher, spec.budget.unit, list(spec.budget.rungs), console)
 
 
 def _fmt(v: Any) -> str:
@@ -117,7 +133,7 @@ def run_sweep(
     """Run the search the spec describes; return a summary (study, storage, counts by state)."""
     from rich.console import Console
 
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     spec_path = Path(spec_path)
     study_name = study_name or spec.name
     storage_url = storage or spec.storage or default_storage(spec, spec_path)
@@ -130,7 +146,7 @@ def run_sweep(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
     rstorage = open_storage(storage_url)
@@ -154,7 +170,7 @@ def run_sweep(
         include_dashboard=False,
         configure_logging=True,
         logging_level="WARNING",
-        log_to_driver=True,
+        log_to_driver=False,  # trial errors reach the terminal and the study through the callback
         ignore_reinit_error=True,
     )
     res = spec.resources
