@@ -127,6 +127,10 @@ def _fmt_param(v: Any) -> str:
     return str(v)
 
 
+def _params(row: dict) -> str:
+    return " ".join(f"{k}={_fmt_param(v)}" for k, v in sorted(row["params"].items()))
+
+
 def render(rows: list[dict], base: Union[optuna.Study, dict, None] = None, *, console=None, limit: Optional[int] = None) -> None:
     """Print the leaderboard as a rich table, with each loss's gain over the base model."""
     from rich.console import Console
@@ -142,48 +146,59 @@ def render(rows: list[dict], base: Union[optuna.Study, dict, None] = None, *, co
     caption = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda x: _STATE_ORDER.get(x[0], 9)))
     if b:
         caption = f"base model: val_loss {_fmt(base_loss)}  ppl {_fmt(b.get('ppl'), '.2f')}" + (f"   |   {caption}" if caption else "")
-    table = Table(title=title, caption=caption or None)
-    table.add_column("#", justify="right")
-    table.add_column("trial", justify="right")
-    table.add_column("state")
-    table.add_column("rung", justify="right")
+    from rich import box
+
+    table = Table(title=title, caption=caption or None, box=box.SIMPLE_HEAD, pad_edge=False)
+    num = dict(justify="right", no_wrap=True)
+    table.add_column("trial", **num)
+    table.add_column("state", no_wrap=True)
     unit = next((r["budget_unit"] for r in rows if r.get("budget_unit")), None) or "budget"
-    table.add_column(unit, justify="right")
-    table.add_column("val_loss", justify="right")
-    table.add_column("ppl", justify="right")
+    table.add_column(unit, **num)
+    table.add_column("val_loss", **num)
+    table.add_column("ppl", **num)
     if base_loss is not None:
-        table.add_column("gain vs base", justify="right")
-    table.add_column("samples/s", justify="right")
-    table.add_column("tokens/s", justify="right")
-    table.add_column("params")
-    colors = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
+        table.add_column("vs base", **num)
+    table.add_column("samples/s", **num)
+    table.add_column("tokens/s", **num)
+    # Params in the table when there is room, else listed under it.
     shown = rows if limit is None else rows[:limit]
+    wide = console.width >= 120
+    params_inline = console.width >= 90 + max((len(_params(r)) for r in shown), default=0)
+    if params_inline:
+        table.add_column("params", overflow="fold", min_width=30)
+    colors = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
     for r in shown:
         cells = [
-            str(r["rank"]),
             str(r["number"]),
             f"[{colors.get(r['state'], 'white')}]{r['state']}[/]",
-            _fmt(r["rung_reached"]),
-            _fmt(r["budget_reached"]),
+            _fmt(r["budget_reached"]) if r["rung_reached"] else "—",
             _fmt(r["val_loss"]),
             _fmt(r["ppl"], ".2f"),
         ]
         if base_loss is not None:
+            # The gain: how much lower than the base model's loss (positive is better).
             if r["val_loss"] is None:
                 cells.append("—")
             else:
                 gain = base_loss - r["val_loss"]
-                pct = f" ({100 * gain / base_loss:+.1f}%)" if base_loss else ""
-                cells.append(f"{gain:+.4f}{pct}")
+                cells.append(f"{gain:+.3f}" + (f" {100 * gain / base_loss:+.0f}%" if base_loss and wide else ""))
         cells += [
             _fmt(r["samples_per_s"], ".1f"),
             _fmt(r["tokens_per_s"], ",.0f"),
-            " ".join(f"{k}={_fmt_param(v)}" for k, v in sorted(r["params"].items())),
         ]
+        if params_inline:
+            cells.append(_params(r))
         table.add_row(*cells)
     if not rows:
         console.print(f"{title}: no trials yet")
         return
     console.print(table)
+    if not params_inline:
+        for r in shown:
+            console.print(f"  trial {r['number']:>3}: {_params(r)}", markup=False, highlight=False)
+    for r in shown:
+        reason = (r.get("fail_reason") or "").strip()
+        if r["state"] == "FAIL" and reason:
+            console.print(f"  trial {r['number']:>3} failed: {reason.splitlines()[-1]}", markup=False, highlight=False)
     if limit is not None and len(rows) > limit:
         console.print(f"... {len(rows) - limit} more trials")

@@ -64,8 +64,19 @@ def test_render_shows_gain_over_base(finished):
     console = Console(record=True, width=200)
     render(leaderboard(finished), finished, console=console)
     text = console.export_text()
-    assert "gain vs base" in text and "+1.4000 (+56.0%)" in text  # 2.5 - 1.1
+    assert "vs base" in text and "+1.400 +56%" in text  # 2.5 - 1.1, and the gain in percent
     assert "COMPLETE" in text and "PRUNED" in text and "FAIL" in text
+    assert "trial   5 failed: RuntimeError: boom" in text
+
+
+def test_render_on_a_narrow_terminal_lists_params_under_the_table(finished):
+    from rich.console import Console
+
+    console = Console(record=True, width=80)
+    render(leaderboard(finished), finished, console=console)
+    text = console.export_text()
+    assert "COMPLETE" in text and "learning_rate=" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
 
 
 def test_base_metrics_are_written_once(storage_url):

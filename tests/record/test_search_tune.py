@@ -45,7 +45,7 @@ def test_real_tune_run_records_budget_steps_and_true_states(storage_url, drive, 
             tune_config=tune.TuneConfig(
                 metric="val_loss", mode="min", num_samples=8, search_alg=search,
                 scheduler=ASHAScheduler(time_attr="steps", grace_period=10, max_t=40, reduction_factor=2),
-                max_concurrent_trials=2,
+                max_concurrent_trials=1,  # one at a time: ASHA decisions do not depend on timing
             ),
             run_config=tune.RunConfig(storage_path=str(tmp_path / "runs"), name="tune", verbose=0,
                                       callbacks=[RecordFailures()]),
