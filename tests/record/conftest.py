@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import uuid
 from pathlib import Path
 
 import optuna
@@ -95,15 +97,39 @@ def sweep_home(tmp_path, monkeypatch):
     return home
 
 
+def _pg_server_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_tests_pg_server", ROOT / "tests" / "pg_server.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass needs its module registered
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway PostgreSQL server for the session (skipped where initdb/psycopg are missing)."""
+    pg = _pg_server_module()
+    if not pg.available():
+        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed")
+    pytest.importorskip("psycopg")
+    srv = pg.start()
+    yield srv
+    pg.cleanup(srv)
+
+
 # One entry per storage backend; every study test runs on each.
-# PostgreSQL (tests/pg_server.py) joins this list later.
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(params=BACKENDS)
 def storage_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'study.db'}"
+    if request.param == "postgresql":
+        srv = request.getfixturevalue("pg_server")
+        return srv.create_database(f"t_{uuid.uuid4().hex[:12]}")
     raise NotImplementedError(request.param)
 
 

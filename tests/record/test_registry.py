@@ -81,3 +81,27 @@ def test_study_tools_do_not_import_ray_or_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_postgres_study_found_by_name_with_the_password_from_pgpassword(pg_server, monkeypatch, sweep_home):
+    url = pg_server.create_database("registry_pw")
+    optuna.create_study(storage=open_storage(url), study_name="pg")
+    register_study("pg", url)
+    assert pg_server.password not in (sweep_home / "studies.json").read_text()
+    stored, name = resolve_study("pg")
+    assert pg_server.password not in stored
+    monkeypatch.setenv("PGPASSWORD", pg_server.password)  # libpq's own way to get it
+    assert load_study(stored, name).study_name == "pg"
+
+
+def test_postgres_restart_during_a_sweep_is_survived(pg_server, drive):
+    """pool_pre_ping: connections the restart killed are replaced, not used."""
+    url = pg_server.create_database("restart")
+    search = drive.make_search(open_storage(url))
+    search.suggest("t1")
+    search.on_trial_result("t1", drive.result(10, 2.0))
+    pg_server.restart()
+    search.on_trial_result("t1", drive.result(20, 1.5, 1))
+    search.on_trial_complete("t1", result=drive.result(40, 1.2, 2))
+    t = load_study(url, "s").trials[0]
+    assert t.state.name == "COMPLETE" and t.intermediate_values == {10: 2.0, 20: 1.5, 40: 1.2}

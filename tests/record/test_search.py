@@ -45,6 +45,8 @@ def test_trial_stopped_by_asha_below_the_top_rung_is_pruned(storage_url, drive):
     assert t.user_attrs["val_loss_last"] == pytest.approx(1.9)
     assert t.user_attrs["rung_reached"] == 2 and t.user_attrs["budget_reached"] == 20
     assert search.final_state("t1") == "PRUNED"
+    # We tell no value; Optuna itself copies the last intermediate value onto a PRUNED trial.
+    assert t.value == pytest.approx(1.9)
     # PRUNED trials never count as the best trial
     study = load_study(storage_url, "s")
     with pytest.raises(ValueError):
