@@ -167,6 +167,14 @@ class QLoRATrial:
             processing_class=tokenizer,
             callbacks=[_RungCallback(self)],
         )
+        for name, before, ds in (("train", len(train_ds), self.trainer.train_dataset),
+                                 ("validation", len(val_ds), self.trainer.eval_dataset)):
+            if len(ds) == 0:
+                raise ValueError(
+                    f"none of the {before} {name} rows has a response token within max_seq_length="
+                    f"{self.job.data.max_seq_length} (TRL drops rows whose prompt fills the whole sequence); "
+                    "raise data.max_seq_length"
+                )
         from transformers.trainer_callback import PrinterCallback
 
         self.trainer.remove_callback(PrinterCallback)  # the rung reports are the output
