@@ -22,6 +22,9 @@ Trial user attrs (written by `sweep.search.StudySearch`, read by the leaderboard
   val_loss_last, ppl_last            metrics of the last report (a PRUNED trial's final word)
   tokens_per_s, samples_per_s, peak_mem_gb, wall_s   from the last report
   fail_reason                        error text of a FAIL trial (last 4000 characters)
+
+A PRUNED trial is told with no value, but Optuna itself copies its last intermediate value
+onto it (trial.value); `study.best_trial` and `sweep export` consider COMPLETE trials only.
 """
 
 from __future__ import annotations
@@ -164,6 +167,23 @@ def set_trial_user_attr_any_state(storage: optuna.storages.BaseStorage, trial_id
             attr.value_json = json.dumps(value)
 
 
+def fail_running_trials(study: optuna.Study, reason: str, *, keep: frozenset[int] = frozenset()) -> list[int]:
+    """Mark the study's RUNNING trials FAIL (numbers in `keep` excepted); return their numbers.
+
+    For a fresh (not resumed) run on an existing study: trials a crashed controller left
+    RUNNING would otherwise stay RUNNING forever. Do not call it while another controller
+    works on the same study.
+    """
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.number in keep:
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        failed.append(t.number)
+    return failed
+
+
 # ------------------------------------------------------------------ study attrs
 
 
@@ -177,13 +197,16 @@ def record_base_metrics(study: optuna.Study, val_loss: float, ppl: float) -> boo
     return True
 
 
-_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_key|apikey|credential)", re.IGNORECASE)
+# Exact key names only: a pattern such as "token" would also drop max_tokens or pad_token,
+# and export would then silently lose a setting.
+_SECRET_KEYS = {"password", "passwd", "secret", "api_key", "apikey", "token", "access_token", "auth_token",
+                "hf_token", "wandb_api_key", "credentials"}
 
 
 def scrub(value: Any) -> Any:
-    """Plain data with secrets removed: secret-looking keys dropped, URL passwords hidden."""
+    """Plain data with secrets removed: secret keys dropped, passwords in URLs hidden."""
     if isinstance(value, Mapping):
-        return {k: scrub(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
+        return {k: scrub(v) for k, v in value.items() if str(k).lower() not in _SECRET_KEYS}
     if isinstance(value, (list, tuple)):
         return [scrub(v) for v in value]
     if isinstance(value, str) and "://" in value and "@" in value:

@@ -129,7 +129,15 @@ class StudySearch(OptunaSearch):
     # ------------------------------------------------------------ Searcher API
     def suggest(self, trial_id: str) -> Optional[Dict]:
         new = trial_id not in self._ot_trials
-        config = self._retry("ask", lambda: super(StudySearch, self).suggest(trial_id))
+
+        def ask():
+            try:
+                return super(StudySearch, self).suggest(trial_id)
+            except _transient_errors() as e:
+                self._fail_orphans(e)
+                raise
+
+        config = self._retry("ask", ask)
         if new and trial_id in self._ot_trials:
             ot_trial = self._ot_trials[trial_id]
             self._retry("set ray_trial_id", lambda: ot_trial.set_user_attr("ray_trial_id", trial_id))
@@ -153,7 +161,9 @@ class StudySearch(OptunaSearch):
         step = int(budget)
         prev = self._last_results.get(trial_id)
         if prev is None or step > prev[self._budget_key]:
-            self._last_results[trial_id] = dict(result)
+            # Only what the record needs: the searcher's checkpoint stays small and picklable.
+            keep = {*RUNG_KEYS, self.metric, self._budget_key}
+            self._last_results[trial_id] = {k: result[k] for k in keep if k in result}
         if step in ot_trial._cached_frozen_trial.intermediate_values:
             return  # a rung reported again after a restart from its checkpoint: the first report stands
         rung = {k: _num(result.get(k)) for k in RUNG_KEYS if k in result}
@@ -211,6 +221,21 @@ class StudySearch(OptunaSearch):
         self._final_states[trial_id] = state.name
         self._last_results.pop(trial_id, None)
         logger.debug("trial %s (number %d) -> %s at %s %s", trial_id, frozen.number, state.name, self._budget_key, budget)
+
+    def _fail_orphans(self, error: BaseException) -> None:
+        """FAIL the trial a failed `ask` created in the storage before it broke, so a retry leaves none RUNNING.
+
+        Every trial this searcher asks for gets `ray_trial_id` at once; a RUNNING trial
+        without it, unknown to this searcher, is such an orphan.
+        """
+        known = {t._trial_id for t in self._ot_trials.values()}
+        try:
+            for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t._trial_id not in known and "ray_trial_id" not in t.user_attrs:
+                    self._ot_study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"ask failed: {error}")
+                    self._ot_study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        except Exception as e:  # the storage is still failing: the next try cleans up
+            logger.debug("could not clean up after a failed ask: %s", e)
 
     # ------------------------------------------------------------ for callbacks
     def record_failure(self, trial_id: str, reason: str) -> None:

@@ -135,9 +135,11 @@ def test_recorded_spec_holds_no_secret(storage_url, demo_spec):
     spec, h = demo_spec
     spec = dict(spec, storage="postgresql+psycopg://sweep:hunter2@db:5432/sweeps")
     spec["tracking"] = {"wandb": {"mode": "online", "api_key": "abc123"}}
+    spec["data"] = dict(spec["data"], max_tokens=7)  # not a secret: kept
     study = optuna.create_study(storage=open_storage(storage_url), study_name="s")
     assert record_spec(study, spec, h) is True
     assert record_spec(study, spec, h) is False
     stored = json.dumps(load_study(storage_url, "s").user_attrs)
     assert "hunter2" not in stored and "abc123" not in stored
     assert "sweep:***@db" in stored
+    assert load_study(storage_url, "s").user_attrs["spec"]["data"]["max_tokens"] == 7

@@ -141,6 +141,43 @@ def test_tell_failure_is_raised_after_the_retries_never_swallowed(storage_url, d
     assert search.final_state("t1") is None  # not marked done: the record did not take it
 
 
+class FlakyAskStorage(optuna.storages.RDBStorage):
+    """Fails the first parameter write of a new trial: the trial row exists, the ask broke."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.failed = False
+
+    def _set_trial_param(self, *a, **kw):  # what the cached storage in front of it calls
+        if not self.failed:
+            self.failed = True
+            raise OperationalError("INSERT INTO trial_params ...", {}, Exception("server closed the connection unexpectedly"))
+        return super()._set_trial_param(*a, **kw)
+
+
+def test_ask_is_retried_and_the_half_created_trial_is_not_left_running(storage_url, drive):
+    storage = FlakyAskStorage(storage_url)
+    search = drive.make_search(storage)
+    drive.run_trial(search, "t1", [2.0, 1.5, 1.2])
+    trials = load_study(storage_url, "s").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert "ask failed" in trials[0].user_attrs["fail_reason"]
+    assert search.trial_number("t1") == 1
+
+
+def test_fail_running_trials_ends_what_a_crashed_controller_left(storage_url, drive):
+    from sweep.record import fail_running_trials
+
+    search = drive.make_search(open_storage(storage_url))
+    search.suggest("a")
+    search.suggest("b")
+    search.on_trial_result("b", drive.result(10, 2.0))
+    study = load_study(storage_url, "s")
+    assert fail_running_trials(study, "the controller stopped", keep=frozenset({0})) == [1]
+    states = {t.number: t.state.name for t in load_study(storage_url, "s").trials}
+    assert states == {0: "RUNNING", 1: "FAIL"}
+
+
 def test_values_reported_at_budget_steps_feed_the_sampler(storage_url, drive):
     """TPE ranks PRUNED trials by how far they got: its input must use the budget steps."""
     search = drive.make_search(open_storage(storage_url))
