@@ -167,6 +167,12 @@ class QLoRATrial:
             processing_class=tokenizer,
             callbacks=[_RungCallback(self)],
         )
+        # TRL casts a quantized model's adapters to bf16; keep them fp32 (PEFT's own default). In bf16,
+        # Adam steps below ~1/256 of a weight round away, which would bias a search towards high LRs;
+        # and a resumed trial reloads its adapter in fp32, so only fp32 resumes exactly.
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
         for name, before, ds in (("train", len(train_ds), self.trainer.train_dataset),
                                  ("validation", len(val_ds), self.trainer.eval_dataset)):
             if len(ds) == 0:
