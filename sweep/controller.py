@@ -17,36 +17,6 @@ from typing import Any, Optional
 from sweep.spec import SweepSpec, default_storage, public_dict, resolve_paths, spec_hash
 
 
-def optuna_space(spec: SweepSpec) -> dict:
-    """The spec's search params as Optuna distributions (the one place this mapping lives)."""
-    import optuna.distributions as od
-
-    out = {}
-    for name, p in spec.search.params.items():  # type: ignore[union-attr]
-        if p.type == "choice":
-            out[name] = od.CategoricalDistribution(list(p.values))
-        elif p.type == "uniform":
-            out[name] = od.FloatDistribution(p.low, p.high)
-        elif p.type == "loguniform":
-            out[name] = od.FloatDistribution(p.low, p.high, log=True)
-        else:
-            out[name] = od.IntDistribution(p.low, p.high, step=p.step, log=p.log)
-    return out
-
-
-def make_sampler(spec: SweepSpec):
-    """The Optuna sampler the spec asks for, seeded."""
-    import optuna
-
-    s = spec.search
-    if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    if s.sampler == "grid":
-        grid = {n: list(p.values) for n, p in s.params.items()}
-        return optuna.samplers.GridSampler(grid, seed=s.seed)
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True)
-
-
 def _make_progress_callback(searcher, spec: SweepSpec, console):
     from ray.tune import Callback
 
@@ -160,6 +130,7 @@ def run_sweep(
     from ray.tune.schedulers import ASHAScheduler
 
     from sweep.search import StudySearch
+    from sweep.space import make_sampler, optuna_space
     from trial_worker.entry import evaluate_base, prepare_assets, run_trial
 
     prepare_assets(job)

@@ -1,0 +1,115 @@
+"""A real sweep: real Ray, real SQLite study, real QLoRA trials of a tiny Llama on the CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from sweep.spec import load_spec
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNGS = [4, 8, 16]
+N_TRIALS = 6
+
+
+def _sweep(*args, cwd, env=None, timeout=900):
+    r = subprocess.run([sys.executable, "-m", "sweep.cli", *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    return r
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """One small sweep, run through the CLI exactly as a user runs it."""
+    import os
+
+    work = tmp_path_factory.mktemp("sweep")
+    demo = yaml.safe_load((ROOT / "search_spaces" / "demo_cpu.yaml").read_text())
+    demo["name"] = "e2e"
+    demo["model"]["name_or_path"] = str(work / "assets" / "tiny-llama")
+    demo["data"]["path"] = str(work / "assets" / "tasks")
+    demo["data"]["max_eval_samples"] = 48
+    demo["budget"] = {"unit": "steps", "min": RUNGS[0], "max": RUNGS[-1], "reduction_factor": 2}
+    demo["output_dir"] = str(work / "runs")
+    # A learning rate that learns and one that cannot: ASHA must stop some trials.
+    demo["search"] = {
+        "sampler": "grid",
+        "seed": 1,
+        "num_trials": N_TRIALS,
+        "params": {
+            "learning_rate": {"type": "choice", "values": [2.0e-2, 1.0e-7]},
+            "lora_r": {"type": "choice", "values": [4, 8, 16]},
+        },
+    }
+    spec_file = work / "e2e.yaml"
+    spec_file.write_text("# sweep run e2e.yaml\n" + yaml.safe_dump(demo, sort_keys=False))
+    env = dict(os.environ, SWEEP_HOME=str(work / "home"))
+    r = _sweep("run", str(spec_file), cwd=work, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    storage = f"sqlite:///{work / 'e2e.db'}"
+    study = optuna.load_study(study_name="e2e", storage=storage)
+    return {"work": work, "env": env, "study": study, "storage": storage, "out": r.stdout, "spec": spec_file}
+
+
+def test_the_study_holds_every_trial_once_and_none_left_running(finished_sweep):
+    trials = finished_sweep["study"].trials
+    assert len(trials) == N_TRIALS
+    states = {t.state.name for t in trials}
+    assert states <= {"COMPLETE", "PRUNED"}, states
+    assert "COMPLETE" in states and "PRUNED" in states, [t.state.name for t in trials]
+
+
+def test_intermediate_values_sit_at_the_budget_steps(finished_sweep):
+    for t in finished_sweep["study"].trials:
+        steps = sorted(t.intermediate_values)
+        if t.state.name == "COMPLETE":
+            assert steps == RUNGS
+            assert t.value == pytest.approx(t.intermediate_values[RUNGS[-1]])
+        else:  # PRUNED: stopped by ASHA at a lower rung
+            assert steps == RUNGS[: len(steps)] and len(steps) < len(RUNGS), steps
+
+
+def test_pruned_trials_were_worse_at_the_rung_where_they_stopped(finished_sweep):
+    trials = finished_sweep["study"].trials
+    for t in trials:
+        if t.state.name != "PRUNED":
+            continue
+        rung = max(t.intermediate_values)
+        others = [o.intermediate_values[rung] for o in trials if o is not t and rung in o.intermediate_values]
+        assert others and min(others) < t.intermediate_values[rung]
+
+
+def test_training_beats_the_base_model(finished_sweep):
+    study = finished_sweep["study"]
+    base = study.user_attrs["base_val_loss"]
+    assert study.best_trial.value < base - 0.1, (study.best_trial.value, base)
+
+
+def test_status_reads_the_leaderboard_from_the_study(finished_sweep):
+    r = _sweep("status", "e2e", "--json", cwd=finished_sweep["work"], env=finished_sweep["env"])
+    assert r.returncode == 0, r.stderr
+    board = json.loads(r.stdout)
+    rows = board["trials"] if isinstance(board, dict) else board
+    assert len(rows) == N_TRIALS
+    assert rows[0]["state"] == "COMPLETE"
+    assert rows[0]["number"] == finished_sweep["study"].best_trial.number
+
+
+def test_export_writes_the_best_complete_trial_as_a_valid_training_config(finished_sweep):
+    out = finished_sweep["work"] / "best.yaml"
+    r = _sweep("export", "e2e", "-o", str(out), cwd=finished_sweep["work"], env=finished_sweep["env"])
+    assert r.returncode == 0, r.stderr
+    spec = load_spec(out)
+    best = finished_sweep["study"].best_trial
+    assert spec.search is None
+    assert spec.training.learning_rate == pytest.approx(best.params["learning_rate"])
+    assert spec.model.lora.r == best.params["lora_r"]
+    assert spec.budget.max == RUNGS[-1]
+    v = _sweep("validate", str(out), cwd=finished_sweep["work"])
+    assert v.returncode == 0, v.stderr
