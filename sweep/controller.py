@@ -176,6 +176,11 @@ def run_sweep(
             {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
         )
         out_dir = Path(spec.output_dir or "sweep_runs").resolve()
+        callbacks = [_make_progress_callback(searcher, spec, console)]
+        if spec.tracking.wandb.mode != "disabled":
+            from sweep.tracking import make_wandb_callback  # one W&B run per trial, on the driver
+
+            callbacks.append(make_wandb_callback(searcher, spec, study_name, out_dir, console))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -191,7 +196,7 @@ def run_sweep(
                 name=study_name,
                 storage_path=str(out_dir),
                 verbose=0,
-                callbacks=[_make_progress_callback(searcher, spec, console)],
+                callbacks=callbacks,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=res.max_failures),
             ),

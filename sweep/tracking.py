@@ -1,0 +1,341 @@
+"""W&B: one run per trial, written on the driver by a Ray Tune callback (the worker is untouched).
+
+Each Optuna trial gets one W&B run: group = study name, name = ``trial-<number>``, id =
+``run_id(study, number)`` (deterministic, so a trial resumed from its checkpoint, or a
+sweep resumed after a stop, continues the same run with ``resume="allow"``), config = the
+trial's params plus the fixed job settings (secrets removed; the storage URL is never in
+it), one ``log`` per rung at ``step=<budget value>``, and the final state and rung reached
+in the summary. The Optuna trial gets the run's id/project/URL as user attrs
+(``wandb_run_id``, ``wandb_project``, ``wandb_entity``, ``wandb_url``, ``wandb_run_dir``);
+the study gets ``wandb_dir`` (where offline runs are), ``wandb_project``, ``wandb_mode``.
+
+Mode (the spec's ``tracking.wandb.mode``): ``auto`` is online when ``WANDB_API_KEY`` is set,
+else offline; ``disabled`` means no W&B (and no wandb import). Offline runs live under
+``<output_dir>/wandb/<study>/wandb/offline-run-*``; ``sweep wandb-sync STUDY`` uploads them.
+
+`read_offline_run` reads a run's ``.wandb`` file back (config, history by step, summary)
+with no network; the tests and ``sweep wandb-sync --dry-run`` use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+# Metrics logged at each rung (keys of the worker's report).
+LOGGED_KEYS = ("val_loss", "ppl", "train_loss", "learning_rate", "tokens_per_s", "samples_per_s",
+               "peak_mem_gb", "wall_s", "samples", "rung")
+DEFAULT_PROJECT = "sweep"
+
+
+def _need_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError("``wandb`` package not found; install it with `pip install 'sweep[wandb]'` "
+                          "or set tracking.wandb.mode: disabled") from None
+    return wandb
+
+
+def resolve_mode(mode: str) -> Optional[str]:
+    """"online", "offline", or None (disabled) for a spec's tracking.wandb.mode."""
+    if mode == "disabled":
+        return None
+    if mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if mode not in ("online", "offline"):
+        raise ValueError(f"tracking.wandb.mode is {mode!r}, but must be one of auto, online, offline, disabled")
+    return mode
+
+
+def run_id(study_name: str, number: int) -> str:
+    """The W&B run id of trial `number` of a study: the same on every resume.
+
+    W&B ids may not hold / \\ # ? % : or spaces, and are at most 128 characters.
+    """
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", study_name).strip("-") or "study"
+    return f"{slug[:100]}-trial-{int(number)}"
+
+
+def wandb_root(out_dir, study_name: str) -> Path:
+    """Folder given to ``wandb.init(dir=...)`` for a study; runs go in its ``wandb/`` subfolder."""
+    return Path(out_dir) / "wandb" / re.sub(r"[^A-Za-z0-9_.-]+", "-", study_name)
+
+
+def run_config(params: dict, job: dict, *, study_name: str, number: int, unit: str, rungs: list) -> dict:
+    """W&B config: searched params at the top level (panels use them by name), fixed settings under `job`."""
+    from sweep.record import scrub
+
+    job = scrub(json.loads(json.dumps(job, default=str)))
+    job.pop("storage", None)
+    return {**params, "job": job, "study": study_name, "trial_number": number, "budget_unit": unit, "rungs": list(rungs)}
+
+
+def make_wandb_callback(searcher, spec, study_name: str, out_dir, console=None):
+    """A Tune callback that mirrors each trial to a W&B run, or None when tracking is disabled.
+
+    Records where the runs are on the study (``wandb_dir``, ``wandb_project``, ``wandb_mode``).
+    """
+    cfg = spec.tracking.wandb
+    mode = resolve_mode(cfg.mode)
+    if mode is None:
+        return None
+    _need_wandb()
+    from ray.tune import Callback
+
+    root = wandb_root(out_dir, study_name).resolve()
+    project = cfg.project or DEFAULT_PROJECT
+    study = searcher.study
+    study.set_user_attr("wandb_dir", str(root))
+    study.set_user_attr("wandb_project", project)
+    study.set_user_attr("wandb_mode", mode)
+    if cfg.entity:
+        study.set_user_attr("wandb_entity", cfg.entity)
+    job = spec.job().model_dump(mode="json")
+
+    class WandbTrials(Callback):
+        """One W&B run per Tune trial; several are open at once (``reinit="create_new"``).
+
+        Tune pickles its callbacks with the experiment state: open runs hold threads and
+        sockets, so they are left out and reopened (same id, resume="allow") after a restore.
+        """
+
+        # Everything comes in as arguments: Tune pickles the class by value, and a method
+        # that closed over `console` or the spec would drag them into the pickle.
+        def __init__(self, searcher, mode, project, entity, root, study_name, job, unit, rungs, console):
+            self.searcher, self.mode, self.project, self.entity = searcher, mode, project, entity
+            self.root, self.study_name, self.job = root, study_name, job
+            self.unit, self.rungs = unit, rungs
+            self.runs: dict[str, Any] = {}
+            self.console = console
+
+        def __getstate__(self):
+            return {k: v for k, v in self.__dict__.items() if k not in ("runs", "console")}
+
+        def __setstate__(self, state):
+            self.__dict__.update(state)
+            self.runs, self.console = {}, None
+
+        def _warn(self, text: str) -> None:
+            logger.warning(text)
+            if self.console is not None:
+                self.console.print(f"[yellow]W&B:[/] {text}", markup=True, highlight=False)
+
+        def _run(self, trial):
+            run = self.runs.get(trial.trial_id)
+            if run is not None:
+                return run
+            number = self.searcher.trial_number(trial.trial_id)
+            if number is None:
+                return None
+            wandb = _need_wandb()
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            try:
+                run = wandb.init(
+                    project=self.project,
+                    entity=self.entity,
+                    group=self.study_name,
+                    name=f"trial-{number}",
+                    id=run_id(self.study_name, number),
+                    resume="allow",
+                    job_type="trial",
+                    dir=self.root,
+                    mode=self.mode,
+                    config=run_config(dict(trial.config), self.job, study_name=self.study_name, number=number,
+                                      unit=self.unit, rungs=self.rungs),
+                    reinit="create_new",
+                    settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False,
+                                            disable_git=True),
+                )
+            except Exception as e:  # tracking must never stop a sweep
+                self._warn(f"could not start the run of trial {number}: {e}")
+                return None
+            self.runs[trial.trial_id] = run
+            self._annotate(number, run)
+            return run
+
+        def _annotate(self, number: int, run) -> None:
+            from sweep.record import set_trial_user_attr_any_state
+
+            st = self.searcher.study
+            attrs = {"wandb_run_id": run.id, "wandb_project": self.project, "wandb_entity": self.entity,
+                     "wandb_url": run.url if self.mode == "online" else None,
+                     "wandb_run_dir": str(Path(run.dir).parent)}
+            try:
+                tid = st._storage.get_trial_id_from_study_id_trial_number(st._study_id, number)
+                for k, v in attrs.items():
+                    set_trial_user_attr_any_state(st._storage, tid, k, v)
+            except Exception as e:
+                self._warn(f"could not store the run id on trial {number}: {e}")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._run(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            run = self._run(trial)
+            step = result.get(self.unit)
+            if run is None or step is None or result.get("val_loss") is None:
+                return
+            row = {k: result[k] for k in LOGGED_KEYS if isinstance(result.get(k), (int, float))}
+            if step in self.rungs:
+                row["rung"] = self.rungs.index(step) + 1
+            try:
+                run.log(row, step=int(step))
+            except Exception as e:
+                self._warn(f"could not log trial {trial.trial_id}: {e}")
+
+        def _finish(self, trial, state: str, reason: Optional[str] = None):
+            run = self._run(trial)
+            if run is None:
+                return
+            last = trial.last_result or {}
+            b = last.get(self.unit)
+            summary = {
+                "state": state,
+                "rung_reached": (self.rungs.index(b) + 1) if b in self.rungs else 0,
+                "budget_reached": b,
+                "val_loss_last": last.get("val_loss"),
+                "optuna_trial_number": self.searcher.trial_number(trial.trial_id),
+            }
+            if reason:
+                summary["fail_reason"] = _error_line(reason)
+            try:
+                run.summary.update(summary)
+                run.finish(exit_code=1 if state == "FAIL" else 0)
+            except Exception as e:
+                self._warn(f"could not finish the run of trial {trial.trial_id}: {e}")
+            self.runs.pop(trial.trial_id, None)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._finish(trial, self.searcher.final_state(trial.trial_id) or "COMPLETE")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            reason = getattr(self.searcher, "_fail_reasons", {}).get(trial.trial_id)
+            self._finish(trial, "FAIL", reason)
+
+        def on_experiment_end(self, trials, **info):
+            for tid, run in list(self.runs.items()):
+                try:
+                    run.finish()
+                except Exception:
+                    pass
+                self.runs.pop(tid, None)
+
+    return WandbTrials(searcher, mode, project, cfg.entity, str(root), study_name, job,
+                       spec.budget.unit, list(spec.budget.rungs), console)
+
+
+def _error_line(text: str) -> str:
+    """The line that names the exception (Ray wraps it in lines of its own), else the last line."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
+    return ((named or lines or [""])[-1])[:500]
+
+
+# ------------------------------------------------------------------ offline runs
+
+
+def offline_runs(root) -> list[Path]:
+    """Offline run folders under a study's W&B folder (oldest first)."""
+    root = Path(root)
+    base = root / "wandb" if (root / "wandb").is_dir() else root
+    return sorted(p for p in base.glob("offline-run-*") if p.is_dir())
+
+
+def _log_records(path: Path):
+    """Raw records of a W&B transaction log (LevelDB log format: 32 KiB blocks, 7-byte headers)."""
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    block, pos, buf = 32768, 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:  # padding to the block end
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            yield buf + chunk
+            buf = b""
+
+
+def _set_nested(d: dict, item) -> None:
+    keys = list(item.nested_key) or [item.key]
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = json.loads(item.value_json)
+
+
+def read_offline_run(run_dir) -> dict:
+    """What an offline run recorded: {id, name, group, project, config, history, summary}.
+
+    history: one dict per logged step, in order, with `_step`; summary: the final
+    summary (W&B's own `_`-keys included).
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob("*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"no .wandb file in {run_dir}")
+    out: dict[str, Any] = {"config": {}, "history": [], "summary": {}}
+    for raw in _log_records(files[0]):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            r = rec.run
+            out.update(id=r.run_id, name=r.display_name, group=r.run_group, project=r.project)
+            for item in r.config.update:
+                _set_nested(out["config"], item)
+        elif kind == "config":
+            for item in rec.config.update:
+                _set_nested(out["config"], item)
+        elif kind == "history":
+            row: dict = {}
+            for item in rec.history.item:
+                _set_nested(row, item)
+            out["history"].append(row)
+        elif kind == "summary":
+            for item in rec.summary.update:
+                _set_nested(out["summary"], item)
+            for item in rec.summary.remove:
+                out["summary"].pop(item.key, None)
+    out["config"].pop("_wandb", None)
+    return out
+
+
+def sync_offline(root, *, project: Optional[str] = None, entity: Optional[str] = None, dry_run: bool = False) -> list[Path]:
+    """Upload a study's offline runs with `wandb sync` (the key from WANDB_API_KEY or `wandb login`)."""
+    runs = offline_runs(root)
+    if dry_run or not runs:
+        return runs
+    cmd = [sys.executable, "-m", "wandb", "sync", "--no-include-synced"]
+    if project:
+        cmd += ["--project", project]
+    if entity:
+        cmd += ["--entity", entity]
+    r = subprocess.run(cmd + [str(p) for p in runs], stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise RuntimeError(f"wandb sync exited with {r.returncode}")
+    return runs
