@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional
 from trial_worker.config import REPORT_KEYS, JobConfig
 from trial_worker.data import load_splits
 from trial_worker.evaluate import validation_loss
+from trial_worker.execution import Execution, as_written, probe_gpu
 from trial_worker.model import load_model, use_cpu
 
 Report = Callable[[dict, str], None]
@@ -57,11 +58,27 @@ def peak_memory_gb() -> float:
     return kb / 2**20 if sys.platform != "darwin" else kb / 2**30  # Linux reports KiB, macOS bytes
 
 
-def sft_config(job: JobConfig, output_dir: str, *, cpu: bool):
-    """The job's `TrainingConfig` as TRL's `SFTConfig`, with the top rung as the schedule horizon."""
+def liger_wanted(job: JobConfig, *, cpu: bool) -> bool:
+    """Liger's kernels when asked for, or by default on a GPU where liger-kernel is installed."""
+    import importlib.util
+
+    if job.training.use_liger_kernel is not None:
+        return job.training.use_liger_kernel
+    return not cpu and importlib.util.find_spec("liger_kernel") is not None
+
+
+def sft_config(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optional[Execution] = None):
+    """The job's `TrainingConfig` as TRL's `SFTConfig`, with the top rung as the schedule horizon.
+
+    `execution` (default: as written) sets micro-batch, accumulation and checkpointing; the
+    effective batch, and so the optimisation, is the job's whatever the execution.
+    """
     from trl import SFTConfig
 
     t, d = job.training, job.data
+    execution = execution or as_written(job)
+    if execution.effective_batch != t.effective_batch_size:
+        raise ValueError(f"execution {execution} changes the effective batch {t.effective_batch_size}")
     max_steps = rung_steps(job)[-1]
     scheduler_kwargs: dict[str, Any] = {}
     if t.lr_scheduler_type == "cosine_with_min_lr":
@@ -71,8 +88,8 @@ def sft_config(job: JobConfig, output_dir: str, *, cpu: bool):
     kwargs: dict[str, Any] = dict(
         output_dir=output_dir,
         max_steps=max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=execution.micro_batch,
+        gradient_accumulation_steps=execution.accumulation,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         learning_rate=t.learning_rate,
         optim=t.optim,
@@ -85,7 +102,7 @@ def sft_config(job: JobConfig, output_dir: str, *, cpu: bool):
         warmup_steps=math.ceil(t.warmup_ratio * max_steps),
         lr_scheduler_type=t.lr_scheduler_type,
         lr_scheduler_kwargs=scheduler_kwargs,
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=execution.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=t.bf16,
         fp16=t.fp16,
@@ -104,6 +121,7 @@ def sft_config(job: JobConfig, output_dir: str, *, cpu: bool):
         save_strategy="no",
         eval_strategy="no",
         save_only_model=False,
+        use_liger_kernel=liger_wanted(job, cpu=cpu),
         report_to="none",
         disable_tqdm=True,
         log_level="warning",
@@ -149,6 +167,7 @@ class QLoRATrial:
     # ------------------------------------------------------------------ setup
     def setup(self) -> "QLoRATrial":
         import torch
+        from transformers import set_seed
         from trl import SFTTrainer
 
         quiet_libraries()
@@ -156,9 +175,15 @@ class QLoRATrial:
         if t.torch_threads:
             torch.set_num_threads(t.torch_threads)
         cpu = use_cpu(t)
+        set_seed(t.seed)  # before the LoRA weights are drawn: same params + seed -> same trial
         tokenizer, model = load_model(self.job.model, t)
         train_ds, val_ds = load_splits(self.job.data)
-        args = sft_config(self.job, self.output_dir, cpu=cpu)
+        # The effective batch is the hyperparameter; how it runs is chosen for speed (execution.py).
+        if cpu or t.execution == "as_written":
+            self.execution = as_written(self.job)
+        else:
+            self.execution = probe_gpu(model, self.job, vocab_size=model.config.vocab_size)
+        args = sft_config(self.job, self.output_dir, cpu=cpu, execution=self.execution)
         self.trainer = SFTTrainer(
             model=model,
             args=args,
@@ -246,6 +271,9 @@ class QLoRATrial:
             "peak_mem_gb": peak_memory_gb(),
             "wall_s": wall_s,
             "train_s": train_s,
+            "micro_batch": self.execution.micro_batch,
+            "accumulation": self.execution.accumulation,
+            "gradient_checkpointing": self.execution.gradient_checkpointing,
         }
         assert set(metrics) == set(REPORT_KEYS)
         state = {"wall_s": wall_s, "train_s": train_s, "tokens": tokens, "val_tokens": val["tokens"]}

@@ -112,3 +112,12 @@ def test_packing_trains(tiny_model, task_data, tmp_path):
     reports = []
     run(job, report=lambda m, d: reports.append(m), output_dir=tmp_path)
     assert [m["step"] for m in reports] == [3] and math.isfinite(reports[0]["val_loss"])
+
+
+def test_same_params_and_seed_give_the_same_trial(tiny_model, task_data, tmp_path):
+    job = _job(tiny_model, task_data)
+    job = job.model_copy(update={"budget": job.budget.model_copy(update={"min": 2, "max": 2})})
+    first, second = [], []
+    run(job, report=lambda m, d: first.append(m["val_loss"]), output_dir=tmp_path / "a")
+    run(job, report=lambda m, d: second.append(m["val_loss"]), output_dir=tmp_path / "b")
+    assert first == second
