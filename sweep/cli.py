@@ -106,6 +106,76 @@ def export(
     typer.echo(f"wrote {out}" + (f" — {info}" if info else ""))
 
 
+@app.command()
+def report(
+    study: str = typer.Argument(..., help="study name or spec file"),
+    out: Path = typer.Option(Path("report.html"), "-o", "--out", help="the HTML file to write"),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+) -> None:
+    """Write one self-contained HTML report of a study (charts + leaderboard; opens with no server or network)."""
+    from sweep.report import write_report
+
+    st = _open_study(study, storage)
+    write_report(st, out)
+    typer.echo(f"wrote {out} ({len(st.trials)} trials)")
+
+
+@app.command()
+def dashboard(
+    study: str = typer.Argument(..., help="study name or spec file"),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(8080, "--port", help="port of optuna-dashboard"),
+    wandb: bool = typer.Option(False, "--wandb", help="build the W&B comparison workspace instead, and publish it"),
+    entity: Optional[str] = typer.Option(None, "--entity", help="W&B entity (default: the spec's tracking.wandb.entity)"),
+    project: Optional[str] = typer.Option(None, "--project", help="W&B project (default: the study's)"),
+    save_json: Optional[Path] = typer.Option(None, "--save-json", help="with --wandb: write the workspace as JSON, do not publish"),
+) -> None:
+    """Serve optuna-dashboard for the study on localhost, or (--wandb) build and publish its W&B workspace."""
+    st = _open_study(study, storage)
+    if wandb:
+        from dashboards.wandb_workspace import build_workspace, publish, workspace_json
+
+        wcfg = ((st.user_attrs.get("spec") or {}).get("tracking") or {}).get("wandb") or {}
+        entity = entity or wcfg.get("entity") or st.user_attrs.get("wandb_entity")
+        project = project or st.user_attrs.get("wandb_project") or wcfg.get("project") or "sweep"
+        if save_json is None and not entity:
+            _fail("sweep dashboard --wandb: no W&B entity; give --entity or set tracking.wandb.entity in the spec")
+        w = build_workspace(st, entity=entity or "ENTITY", project=project)
+        if save_json is not None:
+            save_json.write_text(workspace_json(w) + "\n")
+            typer.echo(f"wrote {save_json} (workspace {w.name!r} for {entity or 'ENTITY'}/{project}; not published)")
+            return
+        typer.echo(f"published {publish(w)}")
+        return
+    from dashboards.optuna_dashboard import serve, study_url
+    from sweep.record import resolve_study
+
+    url, _ = resolve_study(study, storage)
+    typer.echo(f"optuna-dashboard: {study_url(st, host, port)}  (Ctrl-C to stop)")
+    serve(url, host=host, port=port)
+
+
+@app.command("wandb-sync")
+def wandb_sync(
+    study: str = typer.Argument(..., help="study name or spec file"),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the offline runs, upload nothing"),
+) -> None:
+    """Upload a study's offline W&B runs (key from WANDB_API_KEY or `wandb login`)."""
+    from sweep.tracking import sync_offline
+
+    st = _open_study(study, storage)
+    root = st.user_attrs.get("wandb_dir")
+    if not root:
+        _fail(f"sweep wandb-sync: study {st.study_name!r} has no W&B runs (tracking.wandb.mode was disabled)")
+    runs = sync_offline(root, project=st.user_attrs.get("wandb_project"), entity=st.user_attrs.get("wandb_entity"),
+                        dry_run=dry_run)
+    for r in runs:
+        typer.echo(str(r))
+    typer.echo(f"{len(runs)} offline runs under {root}" + (" (dry run: nothing uploaded)" if dry_run else " synced"))
+
+
 def _open_study(ref: str, storage: Optional[str]):
     """A study from its name (registry), or a spec path (its storage), with --storage winning."""
     from sweep.record import StudyNotFound, load_study, resolve_study
