@@ -30,15 +30,15 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from sweep.record import FAIL_REASON_MAX_CHARS, set_trial_user_attr_any_state
+from trial_worker.config import REPORT_KEYS
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 # Metrics kept per rung and, from the last report, on the trial.
-RUNG_KEYS = ("val_loss", "ppl", "train_loss", "learning_rate", "tokens_per_s", "samples_per_s",
-             "peak_mem_gb", "wall_s", "train_s", "step", "samples")
-FINAL_KEYS = ("tokens_per_s", "samples_per_s", "peak_mem_gb", "wall_s")
+RUNG_KEYS = tuple(k for k in REPORT_KEYS if k != "rung")
+FINAL_KEYS = ("tokens_per_s", "samples_per_s", "peak_mem_gb", "wall_s", "micro_batch", "accumulation", "gradient_checkpointing")
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:

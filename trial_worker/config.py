@@ -119,6 +119,13 @@ class TrainingConfig(Strict):
     dataloader_num_workers: int = Field(0, ge=0, le=64)
     use_cpu: Optional[bool] = Field(None, description="None: use a GPU when one is visible, else the CPU")
     torch_threads: Optional[int] = Field(None, gt=0, le=1024, description="CPU threads per trial (default: the trial's CPUs)")
+    execution: Literal["auto", "as_written"] = Field(
+        "auto",
+        description="auto: on a GPU the worker picks micro-batch, accumulation and checkpointing by a memory probe, "
+        "keeping the effective batch (per_device_train_batch_size x gradient_accumulation_steps) and the loss; "
+        "as_written: run exactly the batch size, accumulation and checkpointing given here",
+    )
+    use_liger_kernel: Optional[bool] = Field(None, description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU); None: on a GPU when installed")
 
     @model_validator(mode="after")
     def _one_half_precision(self):
@@ -175,7 +182,7 @@ class JobConfig(Strict):
 # LoRA knobs use the lora_ prefix that PEFT/TRL users write in their scripts.
 _LORA_PARAMS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 _DATA_PARAMS = {"max_seq_length": "max_seq_length", "packing": "packing"}
-_TRAINING_NOT_SEARCHABLE = {"use_cpu", "torch_threads", "dataloader_num_workers", "logging_steps"}
+_TRAINING_NOT_SEARCHABLE = {"use_cpu", "torch_threads", "dataloader_num_workers", "logging_steps", "execution", "use_liger_kernel"}
 
 
 def searchable_params() -> dict[str, tuple[str, str]]:
@@ -216,4 +223,7 @@ REPORT_KEYS = (
     "peak_mem_gb",     # peak accelerator memory (GPU), or peak RSS on CPU
     "wall_s",          # seconds since the trial started
     "train_s",         # seconds spent in training steps
+    "micro_batch",     # the execution chosen for the effective batch (see trial_worker.execution)
+    "accumulation",
+    "gradient_checkpointing",
 )

@@ -122,5 +122,7 @@ def load_model(cfg: ModelConfig, training: TrainingConfig):
     """(tokenizer, PEFT model): the whole QLoRA model of a job, on the job's device."""
     tokenizer = load_tokenizer(cfg)
     base = load_base(cfg, cpu=use_cpu(training))
-    model = add_lora(base, cfg, gradient_checkpointing=training.gradient_checkpointing)
+    # Checkpointing is switched on by the Trainer when the execution plan asks for it
+    # (trial_worker.execution), not fixed here, so a probe can try the model both ways.
+    model = add_lora(base, cfg, gradient_checkpointing=False)
     return tokenizer, model

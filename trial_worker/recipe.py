@@ -48,23 +48,34 @@ def rung_steps(job: JobConfig) -> list[int]:
     return [job.budget.steps_for(r, eff) for r in job.budget.rungs]
 
 
+def reset_peak_memory() -> None:
+    """Start this trial's peak-memory count afresh (Tune reuses worker processes across trials)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: "5" resets the process's peak RSS (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_gb() -> float:
-    """Peak GPU memory allocated by this process, or its peak RSS on CPU."""
+    """Peak GPU memory allocated by this trial, or the process's peak RSS on CPU."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 2**20 if sys.platform != "darwin" else kb / 2**30  # Linux reports KiB, macOS bytes
-
-
-def liger_wanted(job: JobConfig, *, cpu: bool) -> bool:
-    """Liger's kernels when asked for, or by default on a GPU where liger-kernel is installed."""
-    import importlib.util
-
-    if job.training.use_liger_kernel is not None:
-        return job.training.use_liger_kernel
-    return not cpu and importlib.util.find_spec("liger_kernel") is not None
 
 
 def sft_config(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optional[Execution] = None):
@@ -175,6 +186,7 @@ class QLoRATrial:
         if t.torch_threads:
             torch.set_num_threads(t.torch_threads)
         cpu = use_cpu(t)
+        reset_peak_memory()
         set_seed(t.seed)  # before the LoRA weights are drawn: same params + seed -> same trial
         tokenizer, model = load_model(self.job.model, t)
         train_ds, val_ds = load_splits(self.job.data)
