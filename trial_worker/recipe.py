@@ -78,6 +78,15 @@ def peak_memory_gb() -> float:
     return kb / 2**20 if sys.platform != "darwin" else kb / 2**30  # Linux reports KiB, macOS bytes
 
 
+def liger_wanted(job: JobConfig, *, cpu: bool) -> bool:
+    """Liger's kernels when asked for, or by default on a GPU where liger-kernel is installed."""
+    import importlib.util
+
+    if job.training.use_liger_kernel is not None:
+        return job.training.use_liger_kernel
+    return not cpu and importlib.util.find_spec("liger_kernel") is not None
+
+
 def sft_config(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optional[Execution] = None):
     """The job's `TrainingConfig` as TRL's `SFTConfig`, with the top rung as the schedule horizon.
 
