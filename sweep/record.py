@@ -121,7 +121,7 @@ def open_storage(url: str, *, create: bool = True) -> optuna.storages.RDBStorage
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return _create_rdb_storage(url, engine_kwargs)
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
         # SQLAlchemy's own message may carry the URL; only the driver's message is shown.
         cause = getattr(e, "orig", None) or e.__cause__ or e
@@ -129,6 +129,30 @@ def open_storage(url: str, *, create: bool = True) -> optuna.storages.RDBStorage
     except ImportError as e:
         hint = " (pip install 'psycopg[binary]')" if backend == "postgresql" else ""
         raise StorageError(f"cannot open the study storage {safe_url(url)}: {e}{hint}") from None
+
+
+def _create_rdb_storage(url: str, engine_kwargs: dict, tries: int = 5) -> optuna.storages.RDBStorage:
+    """RDBStorage, surviving the race of several processes creating a fresh schema at once.
+
+    Each process checks for the tables, finds none and creates them; the losers get an
+    IntegrityError (alembic_version) or a "table already exists" error. Once the winner has
+    committed, opening again finds the schema and goes on.
+    """
+    import time
+
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (IntegrityError, OperationalError, ProgrammingError) as e:
+            text = str(e).lower()
+            racing = any(w in text for w in ("alembic_version", "already exists", "duplicate", "unique constraint",
+                                             "database is locked"))
+            if not racing or attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def load_study(storage_url: str, name: str) -> optuna.Study:
