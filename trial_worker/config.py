@@ -125,6 +125,7 @@ class TrainingConfig(Strict):
         "keeping the effective batch (per_device_train_batch_size x gradient_accumulation_steps) and the loss; "
         "as_written: run exactly the batch size, accumulation and checkpointing given here",
     )
+    torch_compile: bool = Field(False, description="torch.compile the model (the Trainer's torch_compile)")
     use_liger_kernel: Optional[bool] = Field(None, description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU); None: on a GPU when installed")
 
     @model_validator(mode="after")
@@ -182,7 +183,7 @@ class JobConfig(Strict):
 # LoRA knobs use the lora_ prefix that PEFT/TRL users write in their scripts.
 _LORA_PARAMS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 _DATA_PARAMS = {"max_seq_length": "max_seq_length", "packing": "packing"}
-_TRAINING_NOT_SEARCHABLE = {"use_cpu", "torch_threads", "dataloader_num_workers", "logging_steps", "execution", "use_liger_kernel"}
+_TRAINING_NOT_SEARCHABLE = {"use_cpu", "torch_threads", "dataloader_num_workers", "logging_steps", "execution", "use_liger_kernel", "torch_compile"}
 
 
 def searchable_params() -> dict[str, tuple[str, str]]:

@@ -95,17 +95,27 @@ def keep_cpu_4bit_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def add_lora(model, cfg: ModelConfig, *, gradient_checkpointing: bool) -> "PeftModel":
-    """Freeze the base, prepare it for k-bit training (QLoRA), and wrap it with LoRA adapters."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def freeze_base(model) -> None:
+    """Freeze every base weight, keeping its dtype (our replacement for PEFT's k-bit preparation).
 
-    if cfg.quantization.load_in_4bit:
-        # Freezes the base, upcasts norms/embeddings to fp32, and turns on checkpointing if asked.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+    `peft.prepare_model_for_kbit_training` also upcasts norms and embeddings to fp32. With a
+    bf16 compute dtype that makes each RMSNorm return fp32 activations, so every 4-bit layer
+    casts its input to bf16 and its output back to fp32: on an H100 those casts were ~25% of
+    a Llama-3.2-1B step's GPU time (benchmarks/profile_trial.py). Llama's RMSNorm computes its
+    variance in fp32 anyway, so keeping the weights in the compute dtype loses nothing that
+    matters, and the loss matches the seed stack's (benchmarks/results/trial_throughput.json).
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def add_lora(model, cfg: ModelConfig, *, gradient_checkpointing: bool) -> "PeftModel":
+    """Freeze the base and wrap it with LoRA adapters (QLoRA when the base is 4-bit)."""
+    from peft import LoraConfig, get_peft_model
+
+    freeze_base(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = cfg.lora
     peft_config = LoraConfig(
         r=lora.r,

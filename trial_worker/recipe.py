@@ -142,6 +142,7 @@ def sft_config(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optiona
         eval_strategy="no",
         save_only_model=False,
         use_liger_kernel=liger_wanted(job, cpu=cpu),
+        torch_compile=t.torch_compile,
         report_to="none",
         disable_tqdm=True,
         log_level="warning",
