@@ -144,6 +144,8 @@ def sft_config(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optiona
         use_liger_kernel=liger_wanted(job, cpu=cpu),
         torch_compile=t.torch_compile,
         report_to="none",
+        # A NaN/inf check per micro-step is a host sync; NaN shows in the logged loss anyway.
+        logging_nan_inf_filter=False,
         disable_tqdm=True,
         log_level="warning",
     )
@@ -189,8 +191,6 @@ class QLoRATrial:
     def setup(self) -> "QLoRATrial":
         import torch
         from transformers import set_seed
-        from trl import SFTTrainer
-
         quiet_libraries()
         t = self.job.training
         if t.torch_threads:
@@ -206,7 +206,7 @@ class QLoRATrial:
         else:
             self.execution = probe_gpu(model, self.job, vocab_size=model.config.vocab_size)
         args = sft_config(self.job, self.output_dir, cpu=cpu, execution=self.execution)
-        self.trainer = SFTTrainer(
+        self.trainer = _lean_trainer_class()(
             model=model,
             args=args,
             train_dataset=train_ds,
@@ -339,6 +339,51 @@ def _RungCallback(trial: QLoRATrial):
                 trial.t_mark = time.perf_counter()  # eval, saving and reporting are not training time
 
     return RungCallback()
+
+
+def _lean_trainer_class():
+    """TRL's SFTTrainer with a training loss that never waits for the GPU.
+
+    For metrics (entropy, token accuracy, token count) the stock `compute_loss` calls
+    `.item()` several times per micro-batch. Each is a host-device sync, and a QLoRA step of
+    a 1B model is bound by the CPU launching kernels, so the GPU then idles. Here the training
+    loss is the same token-mean of the fused LM head's log-probs (TRL's own path), the token
+    count stays on the device until a log needs it, and everything else (evaluation, other
+    loss types) is TRL's.
+    """
+    import torch
+    from trl import SFTTrainer
+
+    class LeanSFTTrainer(SFTTrainer):
+        def _lean(self) -> bool:
+            a = self.args
+            return (self.model.training and not self.aux_loss_enabled and self.label_smoother is None
+                    and self.compute_loss_func is None and getattr(a, "loss_type", "nll") == "nll"
+                    and self.accelerator.num_processes == 1)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or not self._lean():
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            n = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
+            mask = inputs.get("attention_mask")
+            tokens = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))
+            pending = getattr(self, "_sweep_tokens", None)
+            self._sweep_tokens = tokens.detach() if pending is None else pending + tokens.detach()
+            return loss
+
+        def log(self, logs, *args, **kwargs):
+            pending = getattr(self, "_sweep_tokens", None)
+            if pending is not None:
+                self._total_train_tokens += int(pending)
+                self._sweep_tokens = None
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return super().log(logs, *args, **kwargs)
+
+    return LeanSFTTrainer
 
 
 def run(job: JobConfig, *, report: Optional[Report] = None, resume_from: Optional[str] = None,
