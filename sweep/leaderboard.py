@@ -15,6 +15,8 @@ from typing import Any, Optional, Union
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sweep.record import finite_or_none
+
 _STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
 
 
@@ -26,15 +28,6 @@ def base_metrics(study: optuna.Study) -> Optional[dict]:
     return {"val_loss": attrs["base_val_loss"], "ppl": attrs.get("base_ppl")}
 
 
-def _finite(v: Any) -> Optional[float]:
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
 
 def _row(t: FrozenTrial) -> dict:
     a = t.user_attrs
@@ -44,16 +37,16 @@ def _row(t: FrozenTrial) -> dict:
     if not isinstance(rung_last, dict):
         rung_last = {}
     if t.state == TrialState.COMPLETE:
-        val = _finite(t.value)
+        val = finite_or_none(t.value)
     else:
         # PRUNED/RUNNING/FAIL: the last rung's loss (studies from other tools: the last intermediate value)
-        val = _finite(a.get("val_loss_last", rung_last.get("val_loss")))
+        val = finite_or_none(a.get("val_loss_last", rung_last.get("val_loss")))
         if val is None and last_step is not None:
-            val = _finite(iv[last_step])
+            val = finite_or_none(iv[last_step])
 
     def last(key: str, final_key: Optional[str] = None):
         v = a.get(final_key or key)
-        return _finite(v if v is not None else rung_last.get(key))
+        return finite_or_none(v if v is not None else rung_last.get(key))
 
     ppl = last("ppl", "ppl_last")
     if ppl is None and val is not None:

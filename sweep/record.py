@@ -216,8 +216,8 @@ def record_base_metrics(study: optuna.Study, val_loss: float, ppl: float) -> boo
     attrs = study.user_attrs
     if "base_val_loss" in attrs:
         return False
-    study.set_user_attr("base_val_loss", _json_float(val_loss))
-    study.set_user_attr("base_ppl", _json_float(ppl))
+    study.set_user_attr("base_val_loss", finite_or_none(val_loss))
+    study.set_user_attr("base_ppl", finite_or_none(ppl))
     return True
 
 
@@ -256,10 +256,14 @@ def record_spec(study: optuna.Study, spec_dict: Mapping[str, Any], spec_hash: st
     return True
 
 
-def _json_float(v: Any) -> Optional[float]:
-    if v is None:
+def finite_or_none(v: Any) -> Optional[float]:
+    """A JSON-safe number for the study: NaN/inf, non-numbers and bools become None (JSON has no NaN)."""
+    if v is None or isinstance(v, bool):
         return None
-    f = float(v)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
     return f if math.isfinite(f) else None
 
 

@@ -21,7 +21,6 @@ This module imports Ray; `sweep status`/`export` never import it.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Callable, Dict, Optional, TypeVar
 
@@ -29,7 +28,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from sweep.record import FAIL_REASON_MAX_CHARS, set_trial_user_attr_any_state
+from sweep.record import FAIL_REASON_MAX_CHARS, finite_or_none, set_trial_user_attr_any_state
 from trial_worker.config import REPORT_KEYS
 
 logger = logging.getLogger(__name__)
@@ -55,15 +54,9 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _num(v: Any) -> Optional[float]:
-    """A JSON-safe number: NaN/inf become None (JSON has no NaN)."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
+def _num(v: Any) -> Any:
+    """A rung metric as the study stores it: bools (e.g. gradient_checkpointing) as they are, numbers JSON-safe."""
+    return v if isinstance(v, bool) else finite_or_none(v)
 
 
 class StudySearch(OptunaSearch):
