@@ -127,6 +127,10 @@ class TrainingConfig(Strict):
     )
     torch_compile: bool = Field(False, description="torch.compile the model (the Trainer's torch_compile)")
     use_liger_kernel: Optional[bool] = Field(None, description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU); None: on a GPU when installed")
+    save_steps: Optional[int] = Field(
+        None, gt=0, description="sweep train: save a resumable checkpoint every N optimizer steps (None: only at the end; "
+        "a sweep's trials save at their rungs)")
+    save_total_limit: Optional[int] = Field(None, gt=0, description="sweep train: keep only the newest K checkpoints")
 
     @model_validator(mode="after")
     def _one_half_precision(self):
@@ -183,7 +187,8 @@ class JobConfig(Strict):
 # LoRA knobs use the lora_ prefix that PEFT/TRL users write in their scripts.
 _LORA_PARAMS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 _DATA_PARAMS = {"max_seq_length": "max_seq_length", "packing": "packing"}
-_TRAINING_NOT_SEARCHABLE = {"use_cpu", "torch_threads", "dataloader_num_workers", "logging_steps", "execution", "use_liger_kernel", "torch_compile"}
+_TRAINING_NOT_SEARCHABLE = {"use_cpu", "torch_threads", "dataloader_num_workers", "logging_steps", "execution", "use_liger_kernel", "torch_compile",
+                            "save_steps", "save_total_limit"}
 
 
 def searchable_params() -> dict[str, tuple[str, str]]:

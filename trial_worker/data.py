@@ -8,6 +8,10 @@ Formats (`data.format`, or `auto` from the columns):
 - `instruction` {"instruction", "input" (optional), "output" | "response"}                (Alpaca)
 - `text`        {"text": "<s>[INST] question [/INST] answer </s>"}                       (guanaco-llama2-1k)
 
+A folder of `.txt`/`.pdf` documents (no data files in it) is plain text for continued
+pre-training: the text of each file (PDF text extracted with `pypdf`) is cut into pieces of
+at most `max_seq_length` tokens (words when no tokenizer is given), each a `text` row.
+
 Chat formats become {"prompt": [messages before the last assistant turn], "completion":
 [that turn]}: TRL renders both with the tokenizer's chat template and masks the prompt.
 `text` rows are split after their last `[/INST]` when they have one; rows without it get an
@@ -29,6 +33,8 @@ DEFAULT_VALIDATION_FRACTION = 0.1
 HOLDOUT_SEED = 0  # fixed, not training.seed: every trial of a sweep must validate on the same rows
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+DOCUMENT_SUFFIXES = (".txt", ".pdf")
+SPECIAL_TOKEN_ROOM = 2  # BOS/EOS the tokenizer adds around each chunk
 
 
 class DataFormatError(ValueError):
@@ -91,11 +97,52 @@ def normalise_row(row: dict[str, Any], fmt: str, system_prompt: str | None = Non
     raise DataFormatError(f"unknown data format {fmt!r}")
 
 
-def _load(path: str):
-    """A DatasetDict from a hub id, a local data file, or a local folder of data files."""
+def document_files(folder: Path) -> list[Path]:
+    """The .txt/.pdf files of a folder (recursively, sorted) when it holds no data files, else []."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    if any(f.suffix.lower() in _BUILDERS for f in files):
+        return []
+    return [f for f in files if f.suffix.lower() in DOCUMENT_SUFFIXES]
+
+
+def document_text(path: Path) -> str:
+    """The text of a .txt file, or of every page of a .pdf (pypdf's text extraction)."""
+    if path.suffix.lower() != ".pdf":
+        return path.read_text(encoding="utf-8", errors="replace")
+    try:
+        from pypdf import PdfReader
+    except ImportError:
+        raise ImportError(f"reading {path} needs the `pypdf` package: pip install pypdf") from None
+    return "\n".join(page.extract_text() or "" for page in PdfReader(str(path)).pages)
+
+
+def chunk_text(text: str, max_tokens: int, tokenizer=None) -> list[str]:
+    """`text` cut into consecutive pieces of at most `max_tokens` tokens (or words, without a tokenizer)."""
+    size = max(1, max_tokens - SPECIAL_TOKEN_ROOM)
+    if tokenizer is None:
+        words = text.split()
+        return [" ".join(words[i : i + size]) for i in range(0, len(words), size)]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = (tokenizer.decode(ids[i : i + size]).strip() for i in range(0, len(ids), size))
+    return [p for p in pieces if p]
+
+
+def _load_documents(files: list[Path], max_seq_length: int, tokenizer=None):
+    from datasets import Dataset, DatasetDict
+
+    chunks = [c for f in files for c in chunk_text(document_text(f), max_seq_length, tokenizer)]
+    if not chunks:
+        raise DataFormatError(f"the documents {[str(f) for f in files]} hold no extractable text")
+    return DatasetDict({"train": Dataset.from_dict({"text": chunks})})
+
+
+def _load(path: str, *, max_seq_length: int = 1024, tokenizer=None):
+    """A DatasetDict from a hub id, a local data file, a local folder of data files, or of documents."""
     from datasets import load_dataset
 
     p = Path(path).expanduser()
+    if p.is_dir() and (docs := document_files(p)):
+        return _load_documents(docs, max_seq_length, tokenizer)
     if p.is_file():
         builder = _BUILDERS.get(p.suffix.lower())
         if builder is None:
@@ -120,13 +167,15 @@ def _normalise(ds, cfg: DataConfig):
     return out.filter(lambda r: len(r["completion"]) > 0, keep_in_memory=True)
 
 
-def load_splits(cfg: DataConfig):
+def load_splits(cfg: DataConfig, tokenizer=None):
     """(train, validation) Datasets in prompt-completion form, capped by max_train/eval_samples.
+
+    `tokenizer` cuts documents (a folder of .txt/.pdf) into `max_seq_length`-token pieces.
 
     Validation rows: `validation_split` if named; else `validation_fraction` of the train split
     (fixed seed); else the data's own `validation` split; else 10% of train.
     """
-    dd = _load(cfg.path)
+    dd = _load(cfg.path, max_seq_length=cfg.max_seq_length, tokenizer=tokenizer)
     if cfg.split not in dd:
         raise DataFormatError(f"data.split {cfg.split!r} not found in {cfg.path!r}; splits: {sorted(dd)}")
     train = dd[cfg.split]

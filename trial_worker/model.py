@@ -54,7 +54,7 @@ def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":
 def load_base(cfg: ModelConfig, *, cpu: bool):
     """The frozen base model: 4-bit when `quantization.load_in_4bit`, else in the compute dtype."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     q = cfg.quantization
     compute_dtype = dtype_of(q.bnb_4bit_compute_dtype)
@@ -67,17 +67,40 @@ def load_base(cfg: ModelConfig, *, cpu: bool):
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if q.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
+        kwargs["quantization_config"] = bnb_config(cfg)
     model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     model.config.use_cache = False  # training; the KV cache only costs memory here
     if cpu and q.load_in_4bit:
         keep_cpu_4bit_trainable(model)
     return model
+
+
+def bnb_config(cfg: ModelConfig):
+    """The job's 4-bit quantization as transformers' `BitsAndBytesConfig`."""
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quantization
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=dtype_of(q.bnb_4bit_compute_dtype),
+    )
+
+
+def peft_lora_config(cfg: ModelConfig):
+    """The job's LoRA section as PEFT's `LoraConfig`."""
+    from peft import LoraConfig
+
+    lora = cfg.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
 
 
 def keep_cpu_4bit_trainable(model) -> None:
@@ -111,21 +134,12 @@ def freeze_base(model) -> None:
 
 def add_lora(model, cfg: ModelConfig, *, gradient_checkpointing: bool) -> "PeftModel":
     """Freeze the base and wrap it with LoRA adapters (QLoRA when the base is 4-bit)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     freeze_base(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = cfg.lora
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias=lora.bias,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, peft_config)
+    return get_peft_model(model, peft_lora_config(cfg))
 
 
 def load_model(cfg: ModelConfig, training: TrainingConfig):

@@ -95,6 +95,13 @@ def sft_config(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optiona
     """
     from trl import SFTConfig
 
+    return SFTConfig(**sft_kwargs(job, output_dir, cpu=cpu, execution=execution))
+
+
+def sft_kwargs(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optional[Execution] = None) -> dict[str, Any]:
+    """`sft_config`'s keyword arguments as plain data (what `sweep export` writes as SFTConfig JSON)."""
+    from trl import SFTConfig
+
     t, d = job.training, job.data
     execution = execution or as_written(job)
     if execution.effective_batch != t.effective_batch_size:
@@ -137,8 +144,10 @@ def sft_config(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optiona
         eval_packing=False,  # validation rows stay whole, so val_loss does not depend on packing
         completion_only_loss=True,
         dataset_num_proc=None,
-        # Rungs decide when to save and evaluate (the callback below), nothing else does.
-        save_strategy="no",
+        # Rungs decide when to save and evaluate (the callback below); `sweep train` also saves every save_steps.
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
         eval_strategy="no",
         save_only_model=False,
         use_liger_kernel=liger_wanted(job, cpu=cpu),
@@ -158,7 +167,7 @@ def sft_config(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optiona
             kwargs["train_sampling_strategy"] = "group_by_length"
         else:
             kwargs["group_by_length"] = True
-    return SFTConfig(**kwargs)
+    return kwargs
 
 
 def quiet_libraries() -> None:
@@ -199,7 +208,8 @@ class QLoRATrial:
         reset_peak_memory()
         set_seed(t.seed)  # before the LoRA weights are drawn: same params + seed -> same trial
         tokenizer, model = load_model(self.job.model, t)
-        train_ds, val_ds = load_splits(self.job.data)
+        train_ds, val_ds = load_splits(self.job.data, tokenizer=tokenizer)
+        self.val_rows = val_ds  # prompt-completion rows, before tokenizing (evaluation prompts)
         # The effective batch is the hyperparameter; how it runs is chosen for speed (execution.py).
         if cpu or t.execution == "as_written":
             self.execution = as_written(self.job)
