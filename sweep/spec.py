@@ -45,21 +45,21 @@ class Choice(Strict):
 
 class Uniform(Strict):
     type: Literal["uniform"]
-    low: float
-    high: float
+    low: float = Field(..., allow_inf_nan=False)
+    high: float = Field(..., allow_inf_nan=False)
 
 
 class LogUniform(Strict):
     type: Literal["loguniform"]
-    low: float
-    high: float
+    low: float = Field(..., allow_inf_nan=False)
+    high: float = Field(..., allow_inf_nan=False)
 
 
 class IntRange(Strict):
     type: Literal["int"]
-    low: int
-    high: int
-    step: int = Field(1, gt=0)
+    low: int = Field(..., ge=-(10**9), le=10**9)
+    high: int = Field(..., ge=-(10**9), le=10**9)
+    step: int = Field(1, gt=0, le=10**9)
     log: bool = False
 
 

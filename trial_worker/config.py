@@ -35,7 +35,7 @@ class QuantizationConfig(Strict):
 
 class LoraConfig(Strict):
     r: int = Field(16, gt=0, le=4096, description="LoRA rank")
-    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (lora_alpha)")
+    alpha: float = Field(16, gt=0, le=1e6, description="LoRA scaling numerator (lora_alpha)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: Union[Literal["all-linear"], list[str]] = Field(default_factory=lambda: list(ALL_LINEAR_LLAMA))
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -107,7 +107,7 @@ class TrainingConfig(Strict):
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_epsilon: float = Field(1e-8, gt=0.0, lt=1.0)
-    max_grad_norm: float = Field(1.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, allow_inf_nan=False)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     lr_scheduler_type: Scheduler = "linear"
     gradient_checkpointing: bool = True

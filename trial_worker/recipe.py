@@ -37,6 +37,14 @@ from trial_worker.execution import Execution, as_written, probe_gpu
 from trial_worker.model import load_model, use_cpu
 
 Report = Callable[[dict, str], None]
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training or validation loss became NaN/inf: the trial diverged and is stopped.
+
+    Raised at the first log step or rung evaluation that sees it, before anything non-finite
+    is reported, so ASHA's rung cut-offs only ever hold finite values.
+    """
 TRIAL_STATE_FILE = "sweep_trial_state.json"  # our own counters, saved beside the Trainer's checkpoint files
 WSD_DECAY_FRACTION = 0.2
 COSINE_MIN_LR_RATE = 0.1
@@ -272,6 +280,7 @@ class QLoRATrial:
     # The callback calls these three at each step / log / checkpoint.
     def _on_log(self, step: int, logs: dict) -> None:
         if "loss" in logs:
+            self._check_finite("train loss", logs["loss"], step)
             covered = step - self.last_logged_step
             self.logs.append((covered, float(logs["loss"])))
             self.last_logged_step = step
@@ -280,10 +289,22 @@ class QLoRATrial:
         if "num_tokens" in logs:  # TRL: non-padding tokens trained by this process
             self.tokens_seen = float(logs["num_tokens"])
 
+    def _check_finite(self, what: str, value: float, step: int) -> None:
+        if not math.isfinite(float(value)):
+            t = self.job.training
+            raise NonFiniteLoss(
+                f"training diverged: {what} is {float(value)} at step {step} (learning_rate={t.learning_rate:g}, "
+                f"weight_decay={t.weight_decay:g}, max_grad_norm={t.max_grad_norm:g}, optim={t.optim}); "
+                "the trial is stopped and recorded FAIL"
+            )
+
     def _on_rung(self, step: int, checkpoint_dir: str) -> None:
         val = self.evaluate()
         covered = sum(n for n, _ in self.logs)
         train_loss = sum(n * loss for n, loss in self.logs) / covered if covered else float("nan")
+        self._check_finite("validation loss", val["val_loss"], step)
+        if covered:
+            self._check_finite("train loss", train_loss, step)
         self.logs = []
         train_s = self.offset["train_s"] + self.train_s
         tokens = self.offset["tokens"] + self.tokens_seen
