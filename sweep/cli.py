@@ -92,18 +92,82 @@ def status(
 @app.command()
 def export(
     study: str = typer.Argument(..., help="study name or spec file"),
-    out: Path = typer.Option(Path("best.yaml"), "-o", "--out", help="where to write the training config"),
+    out: str = typer.Option("best.yaml", "-o", "--out",
+                            help="the training config YAML to write; a folder (OUT/) gets TRL/PEFT/bitsandbytes/Axolotl formats too"),
     storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    steps: Optional[int] = typer.Option(None, "--steps", help="production length in optimizer steps (schedule re-derived)"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="production length in passes over the train split"),
 ) -> None:
     """Write the best COMPLETE trial as a full training config (validates with `sweep validate`)."""
     from sweep.export import ExportError, export_best
 
     st = _open_study(study, storage)
     try:
-        info = export_best(st, out)
+        info = export_best(st, out, steps=steps, epochs=epochs)
     except ExportError as e:
         _fail(f"sweep export: {e}")
     typer.echo(f"wrote {out}" + (f" — {info}" if info else ""))
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="training config YAML (from `sweep export`)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="output folder (default: runs/<name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in the output folder"),
+    merge: bool = typer.Option(False, "--merge", help="also write merged/: base + adapter as one 16-bit model"),
+    merge_dtype: Optional[str] = typer.Option(None, "--merge-dtype", help="bfloat16 | float16 | float32 (default: 16-bit)"),
+) -> None:
+    """Train a config once (the trials' own code): checkpoints, --resume, loss curve, adapter, --merge."""
+    s = _load(config)
+    if s.search is not None:
+        _fail(f"{config}: has a `search` section; export the best trial first: sweep export STUDY -o best.yaml")
+    if merge_dtype not in (None, "bfloat16", "float16", "float32"):
+        _fail(f"--merge-dtype is {merge_dtype!r}, but must be one of bfloat16, float16, float32")
+    from sweep.spec import resolve_paths
+    from trial_worker.entry import prepare_assets
+    from trial_worker.production import ProductionError, train as train_job
+
+    job = prepare_assets(resolve_paths(s, config.parent).job(), config.parent)
+    try:
+        train_job(job, out or Path("runs") / s.name, resume=resume, merge=merge, merge_dtype=merge_dtype, log=typer.echo)
+    except ProductionError as e:
+        _fail(f"sweep train: {e}")
+
+
+@app.command()
+def evaluate(
+    target: Path = typer.Argument(..., help="a `sweep train` output folder, or a training config YAML with --adapter"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA adapter folder (with a config YAML)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="folder for evaluation.md/.csv (default: the run folder)"),
+    prompts: int = typer.Option(10, "--prompts", min=0, help="held-out prompts answered by both models"),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
+) -> None:
+    """Base vs tuned on the held-out split: perplexity (same tokens and masking), answers side by side, EM/F1."""
+    from trial_worker.production import ProductionError, load_run
+
+    if target.is_dir():
+        try:
+            job, adapter_dir = load_run(target)
+        except ProductionError as e:
+            _fail(f"sweep evaluate: {e}")
+        adapter_dir = adapter or adapter_dir
+        out = out or target
+    else:
+        if adapter is None:
+            _fail("sweep evaluate: with a config YAML, give the trained adapter: --adapter RUN/adapter")
+        from sweep.spec import resolve_paths
+        from trial_worker.entry import prepare_assets
+
+        s = _load(target)
+        job, adapter_dir = prepare_assets(resolve_paths(s, target.parent).job(), target.parent), adapter
+        out = out or adapter.parent
+    from trial_worker.generate import compare
+
+    summary = compare(job, adapter_dir, out, num_prompts=prompts, max_new_tokens=max_new_tokens)
+    b, t = summary["base"], summary["tuned"]
+    typer.echo(f"base:  val_loss {b['val_loss']:.4f}  ppl {b['ppl']:.3f}  exact {b['exact']:.2f}  F1 {b['f1']:.2f}")
+    typer.echo(f"tuned: val_loss {t['val_loss']:.4f}  ppl {t['ppl']:.3f}  exact {t['exact']:.2f}  F1 {t['f1']:.2f}")
+    typer.echo(f"wrote {out / 'evaluation.md'} and {out / 'evaluation.csv'}")
 
 
 @app.command()
