@@ -64,7 +64,7 @@ DataFormat = Literal["auto", "sharegpt", "messages", "text", "instruction"]
 
 
 class DataConfig(Strict):
-    path: str = Field(..., min_length=1, description="HF dataset id, local .jsonl/.json/.parquet file, or a folder of them")
+    path: str = Field(..., min_length=1, description="HF dataset id, local .jsonl/.json/.parquet file, a folder of them, or a folder of .txt/.pdf documents")
     generate: Optional[Literal["arithmetic"]] = Field(
         None, description="If the local folder is missing, write the project's generated task data there (demo/tests)."
     )
