@@ -1,0 +1,101 @@
+"""Trial worker killed (#6 item 1): `kill -9` a trial's Ray worker mid-training; Ray retries it from its
+last rung checkpoint (`resources.max_failures: 1`) and the study keeps one trial for it, ending normally."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import psutil
+
+from faults_helpers import small_spec, sweep_env
+
+RUNGS = (4, 8, 16)
+
+
+def _trial_workers(root: psutil.Process) -> list[psutil.Process]:
+    out = []
+    for p in root.children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith("ray::ImplicitFunc"):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp_path, assets, fault_row):
+    spec = small_spec(tmp_path, assets, name="killed", rungs=RUNGS, resources={
+        "gpus_per_trial": 0, "cpus_per_trial": 1, "max_concurrent_trials": 2, "max_failures": 1},
+        params={"learning_rate": {"type": "choice", "values": [0.02, 0.005]}})
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=sweep_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    first_rung = threading.Event()
+    err: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if " rung 1/" in line:
+                first_rung.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
+    killed = []
+    try:
+        assert first_rung.wait(240), "no trial reached its first rung:\n" + "".join(lines)
+        # Tune registers a reported checkpoint just after the result; a kill in that instant restarts the
+        # trial from scratch (also survived, below). Kill once it is on disk, mid-way to the next rung.
+        deadline = time.time() + 60
+        while not list((tmp_path / "runs").rglob("checkpoint_000000")) and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        workers = _trial_workers(psutil.Process(proc.pid))
+        assert workers, "no Ray trial worker process found"
+        for w in workers:  # every trial worker alive now, mid-training
+            os.kill(w.pid, signal.SIGKILL)
+            killed.append(w.pid)
+        proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    seconds = time.perf_counter() - t0
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-3000:] + "".join(err)[-3000:]
+
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'killed.db'}")
+    trials = study.trials
+    ray_ids = [t.user_attrs.get("ray_trial_id") for t in trials]
+    assert len(trials) == 2 and len(set(ray_ids)) == 2, ray_ids           # one Optuna trial per Ray trial
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
+    assert "COMPLETE" in {t.state.name for t in trials}
+
+    # Tune's own record: the killed trials were restored; a trial that had reported rung 1 went on at rung 2.
+    resumed, restarted = [], []
+    for rj in (tmp_path / "runs").rglob("result.json"):
+        rows = [json.loads(x) for x in rj.read_text().splitlines() if x.strip()]
+        for a, b in zip(rows, rows[1:]):
+            if b["iterations_since_restore"] < b["training_iteration"] and b["iterations_since_restore"] == 1:
+                (resumed if b["steps"] > a["steps"] else restarted).append((a["steps"], b["steps"]))
+        lives = [[]]
+        for r in rows:  # a restart from scratch (training_iteration back to 1) begins a new life
+            if r["training_iteration"] == 1 and lives[-1]:
+                lives.append([])
+            lives[-1].append(r["steps"])
+        assert all(life == sorted(set(life)) for life in lives), lives   # within a life, no rung twice
+    assert resumed, "no trial continued from its checkpoint"
+    for t in trials:  # intermediate values at the rungs, each once (a re-reported rung: the first report stands)
+        assert sorted(t.intermediate_values) == list(RUNGS[: len(t.intermediate_values)])
+    fault_row(fault="trial worker killed",
+              injected=f"`kill -9` of {len(killed)} Ray trial worker(s) right after the first rung report; max_failures 1",
+              lost=f"0 of 2 trials; no duplicate; {len(resumed)} resumed from the rung checkpoint "
+                   f"({', '.join(f'{a}->{b}' for a, b in resumed)} steps), {len(restarted)} restarted from scratch", seconds=seconds)
