@@ -171,6 +171,21 @@ def evaluate(
 
 
 @app.command()
+def chat(
+    model: Path = typer.Argument(..., help="a merged model folder, or a `sweep train` output folder"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(7860, "--port"),
+) -> None:
+    """A small Gradio chat with a tuned model: streaming replies, temperature and max new tokens as controls."""
+    from trial_worker.chat import serve
+
+    try:
+        serve(model, host=host, port=port)
+    except ImportError as e:
+        _fail(f"sweep chat: {e}")
+
+
+@app.command()
 def report(
     study: str = typer.Argument(..., help="study name or spec file"),
     out: Path = typer.Option(Path("report.html"), "-o", "--out", help="the HTML file to write"),

@@ -185,3 +185,35 @@ def render_markdown(job: JobConfig, adapter_dir: str | os.PathLike, summary: dic
             f"| {r['base_exact']:.0f} / {r['tuned_exact']:.0f} | {r['base_f1']:.2f} / {r['tuned_f1']:.2f} |  |  |"
         )
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- chat
+
+def stream_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.7):
+    """Yield the growing reply of `model` to a chat (`messages`: role/content dicts), token by token."""
+    import threading
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
+            if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
+    kwargs: dict[str, Any] = dict(**enc, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                  pad_token_id=tokenizer.pad_token_id, use_cache=True, streamer=streamer)
+    kwargs.update(do_sample=True, temperature=temperature) if temperature > 0 else kwargs.update(do_sample=False)
+
+    def work():
+        with torch.no_grad():
+            model.generate(**kwargs)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    thread.join()
