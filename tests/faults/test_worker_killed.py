@@ -96,6 +96,6 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
     for t in trials:  # intermediate values at the rungs, each once (a re-reported rung: the first report stands)
         assert sorted(t.intermediate_values) == list(RUNGS[: len(t.intermediate_values)])
     fault_row(fault="trial worker killed",
-              injected=f"`kill -9` of {len(killed)} Ray trial worker(s) right after the first rung report; max_failures 1",
+              injected=f"`kill -9` of {len(killed)} Ray trial worker(s) 1 s after its first rung checkpoint landed, mid-way to rung 2; max_failures 1",
               lost=f"0 of 2 trials; no duplicate; {len(resumed)} resumed from the rung checkpoint "
                    f"({', '.join(f'{a}->{b}' for a, b in resumed)} steps), {len(restarted)} restarted from scratch", seconds=seconds)
