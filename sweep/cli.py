@@ -125,7 +125,7 @@ def train(
         _fail(f"--merge-dtype is {merge_dtype!r}, but must be one of bfloat16, float16, float32")
     from sweep.spec import resolve_paths
     from trial_worker.entry import prepare_assets
-    from trial_worker.production import ProductionError, train as train_job
+    from trial_worker.entry import ProductionError, train as train_job
 
     job = prepare_assets(resolve_paths(s, config.parent).job(), config.parent)
     try:
@@ -143,7 +143,7 @@ def evaluate(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1),
 ) -> None:
     """Base vs tuned on the held-out split: perplexity (same tokens and masking), answers side by side, EM/F1."""
-    from trial_worker.production import ProductionError, load_run
+    from trial_worker.entry import ProductionError, load_run
 
     if target.is_dir():
         try:
@@ -161,7 +161,7 @@ def evaluate(
         s = _load(target)
         job, adapter_dir = prepare_assets(resolve_paths(s, target.parent).job(), target.parent), adapter
         out = out or adapter.parent
-    from trial_worker.generate import compare
+    from trial_worker.entry import compare
 
     summary = compare(job, adapter_dir, out, num_prompts=prompts, max_new_tokens=max_new_tokens)
     b, t = summary["base"], summary["tuned"]
@@ -177,7 +177,7 @@ def chat(
     port: int = typer.Option(7860, "--port"),
 ) -> None:
     """A small Gradio chat with a tuned model: streaming replies, temperature and max new tokens as controls."""
-    from trial_worker.chat import serve
+    from trial_worker.entry import serve
 
     try:
         serve(model, host=host, port=port)

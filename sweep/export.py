@@ -100,7 +100,7 @@ def production_steps(config: dict, *, steps: Optional[int] = None, epochs: Optio
     if not epochs > 0:
         raise ExportError(f"--epochs is {epochs}, but must be > 0")
     job = JobConfig.model_validate({k: config[k] for k in JobConfig.model_fields if k in config})
-    from trial_worker.data import load_splits  # datasets: only for --epochs
+    from trial_worker.entry import load_splits  # datasets: only for --epochs
 
     try:
         train, _ = load_splits(job.data)
@@ -182,7 +182,7 @@ TRAIN_CONFIG = "train.yaml"
 def _export_folder(study: optuna.Study, folder: Path, *, steps: Optional[int], epochs: Optional[float]) -> str:
     import json
 
-    from trial_worker.production import export_formats
+    from trial_worker.entry import export_formats
 
     info = export_best(study, folder / TRAIN_CONFIG, steps=steps, epochs=epochs)
     trial = best_complete_trial(study)

@@ -17,7 +17,26 @@ from typing import Any, Union
 from trial_worker.config import JobConfig, apply_params
 from trial_worker.demo_assets import prepare_assets
 
-__all__ = ["run_trial", "evaluate_base", "prepare_assets", "trial_job"]
+__all__ = ["run_trial", "evaluate_base", "prepare_assets", "trial_job", *sorted(_LAZY := {
+    # name -> module: the rest of what `sweep` may call, imported when first used so that
+    # importing this module stays free of torch/transformers.
+    "train": "trial_worker.production",
+    "load_run": "trial_worker.production",
+    "export_formats": "trial_worker.production",
+    "ProductionError": "trial_worker.production",
+    "compare": "trial_worker.generate",
+    "serve": "trial_worker.chat",
+    "load_splits": "trial_worker.data",
+})]
+
+
+def __getattr__(name: str):
+    """The lazily imported part of the entry point (PEP 562)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def trial_job(config: dict[str, Any], job: Union[dict, JobConfig], *, cpus: int | None = None) -> JobConfig:
