@@ -73,6 +73,16 @@ def choose(effective_batch: int, measure: Callable[[int, bool], Optional[float]]
     raise DoesNotFit(f"no execution of effective batch {effective_batch} fits in {limit_bytes / 2**30:.1f} GiB: {detail}")
 
 
+def smaller(execution: Execution) -> Optional[Execution]:
+    """The OOM fallback: about half the micro-batch at the same effective batch (the largest divisor
+    of it <= micro_batch // 2), accumulation grown to match; None when the micro-batch is already 1."""
+    eff = execution.effective_batch
+    mbs = [d for d in range(execution.micro_batch // 2, 0, -1) if eff % d == 0]
+    if not mbs:
+        return None
+    return Execution(mbs[0], eff // mbs[0], execution.gradient_checkpointing, "oom retry")
+
+
 def cache_key(job: JobConfig, device_name: str, total_bytes: int, extra: Iterable[str] = ()) -> str:
     m, d = job.model, job.data
     parts = [m.name_or_path, m.revision or "", str(d.max_seq_length), str(d.packing), json.dumps(m.lora.model_dump(), sort_keys=True),

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 from trial_worker.config import REPORT_KEYS, JobConfig
 from trial_worker.data import load_splits
 from trial_worker.evaluate import validation_loss
-from trial_worker.execution import Execution, as_written, probe_gpu
+from trial_worker.execution import Execution, as_written, probe_gpu, smaller
 from trial_worker.model import load_model, use_cpu
 
 Report = Callable[[dict, str], None]
@@ -45,6 +45,19 @@ class NonFiniteLoss(FloatingPointError):
     Raised at the first log step or rung evaluation that sees it, before anything non-finite
     is reported, so ASHA's rung cut-offs only ever hold finite values.
     """
+
+
+class TrialOOM(MemoryError):
+    """`oom`: the trial ran out of accelerator memory at every micro-batch down to 1 (same effective batch).
+
+    Its message starts with "oom:" and carries the executions tried and the memory figures; the
+    study records it as the trial's FAIL reason.
+    """
+
+
+# Test hook (CPU has no OOM to provoke): when set to N, a training step whose micro-batch is above N
+# raises a real `torch.OutOfMemoryError`, as CUDA would. Never set it outside tests.
+INJECT_OOM_ENV = "SWEEP_INJECT_OOM_ABOVE_MICRO_BATCH"
 TRIAL_STATE_FILE = "sweep_trial_state.json"  # our own counters, saved beside the Trainer's checkpoint files
 WSD_DECAY_FRACTION = 0.2
 COSINE_MIN_LR_RATE = 0.1
@@ -195,8 +208,10 @@ def quiet_libraries() -> None:
 class QLoRATrial:
     """One QLoRA SFT trial of `job`, writing checkpoints under `output_dir`."""
 
-    def __init__(self, job: JobConfig, *, output_dir: str | os.PathLike, report: Optional[Report] = None):
+    def __init__(self, job: JobConfig, *, output_dir: str | os.PathLike, report: Optional[Report] = None,
+                 execution: Optional[Execution] = None):
         self.job = job
+        self.forced_execution = execution  # an OOM retry's smaller micro-batch (see `run`)
         self.output_dir = str(output_dir)
         self.report = report or (lambda metrics, checkpoint_dir: None)
         self.rung_steps = rung_steps(job)
@@ -219,7 +234,9 @@ class QLoRATrial:
         train_ds, val_ds = load_splits(self.job.data, tokenizer=tokenizer)
         self.val_rows = val_ds  # prompt-completion rows, before tokenizing (evaluation prompts)
         # The effective batch is the hyperparameter; how it runs is chosen for speed (execution.py).
-        if cpu or t.execution == "as_written":
+        if self.forced_execution is not None:
+            self.execution = self.forced_execution
+        elif cpu or t.execution == "as_written":
             self.execution = as_written(self.job)
         else:
             self.execution = probe_gpu(model, self.job, vocab_size=model.config.vocab_size)
@@ -406,6 +423,14 @@ def _lean_trainer_class():
             self._sweep_tokens = tokens.detach() if pending is None else pending + tokens.detach()
             return loss
 
+        def training_step(self, model, inputs, *args, **kwargs):
+            limit = os.environ.get(INJECT_OOM_ENV)
+            if limit is not None and self.args.per_device_train_batch_size > int(limit):
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory (injected by {INJECT_OOM_ENV}={limit}: micro-batch "
+                    f"{self.args.per_device_train_batch_size} > {limit})")
+            return super().training_step(model, inputs, *args, **kwargs)
+
         def log(self, logs, *args, **kwargs):
             pending = getattr(self, "_sweep_tokens", None)
             if pending is not None:
@@ -424,13 +449,52 @@ def run(job: JobConfig, *, report: Optional[Report] = None, resume_from: Optiona
     `resume_from` is a checkpoint folder a previous `report` handed out: training continues
     from its step with the same optimizer, LR schedule, RNG and data position.
     Returns the metrics of the last rung.
+
+    Out of memory (`torch.OutOfMemoryError`): memory is freed and the trial starts again from
+    `resume_from` with half the micro-batch and twice the accumulation (same effective batch, so
+    the same optimisation); rungs an earlier attempt reported are not reported twice. If even
+    micro-batch 1 runs out, `TrialOOM` ("oom: ...", with the memory figures) is raised.
     """
-    trial = QLoRATrial(job, output_dir=output_dir, report=report)
-    try:
-        trial.setup()
-        return trial.train(resume_from=resume_from)
-    finally:
-        trial.cleanup()
+    import torch
+
+    reported: set[int] = set()
+
+    def report_once(metrics: dict, checkpoint_dir: str) -> None:
+        if metrics["step"] not in reported:
+            reported.add(metrics["step"])
+            (report or (lambda m, c: None))(metrics, checkpoint_dir)
+
+    execution, tried = None, []
+    while True:
+        trial = QLoRATrial(job, output_dir=output_dir, report=report_once, execution=execution)
+        error = None
+        try:
+            trial.setup()
+            return trial.train(resume_from=resume_from)
+        except torch.OutOfMemoryError as e:
+            error = str(e).strip().splitlines()[0][:300] if str(e).strip() else "out of memory"
+            peak = peak_memory_gb()
+            tried.append(getattr(trial, "execution", None) or execution or as_written(job))
+        finally:
+            trial.cleanup()  # drops the trainer, gc.collect(), torch.cuda.empty_cache()
+        execution = smaller(tried[-1])
+        if execution is None:
+            plans = ", ".join(f"{x.micro_batch}x{x.accumulation}" for x in tried)
+            raise TrialOOM(f"oom: out of memory at every micro-batch of effective batch "
+                           f"{tried[-1].effective_batch} (tried {plans}); {memory_figures(peak)}; last error: {error}")
+        print(f"sweep: out of memory at micro-batch {tried[-1].micro_batch}x{tried[-1].accumulation} ({error}); "
+              f"retrying as {execution.micro_batch}x{execution.accumulation}", file=sys.stderr, flush=True)
+
+
+def memory_figures(peak_gb: float) -> str:
+    """Peak of the failed attempt, and the accelerator's state once its memory was freed."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        free, total = torch.cuda.mem_get_info()
+        return (f"peak {peak_gb:.2f} GiB allocated; after freeing: {torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved, "
+                f"{free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB on {torch.cuda.get_device_name()}")
+    return f"peak {peak_gb:.2f} GiB process RSS (CPU)"
 
 
 def evaluate_base(job: JobConfig, *, output_dir: Optional[str | os.PathLike] = None) -> dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trial_worker.execution import DoesNotFit, Execution, candidates, choose
+from trial_worker.execution import DoesNotFit, Execution, candidates, choose, smaller
 from trial_worker.recipe import QLoRATrial
 
 GiB = 2**30
@@ -73,3 +73,13 @@ def test_probe_says_why_when_nothing_fits():
     measure, _ = _fake_memory(per_sample_gib=10.0, fixed_gib=50.0)
     with pytest.raises(DoesNotFit, match=r"effective batch 8 fits in 12.0 GiB: 8xnockpt=130.0GiB"):
         choose(8, measure, limit_bytes=12 * GiB)
+
+
+def test_oom_fallback_halves_the_micro_batch_at_the_same_effective_batch():
+    chain, x = [], Execution(8, 1, False)
+    while x is not None:
+        chain.append((x.micro_batch, x.accumulation))
+        x = smaller(x)
+    assert chain == [(8, 1), (4, 2), (2, 4), (1, 8)]
+    assert smaller(Execution(6, 2, True)) == Execution(3, 4, True, "oom retry")  # largest divisor of 12 <= 3
+    assert smaller(Execution(1, 8, False)) is None
