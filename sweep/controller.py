@@ -118,6 +118,13 @@ def run_sweep(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # A local Ray listens on this machine only. Ray 2.60 turns `_node_ip_address="127.0.0.1"`
+        # back into the node's routable IP and binds its gRPC servers (GCS, raylet, workers) to all
+        # interfaces; in its single-machine mode (this switch, read when ray is imported) the node IP
+        # is 127.0.0.1 and every server binds there. Set it yourself to 1 to expose the node.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
     rstorage = open_storage(storage_url)
     study = optuna.create_study(storage=rstorage, study_name=study_name, direction="minimize", load_if_exists=True)
@@ -135,7 +142,10 @@ def run_sweep(
 
     prepare_assets(job)
 
-    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() not in ("1", "true"):
+        import ray._private.ray_constants as ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the switch was set
     ray.init(
         address=address,
         include_dashboard=False,

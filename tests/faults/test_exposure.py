@@ -1,0 +1,141 @@
+"""Exposure (#6 item 10): every TCP port our processes listen on is on 127.0.0.1.
+
+`sweep run` (a real local Ray: GCS, raylet, workers, agents) and `sweep dashboard` (optuna-dashboard)
+run for real; while they run, the listening sockets of every process of ours are read from
+/proc/net/tcp{,6} and matched to PIDs through /proc/PID/fd. "Ours": the CLI's process tree, plus
+any process whose environment carries this test's SWEEP_HOME (Ray processes that left the tree).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from faults_helpers import small_spec, sweep_env
+
+
+def _tree(root: int) -> set[int]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        out.add(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _ours(root: int, marker: bytes) -> set[int]:
+    pids = _tree(root)
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if marker in Path(f"/proc/{d}/environ").read_bytes():
+                    pids.add(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+def _address(hexip: str) -> ipaddress._BaseAddress:
+    raw = bytes.fromhex(hexip)
+    if len(raw) == 4:
+        return ipaddress.IPv4Address(raw[::-1])
+    ip = ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+    return ip.ipv4_mapped or ip
+
+
+def listening(pids: set[int]) -> set[tuple[str, int, str]]:
+    """(address, port, program) of every listening TCP socket held by `pids`."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes[link[8:-1]] = pid
+        except OSError:
+            pass
+    out = set()
+    for fam in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{fam}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:  # 0A = LISTEN
+                continue
+            hexip, hexport = f[1].split(":")
+            try:
+                prog = Path(f"/proc/{inodes[f[9]]}/cmdline").read_bytes().split(b"\0")[0].decode()[-40:]
+            except OSError:
+                prog = "?"
+            out.add((str(_address(hexip)), int(hexport, 16), prog.rsplit("/", 1)[-1]))
+    return out
+
+
+def _watch(proc: subprocess.Popen, marker: bytes, until, timeout: float) -> set:
+    seen, deadline = set(), time.time() + timeout
+    while time.time() < deadline and not until(seen):
+        seen |= listening(_ours(proc.pid, marker))
+        time.sleep(0.3)
+    return seen
+
+
+def test_sweep_run_and_dashboard_listen_on_localhost_only(tmp_path, assets, fault_row):
+    spec = small_spec(tmp_path, assets, name="exposed", rungs=(4, 8),
+                      params={"learning_rate": {"type": "choice", "values": [0.02, 0.005]}})
+    env = sweep_env(tmp_path)
+    marker = f"SWEEP_HOME={env['SWEEP_HOME']}\0".encode()
+    t0 = time.perf_counter()
+    run = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = _watch(run, marker, until=lambda s: run.poll() is not None, timeout=300)
+        out = run.communicate(timeout=60)[0]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, out[-3000:]
+    programs = {p for _, _, p in seen}
+    assert any("gcs_server" in p for p in programs) and any("raylet" in p for p in programs), seen
+    exposed = {s for s in seen if not ipaddress.ip_address(s[0]).is_loopback}
+    assert not exposed, f"listening beyond 127.0.0.1: {sorted(exposed)}"
+    n_run = len(seen)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dash = subprocess.Popen([sys.executable, "-m", "sweep.cli", "dashboard", str(spec), "--port", str(port)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen_dash = _watch(dash, marker, until=lambda s: any(p == port for _, p, _ in s) or dash.poll() is not None,
+                           timeout=60)
+        time.sleep(1.0)
+        seen_dash |= listening(_ours(dash.pid, marker))
+    finally:
+        dash.terminate()
+        try:
+            dash.wait(10)
+        except subprocess.TimeoutExpired:
+            dash.kill()
+    assert any(p == port for _, p, _ in seen_dash), (seen_dash, dash.stdout.read()[-2000:])
+    exposed = {s for s in seen_dash if not ipaddress.ip_address(s[0]).is_loopback}
+    assert not exposed, f"dashboard listening beyond 127.0.0.1: {sorted(exposed)}"
+    fault_row(fault="exposure: listening ports",
+              injected="`sweep run` (local Ray) then `sweep dashboard`; /proc/net/tcp{,6} sampled every 0.3 s for the sockets "
+                       "of their process trees (+ processes with the run's SWEEP_HOME)",
+              lost=f"{n_run} listening sockets during the run ({', '.join(sorted(programs))}) + {len(seen_dash)} of the dashboard: "
+                   "all on 127.0.0.1",
+              seconds=time.perf_counter() - t0)
