@@ -73,6 +73,27 @@ def run(
 
 
 @app.command()
+def resume(
+    spec: Path = typer.Argument(..., help="the search space YAML the sweep was started with (unedited)"),
+    name: Optional[str] = typer.Option(None, "--name", help="study name (default: the spec's name)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)"),
+) -> None:
+    """Continue a sweep whose controller died: finished trials stay, unfinished ones go on from their checkpoints."""
+    s = _load(spec)
+    if s.search is None:
+        _fail(f"{spec}: has no `search` section; nothing to resume")
+    from sweep.controller import ResumeRefused, run_sweep
+
+    try:
+        summary = run_sweep(s, spec_path=spec, study_name=name, storage=storage, address=address, resume=True)
+    except ResumeRefused as e:
+        _fail(str(e))
+    if summary.get("errors"):
+        raise typer.Exit(1)
+
+
+@app.command()
 def status(
     study: str = typer.Argument(..., help="study name (as given to `sweep run`) or the spec file"),
     storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),

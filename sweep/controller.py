@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -90,6 +91,58 @@ def _error_text(trial) -> str:
     return str(getattr(trial, "error_msg", "") or "trial failed")
 
 
+class ResumeRefused(Exception):
+    """`sweep resume` cannot continue this sweep (no such study or run folder, or the spec was edited)."""
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if isinstance(d, dict):
+        out: dict = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _check_resumable(optuna, rstorage, study_name: str, spec: SweepSpec, spec_path: Path, run_dir: Path):
+    """The study to resume, after checking it exists, has a run folder, and was started with this very spec."""
+    from sweep.record import scrub
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=rstorage)
+    except KeyError:
+        raise ResumeRefused(f"sweep resume: no study {study_name!r} to resume; start it with `sweep run {spec_path}`") from None
+    old_hash, new_hash = study.user_attrs.get("spec_hash"), spec_hash(spec)
+    if old_hash != new_hash:
+        old = _flat(study.user_attrs.get("spec") or {})
+        new = _flat(scrub(json.loads(json.dumps(public_dict(spec), default=str))))
+        changed = [f"  {k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        raise ResumeRefused(
+            f"sweep resume: {spec_path} was edited since study {study_name!r} started (spec hash {old_hash} -> {new_hash}); "
+            "a resumed sweep must search the space it started with. Changed:\n" + ("\n".join(changed) or "  (formatting only)")
+            + f"\nUndo the edit, or start a new study: sweep run {spec_path} --name NEW_NAME")
+    if not (run_dir / "tuner.pkl").exists():
+        raise ResumeRefused(f"sweep resume: no Ray Tune run folder {run_dir} (tuner.pkl) to resume study {study_name!r} from")
+    return study
+
+
+def _fail_lost_trials(study_name: str, rstorage) -> int:
+    """After a resumed fit nothing may stay RUNNING: a trial the killed controller asked for but Tune had
+    not saved yet is recorded FAIL with the reason. Returns how many."""
+    import optuna
+
+    from sweep.record import set_trial_user_attr_any_state
+
+    study = optuna.load_study(study_name=study_name, storage=rstorage)
+    lost = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for t in lost:
+        set_trial_user_attr_any_state(rstorage, t._trial_id, "fail_reason",
+                                      "lost: the controller was killed before Ray Tune saved this trial; not resumable")
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+    return len(lost)
+
+
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -99,8 +152,14 @@ def run_sweep(
     address: Optional[str] = None,
     num_trials: Optional[int] = None,
     console=None,
+    resume: bool = False,
 ) -> dict:
-    """Run the search the spec describes; return a summary (study, storage, counts by state)."""
+    """Run the search the spec describes; return a summary (study, storage, counts by state).
+
+    `resume=True` (`sweep resume`): continue a sweep whose controller died, from its Tune run folder
+    (`tune.Tuner.restore`): finished trials stay as recorded, unfinished ones continue from their
+    last checkpoint, and the spec must be the one the study was started with (its `spec_hash`).
+    """
     from rich.console import Console
 
     console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -127,7 +186,11 @@ def run_sweep(
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
     rstorage = open_storage(storage_url)
-    study = optuna.create_study(storage=rstorage, study_name=study_name, direction="minimize", load_if_exists=True)
+    run_dir = Path(spec.output_dir or "sweep_runs").resolve() / study_name
+    if resume:
+        study = _check_resumable(optuna, rstorage, study_name, spec, spec_path, run_dir)
+    else:
+        study = optuna.create_study(storage=rstorage, study_name=study_name, direction="minimize", load_if_exists=True)
     record_spec(study, public_dict(spec), spec_hash(spec))
     register_study(study_name, storage_url)
     console.print(f"study [bold]{study_name}[/] in {safe_url(storage_url)}")
@@ -191,32 +254,41 @@ def run_sweep(
             from sweep.tracking import make_wandb_callback  # one W&B run per trial, on the driver
 
             callbacks.append(make_wandb_callback(searcher, spec, study_name, out_dir, console))
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                metric="val_loss",
-                mode="min",
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=n_trials,
-                max_concurrent_trials=res.max_concurrent_trials,
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=study_name,
-                storage_path=str(out_dir),
-                verbose=0,
-                callbacks=callbacks,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=res.max_failures),
-            ),
-        )
+        if resume:
+            # The searcher (on the study), scheduler and callbacks come back from the run folder's pickles,
+            # which this sweep wrote under the spec's output_dir.
+            tuner = tune.Tuner.restore(str(run_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+            console.print(f"resuming {run_dir}")
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    metric="val_loss",
+                    mode="min",
+                    search_alg=searcher,
+                    scheduler=scheduler,
+                    num_samples=n_trials,
+                    max_concurrent_trials=res.max_concurrent_trials,
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=study_name,
+                    storage_path=str(out_dir),
+                    verbose=0,
+                    callbacks=callbacks,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    failure_config=tune.FailureConfig(max_failures=res.max_failures),
+                ),
+            )
         console.print(
             f"ASHA over {n_trials} trials, rungs {' -> '.join(map(str, budget.rungs))} {budget.unit}, "
             f"{res.cpus_per_trial:g} CPU / {res.gpus_per_trial:g} GPU per trial"
         )
         results = tuner.fit()
         errors = sum(1 for r in results if r.error is not None)
+        if resume:
+            errors += _fail_lost_trials(study_name, rstorage)
     finally:
         ray.shutdown()
 
