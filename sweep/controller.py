@@ -127,18 +127,23 @@ def _check_resumable(optuna, rstorage, study_name: str, spec: SweepSpec, spec_pa
     return study
 
 
-def _fail_lost_trials(study_name: str, rstorage) -> int:
-    """After a resumed fit nothing may stay RUNNING: a trial the killed controller asked for but Tune had
-    not saved yet is recorded FAIL with the reason. Returns how many."""
+LOST_REASON = "lost: the controller was killed before Ray Tune saved this trial; not resumable"
+UNFINISHED_REASON = "unfinished: Ray Tune ended the sweep without finishing this trial (see the run's Ray logs)"
+
+
+def _fail_lost_trials(study_name: str, rstorage, *, only: Optional[set] = None, reason: str = LOST_REASON) -> int:
+    """After a fit nothing may stay RUNNING: a trial Tune never finished (or, on resume, one the killed
+    controller asked for but Tune had not saved) is recorded FAIL with the reason. `only`: trial ids
+    to consider (this run's), so another controller's running trials are left alone. Returns how many."""
     import optuna
 
     from sweep.record import set_trial_user_attr_any_state
 
     study = optuna.load_study(study_name=study_name, storage=rstorage)
-    lost = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    lost = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING
+            and (only is None or t._trial_id in only)]
     for t in lost:
-        set_trial_user_attr_any_state(rstorage, t._trial_id, "fail_reason",
-                                      "lost: the controller was killed before Ray Tune saved this trial; not resumable")
+        set_trial_user_attr_any_state(rstorage, t._trial_id, "fail_reason", reason)
         study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
     return len(lost)
 
@@ -209,7 +214,12 @@ def run_sweep(
         import ray._private.ray_constants as ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the switch was set
+    # A trial stopped by ASHA waits in `tune.report`; when its actor is reused Tune gives the old
+    # training thread this long to unwind (cleanup, freeing memory) before failing the next trial.
+    # Ray's default of 2 s is too short on a busy machine.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
     ray.init(
+        runtime_env={"env_vars": {"TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"]}},
         address=address,
         include_dashboard=False,
         configure_logging=True,
@@ -289,6 +299,9 @@ def run_sweep(
         errors = sum(1 for r in results if r.error is not None)
         if resume:
             errors += _fail_lost_trials(study_name, rstorage)
+        else:
+            mine = {t._trial_id for t in searcher._ot_trials.values()}
+            errors += _fail_lost_trials(study_name, rstorage, only=mine, reason=UNFINISHED_REASON)
     finally:
         ray.shutdown()
 

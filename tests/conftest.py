@@ -1,4 +1,9 @@
 import os
+import sys
+from pathlib import Path
+
+# tests/ itself: the shared helpers (sweep_helpers, pg_server) import by name from any suite.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Offline always: tests never reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

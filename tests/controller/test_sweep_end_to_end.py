@@ -1,15 +1,13 @@
 """A real sweep: real Ray, real SQLite study, real QLoRA trials of a tiny Llama on the CPU."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
 from sweep.spec import load_spec
+from sweep_helpers import small_spec, sweep_cli, sweep_env
 
 pytestmark = pytest.mark.slow
 
@@ -18,39 +16,16 @@ RUNGS = [4, 8, 16]
 N_TRIALS = 6
 
 
-def _sweep(*args, cwd, env=None, timeout=900):
-    r = subprocess.run([sys.executable, "-m", "sweep.cli", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=timeout, env=env)
-    return r
-
-
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory):
     """One small sweep, run through the CLI exactly as a user runs it."""
-    import os
-
     work = tmp_path_factory.mktemp("sweep")
-    demo = yaml.safe_load((ROOT / "search_spaces" / "demo_cpu.yaml").read_text())
-    demo["name"] = "e2e"
-    demo["model"]["name_or_path"] = str(work / "assets" / "tiny-llama")
-    demo["data"]["path"] = str(work / "assets" / "tasks")
-    demo["data"]["max_eval_samples"] = 48
-    demo["budget"] = {"unit": "steps", "min": RUNGS[0], "max": RUNGS[-1], "reduction_factor": 2}
-    demo["output_dir"] = str(work / "runs")
     # A learning rate that learns and one that cannot: ASHA must stop some trials.
-    demo["search"] = {
-        "sampler": "grid",
-        "seed": 1,
-        "num_trials": N_TRIALS,
-        "params": {
-            "learning_rate": {"type": "choice", "values": [2.0e-2, 1.0e-7]},
-            "lora_r": {"type": "choice", "values": [4, 8, 16]},
-        },
-    }
-    spec_file = work / "e2e.yaml"
-    spec_file.write_text("# sweep run e2e.yaml\n" + yaml.safe_dump(demo, sort_keys=False))
-    env = dict(os.environ, SWEEP_HOME=str(work / "home"))
-    r = _sweep("run", str(spec_file), cwd=work, env=env)
+    params = {"learning_rate": {"type": "choice", "values": [2.0e-2, 1.0e-7]},
+              "lora_r": {"type": "choice", "values": [4, 8, 16]}}
+    spec_file = small_spec(work, None, name="e2e", params=params, rungs=RUNGS, num_trials=N_TRIALS, eval_samples=48)
+    env = sweep_env(work)
+    r = sweep_cli("run", spec_file, cwd=work, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     storage = f"sqlite:///{work / 'e2e.db'}"
     study = optuna.load_study(study_name="e2e", storage=storage)
@@ -92,7 +67,7 @@ def test_training_beats_the_base_model(finished_sweep):
 
 
 def test_status_reads_the_leaderboard_from_the_study(finished_sweep):
-    r = _sweep("status", "e2e", "--json", cwd=finished_sweep["work"], env=finished_sweep["env"])
+    r = sweep_cli("status", "e2e", "--json", cwd=finished_sweep["work"], env=finished_sweep["env"])
     assert r.returncode == 0, r.stderr
     board = json.loads(r.stdout)
     rows = board["trials"] if isinstance(board, dict) else board
@@ -103,7 +78,7 @@ def test_status_reads_the_leaderboard_from_the_study(finished_sweep):
 
 def test_export_writes_the_best_complete_trial_as_a_valid_training_config(finished_sweep):
     out = finished_sweep["work"] / "best.yaml"
-    r = _sweep("export", "e2e", "-o", str(out), cwd=finished_sweep["work"], env=finished_sweep["env"])
+    r = sweep_cli("export", "e2e", "-o", str(out), cwd=finished_sweep["work"], env=finished_sweep["env"])
     assert r.returncode == 0, r.stderr
     spec = load_spec(out)
     best = finished_sweep["study"].best_trial
@@ -111,5 +86,5 @@ def test_export_writes_the_best_complete_trial_as_a_valid_training_config(finish
     assert spec.training.learning_rate == pytest.approx(best.params["learning_rate"])
     assert spec.model.lora.r == best.params["lora_r"]
     assert spec.budget.max == RUNGS[-1]
-    v = _sweep("validate", str(out), cwd=finished_sweep["work"])
+    v = sweep_cli("validate", str(out), cwd=finished_sweep["work"])
     assert v.returncode == 0, v.stderr

@@ -1,0 +1,60 @@
+"""Helpers shared by the CLI-level suites: a small sweep spec on the tiny Llama, and the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Imports nothing heavy itself; reports at exit whether Ray/torch were imported (= a sweep started).
+_CLI = ("import sys, atexit\n"
+        "atexit.register(lambda: sys.stderr.write('\\nHEAVY_IMPORTED=' + ','.join(m for m in ('ray', 'torch') if m in sys.modules) + '\\n'))\n"
+        "sys.argv = ['sweep'] + sys.argv[1:]\n"
+        "from sweep.cli import main\n"
+        "main()\n")
+
+
+def sweep_cli(*args, cwd, env=None, timeout=600, probe_imports=False) -> subprocess.CompletedProcess:
+    """`sweep ARGS` as a user runs it (a fresh Python process)."""
+    cmd = [sys.executable, "-c", _CLI, *map(str, args)] if probe_imports else [sys.executable, "-m", "sweep.cli", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def small_spec(work: Path, assets: dict | None, *, name: str, params: dict, rungs=(4, 8), num_trials=None,
+               training: dict | None = None, eval_samples: int = 16, **top) -> Path:
+    """A grid sweep over `params` on the tiny Llama: CPU, 1 CPU per trial, 2 at a time, W&B off.
+
+    `assets` = {"model": dir, "data": dir} already written; None: the sweep writes them under work/assets.
+    """
+    demo = yaml.safe_load((ROOT / "search_spaces" / "demo_cpu.yaml").read_text())
+    demo["name"] = name
+    if assets is None:
+        assets = {"model": str(work / "assets" / "tiny-llama"), "data": str(work / "assets" / "tasks")}
+    else:
+        demo["model"].pop("generate", None)
+        demo["data"].pop("generate", None)
+    demo["model"]["name_or_path"] = assets["model"]
+    demo["data"]["path"] = assets["data"]
+    demo["data"]["max_eval_samples"] = eval_samples
+    demo["training"].update({"logging_steps": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 16,
+                             **(training or {})})
+    demo["budget"] = {"unit": "steps", "min": rungs[0], "max": rungs[-1], "reduction_factor": 2}
+    demo["search"] = {"sampler": "grid", "seed": 1, "params": params}
+    if num_trials:
+        demo["search"]["num_trials"] = num_trials
+    demo["resources"] = {"gpus_per_trial": 0, "cpus_per_trial": 1, "max_concurrent_trials": 2}
+    demo["output_dir"] = str(work / "runs")
+    demo.update(top)
+    path = work / f"{name}.yaml"
+    path.write_text(f"# sweep run {name}.yaml\n" + yaml.safe_dump(demo, sort_keys=False))
+    return path
+
+
+def sweep_env(work: Path, **extra) -> dict:
+    env = dict(os.environ, SWEEP_HOME=str(work / "home"), PYTHONPATH=str(ROOT), **extra)
+    return env
