@@ -41,5 +41,13 @@ def test_page_is_served_on_localhost(run_dir):
     try:
         html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
         assert "gradio" in html.lower()
+        from chromium import CHROMIUM, dump
+
+        if CHROMIUM:  # the page really renders its chat and controls, with no script errors
+            page = dump(f"http://127.0.0.1:{port}/", run_dir / "chromium-profile")
+            assert page.returncode == 0, page.stderr[-2000:]
+            for label in ("Temperature", "Max new tokens"):
+                assert label.lower() in page.stdout.lower(), f"{label} control not rendered"
+            assert "Uncaught" not in page.stderr, page.stderr[-3000:]
     finally:
         app.close()

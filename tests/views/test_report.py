@@ -11,23 +11,11 @@ import sys
 import pytest
 from views_helpers import ROOT, build_study
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--host-resolver-rules=MAP * ~NOTFOUND",
-         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=8000", "--enable-unsafe-swiftshader"]
-# Chromium's own GL driver notes about its software WebGL (the parallel-coordinates chart
-# draws with WebGL) reach the console too; they say nothing about the page.
-BROWSER_NOTE = re.compile(r'CONSOLE[^"]*"\[\.WebGL-[0-9a-fx]+\]GL Driver Message \(OpenGL, Performance')
-
-
-def _console_messages(stderr: str) -> list[str]:
-    """Messages the page wrote to the console (console.* calls, uncaught errors)."""
-    return [ln for ln in stderr.splitlines() if ":CONSOLE" in ln and not BROWSER_NOTE.search(ln)]
+from chromium import CHROMIUM, FLAGS, console_messages as _console_messages, dump
 
 
 def _dump(page, profile):
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    return dump(page.as_uri(), profile)
 
 
 @pytest.fixture(scope="module")
