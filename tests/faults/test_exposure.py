@@ -108,7 +108,7 @@ def test_sweep_run_and_dashboard_listen_on_localhost_only(tmp_path, assets, faul
         if run.poll() is None:
             run.kill()
     assert run.returncode == 0, out[-3000:]
-    programs = {p for _, _, p in seen}
+    programs = {p for _, _, p in seen if p}
     assert any("gcs_server" in p for p in programs) and any("raylet" in p for p in programs), seen
     exposed = {s for s in seen if not ipaddress.ip_address(s[0]).is_loopback}
     assert not exposed, f"listening beyond 127.0.0.1: {sorted(exposed)}"
