@@ -16,7 +16,7 @@ import psutil
 
 from faults_helpers import small_spec, sweep_env
 
-RUNGS = (4, 8, 16)
+RUNGS = (30, 60, 120)  # long enough between rungs that a kill lands mid-training
 
 
 def _trial_workers(root: psutil.Process) -> list[psutil.Process]:
@@ -57,7 +57,7 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
         deadline = time.time() + 60
         while not list((tmp_path / "runs").rglob("checkpoint_000000")) and time.time() < deadline:
             time.sleep(0.1)
-        time.sleep(1.0)
+        time.sleep(0.3)
         workers = _trial_workers(psutil.Process(proc.pid))
         assert workers, "no Ray trial worker process found"
         for w in workers:  # every trial worker alive now, mid-training
@@ -96,6 +96,6 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
     for t in trials:  # intermediate values at the rungs, each once (a re-reported rung: the first report stands)
         assert sorted(t.intermediate_values) == list(RUNGS[: len(t.intermediate_values)])
     fault_row(fault="trial worker killed",
-              injected=f"`kill -9` of {len(killed)} Ray trial worker(s) 1 s after its first rung checkpoint landed, mid-way to rung 2; max_failures 1",
+              injected=f"`kill -9` of {len(killed)} Ray trial worker(s) 0.3 s after its first rung checkpoint landed, mid-way to rung 2; max_failures 1",
               lost=f"0 of 2 trials; no duplicate; {len(resumed)} resumed from the rung checkpoint "
                    f"({', '.join(f'{a}->{b}' for a, b in resumed)} steps), {len(restarted)} restarted from scratch", seconds=seconds)
