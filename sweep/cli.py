@@ -150,7 +150,12 @@ def train(
 
     job = prepare_assets(resolve_paths(s, config.parent).job(), config.parent)
     try:
-        train_job(job, out or Path("runs") / s.name, resume=resume, merge=merge, merge_dtype=merge_dtype, log=typer.echo)
+        from sweep.tracking import make_train_callback
+
+        run_dir = out or Path("runs") / s.name
+        wandb_cb = make_train_callback(s, run_dir)
+        train_job(job, run_dir, resume=resume, merge=merge, merge_dtype=merge_dtype, log=typer.echo,
+                  callbacks=[wandb_cb] if wandb_cb else [])
     except ProductionError as e:
         _fail(f"sweep train: {e}")
 

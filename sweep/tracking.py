@@ -19,6 +19,7 @@ with no network; the tests and ``sweep wandb-sync --dry-run`` use it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -80,6 +81,52 @@ def run_config(params: dict, job: dict, *, study_name: str, number: int, unit: s
     return {**params, "job": job, "study": study_name, "trial_number": number, "budget_unit": unit, "rungs": list(rungs)}
 
 
+def open_run(*, project, entity, group, name, run_id, job_type, root, mode, config):
+    """A W&B run that continues (same id) if it exists; several may be open at once in one process."""
+    wandb = _need_wandb()
+    return wandb.init(project=project, entity=entity, group=group, name=name, id=run_id, resume="allow",
+                      job_type=job_type, dir=str(root), mode=mode, config=config, reinit="create_new",
+                      settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False,
+                                              disable_git=True))
+
+
+def make_train_callback(spec, out_dir):
+    """For `sweep train`: a Trainer callback logging the production run to W&B (the loss and LR at
+    every logging step, final metrics in the summary), or None when tracking is disabled. A resumed
+    run (`--resume`) continues the same W&B run: its id comes from the output folder."""
+    cfg = spec.tracking.wandb
+    mode = resolve_mode(cfg.mode)
+    if mode is None:
+        return None
+    _need_wandb()
+    from transformers import TrainerCallback
+
+    out = Path(out_dir).resolve()
+    rid = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{spec.name}-train-{hashlib.sha1(str(out).encode()).hexdigest()[:10]}")[:128]
+    config = run_config({}, spec.job().model_dump(mode="json"), study_name=spec.name, number=-1, unit=spec.budget.unit,
+                        rungs=spec.budget.rungs)
+
+    class WandbTrain(TrainerCallback):
+        run = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            out.mkdir(parents=True, exist_ok=True)
+            self.run = open_run(project=cfg.project or DEFAULT_PROJECT, entity=cfg.entity, group=spec.name,
+                                name="train", run_id=rid, job_type="train", root=out, mode=mode, config=config)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.run is not None and logs:
+                self.run.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=state.global_step)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.run is not None:
+                self.run.summary["global_step"] = state.global_step
+                self.run.finish()
+                self.run = None
+
+    return WandbTrain()
+
+
 def make_wandb_callback(searcher, spec, study_name: str, out_dir, console=None):
     """A Tune callback that mirrors each trial to a W&B run, or None when tracking is disabled.
 
@@ -137,25 +184,13 @@ def make_wandb_callback(searcher, spec, study_name: str, out_dir, console=None):
             number = self.searcher.trial_number(trial.trial_id)
             if number is None:
                 return None
-            wandb = _need_wandb()
             Path(self.root).mkdir(parents=True, exist_ok=True)
             try:
-                run = wandb.init(
-                    project=self.project,
-                    entity=self.entity,
-                    group=self.study_name,
-                    name=f"trial-{number}",
-                    id=run_id(self.study_name, number),
-                    resume="allow",
-                    job_type="trial",
-                    dir=self.root,
-                    mode=self.mode,
-                    config=run_config(dict(trial.config), self.job, study_name=self.study_name, number=number,
-                                      unit=self.unit, rungs=self.rungs),
-                    reinit="create_new",
-                    settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False,
-                                            disable_git=True),
-                )
+                run = open_run(project=self.project, entity=self.entity, group=self.study_name,
+                               name=f"trial-{number}", run_id=run_id(self.study_name, number), job_type="trial",
+                               root=self.root, mode=self.mode,
+                               config=run_config(dict(trial.config), self.job, study_name=self.study_name,
+                                                 number=number, unit=self.unit, rungs=self.rungs))
             except Exception as e:  # tracking must never stop a sweep
                 self._warn(f"could not start the run of trial {number}: {e}")
                 return None
