@@ -19,15 +19,20 @@ from faults_helpers import small_spec, sweep_env
 RUNGS = (30, 60, 120)  # long enough between rungs that a kill lands mid-training
 
 
-def _trial_workers(root: psutil.Process) -> list[psutil.Process]:
-    out = []
-    for p in root.children(recursive=True):
+def _trial_workers(root: psutil.Process, sweep_home: str) -> list[psutil.Process]:
+    """This run's Ray trial workers: in the `sweep run` process tree, or (a worker Ray re-parented)
+    any `ray::ImplicitFunc` process whose environment carries this test's SWEEP_HOME."""
+    out = {}
+    candidates = list(root.children(recursive=True)) + list(psutil.process_iter())
+    for p in candidates:
         try:
-            if " ".join(p.cmdline()).startswith("ray::ImplicitFunc"):
-                out.append(p)
+            if not " ".join(p.cmdline()).startswith("ray::ImplicitFunc"):
+                continue
+            if p in root.children(recursive=True) or p.environ().get("SWEEP_HOME") == sweep_home:
+                out[p.pid] = p
         except psutil.Error:
             pass
-    return out
+    return list(out.values())
 
 
 def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp_path, assets, fault_row):
@@ -54,12 +59,18 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
         assert first_rung.wait(240), "no trial reached its first rung:\n" + "".join(lines)
         # Tune registers a reported checkpoint just after the result; a kill in that instant restarts the
         # trial from scratch (also survived, below). Kill once it is on disk, mid-way to the next rung.
+        # Tune writes a trial's result.json when it has processed (and registered the checkpoint of) a report.
         deadline = time.time() + 60
-        while not list((tmp_path / "runs").rglob("checkpoint_000000")) and time.time() < deadline:
+        while time.time() < deadline and not any(
+                f.stat().st_size > 0 and list(f.parent.glob("checkpoint_*")) for f in (tmp_path / "runs").rglob("result.json")):
+            time.sleep(0.05)
+        time.sleep(0.2)
+        home = sweep_env(tmp_path)["SWEEP_HOME"]
+        workers, deadline = [], time.time() + 20
+        while not workers and time.time() < deadline and proc.poll() is None:
+            workers = _trial_workers(psutil.Process(proc.pid), home)
             time.sleep(0.1)
-        time.sleep(0.3)
-        workers = _trial_workers(psutil.Process(proc.pid))
-        assert workers, "no Ray trial worker process found"
+        assert workers, "no Ray trial worker process found:\n" + "".join(lines)
         for w in workers:  # every trial worker alive now, mid-training
             os.kill(w.pid, signal.SIGKILL)
             killed.append(w.pid)
@@ -96,6 +107,6 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
     for t in trials:  # intermediate values at the rungs, each once (a re-reported rung: the first report stands)
         assert sorted(t.intermediate_values) == list(RUNGS[: len(t.intermediate_values)])
     fault_row(fault="trial worker killed",
-              injected=f"`kill -9` of {len(killed)} Ray trial worker(s) 0.3 s after its first rung checkpoint landed, mid-way to rung 2; max_failures 1",
+              injected=f"`kill -9` of {len(killed)} Ray trial worker(s) once Tune recorded its first rung and checkpoint, mid-way to rung 2; max_failures 1",
               lost=f"0 of 2 trials; no duplicate; {len(resumed)} resumed from the rung checkpoint "
                    f"({', '.join(f'{a}->{b}' for a, b in resumed)} steps), {len(restarted)} restarted from scratch", seconds=seconds)
