@@ -5,12 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trial_worker.config import JobConfig
-from trial_worker.demo_assets import write_task_data, write_tiny_llama
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    return str(write_tiny_llama(tmp_path_factory.mktemp("assets") / "tiny-llama"))
+from trial_worker.demo_assets import write_task_data
 
 
 @pytest.fixture(scope="session")
