@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
+
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +23,6 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/sweep-bench")
     ap.add_argument("--liger", default="auto", choices=["auto", "on", "off"])
     a = ap.parse_args()
-    import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from trial_worker.config import JobConfig
@@ -50,7 +49,6 @@ def main() -> None:
             prof.step()
 
     trial.trainer.add_callback(Step())
-    t = time.perf_counter()
     trial.train()
     prof.stop()
     ev = prof.key_averages()

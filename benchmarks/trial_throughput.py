@@ -77,7 +77,7 @@ def build_assets(work: Path, *, tiny: bool, seq: int, rows: int) -> dict:
     return {"model": str(model_dir), "data": str(data_dir)}
 
 
-def _timer_callback(warmup: int, seq_tokens: int):
+def _timer_callback(warmup: int):
     import torch
     from transformers import TrainerCallback
 
@@ -141,7 +141,7 @@ def run_seed(assets: dict, eff: int, steps: int, warmup: int, seq: int) -> dict:
         lr_scheduler_type="constant", optim="adamw_8bit" if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
         logging_steps=1, save_strategy="no", report_to="none", seed=SEED, disable_tqdm=True,
     )
-    timer = _timer_callback(warmup, seq)
+    timer = _timer_callback(warmup)
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[timer])
     if cuda:
@@ -184,7 +184,7 @@ def run_sweep(assets: dict, eff: int, steps: int, warmup: int, seq: int) -> dict
         "budget": {"min": warmup + steps, "max": warmup + steps},
     })
     trial = QLoRATrial(job, output_dir=tempfile.mkdtemp(prefix="sweep-bench-")).setup()
-    timer = _timer_callback(warmup, seq)
+    timer = _timer_callback(warmup)
     trial.trainer.add_callback(timer)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -192,7 +192,7 @@ def run_sweep(assets: dict, eff: int, steps: int, warmup: int, seq: int) -> dict
     losses = [h["loss"] for h in trial.trainer.state.log_history if "loss" in h]
     ds = trial.trainer.train_dataset
     lens = [len(x) for x in ds["input_ids"]]
-    tokens = sum(lens[: timer.steps * eff]) if False else timer.steps * eff * seq
+    tokens = timer.steps * eff * seq  # every row is exactly `seq` tokens (row_tokens below shows it)
     ex = trial.execution
     return {"tokens_per_s": tokens / (timer.t1 - timer.t0), "peak_gib": _peak_gib(), "losses": losses,
             "execution": {"micro_batch": ex.micro_batch, "accumulation": ex.accumulation,

@@ -19,7 +19,7 @@ import string
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from trial_worker.config import JobConfig
 

@@ -6,14 +6,12 @@ README.md (between the TABLE markers) is rewritten from those rows, with pass/fa
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # faults_helpers
 README = HERE / "README.md"
 BEGIN, END = "<!-- TABLE BEGIN (written by tests/faults/conftest.py) -->", "<!-- TABLE END -->"
 

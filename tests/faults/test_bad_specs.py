@@ -16,7 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from faults_helpers import sweep_cli, sweep_env
+from sweep_helpers import sweep_cli, sweep_env
 from sweep.spec import SpecError, SweepSpec, parse_spec
 
 BASE = {

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import optuna
 
-from faults_helpers import small_spec, sweep_cli, sweep_env
+from sweep_helpers import small_spec, sweep_cli, sweep_env
 
 RUNGS = (4, 8, 16)
 LRS = [0.02, 0.01, 0.005, 0.002]

@@ -8,7 +8,7 @@ import time
 
 import optuna
 
-from faults_helpers import small_spec, sweep_cli, sweep_env
+from sweep_helpers import small_spec, sweep_cli, sweep_env
 
 RUNGS = (4, 8, 16)
 

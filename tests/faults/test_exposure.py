@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from faults_helpers import small_spec, sweep_env
+from sweep_helpers import small_spec, sweep_env
 
 
 def _tree(root: int) -> set[int]:

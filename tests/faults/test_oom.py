@@ -11,7 +11,7 @@ import time
 
 import optuna
 
-from faults_helpers import small_spec, sweep_cli, sweep_env
+from sweep_helpers import small_spec, sweep_cli, sweep_env
 
 RUNGS = (2, 4)
 EIGHT_BY_ONE = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}

@@ -11,20 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from faults_helpers import ROOT, small_spec, sweep_cli, sweep_env
-
-sys_path = str(ROOT / "tests")
-
-
-def _pg():
-    import sys
-
-    if sys_path not in sys.path:
-        sys.path.insert(0, sys_path)
-    import pg_server
-
-    return pg_server
-
+import pg_server  # tests/pg_server.py (tests/ is on sys.path: tests/conftest.py)
+from sweep_helpers import small_spec, sweep_cli, sweep_env
 
 def _files_with(root: Path, needles: list[str]) -> list[str]:
     hits = []
@@ -41,7 +29,6 @@ def _files_with(root: Path, needles: list[str]) -> list[str]:
 
 
 def test_canary_key_and_password_appear_nowhere(tmp_path, assets, fault_row):
-    pg_server = _pg()
     if not pg_server.available() or shutil.which("runuser") is None and os.geteuid() == 0:
         pytest.skip("needs PostgreSQL (initdb, pg_ctl)")
     key = "wandbcanary" + uuid.uuid4().hex            # a W&B key is 40 hex characters; any string does here

@@ -14,7 +14,7 @@ import time
 import optuna
 import psutil
 
-from faults_helpers import small_spec, sweep_env
+from sweep_helpers import small_spec, sweep_env
 
 RUNGS = (30, 60, 120)  # long enough between rungs that a kill lands mid-training
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import socket
-import threading
-import time
+
+
 import urllib.request
 
 import pytest

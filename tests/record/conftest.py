@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import uuid
 from pathlib import Path
 
@@ -97,20 +96,11 @@ def sweep_home(tmp_path, monkeypatch):
     return home
 
 
-def _pg_server_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sweep_tests_pg_server", ROOT / "tests" / "pg_server.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclass needs its module registered
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="session")
 def pg_server():
     """One throwaway PostgreSQL server for the session (skipped where initdb/psycopg are missing)."""
-    pg = _pg_server_module()
+    import pg_server as pg  # tests/pg_server.py (tests/ is on sys.path: tests/conftest.py)
+
     if not pg.available():
         pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed")
     pytest.importorskip("psycopg")
@@ -130,7 +120,7 @@ def storage_url(request, tmp_path) -> str:
     if request.param == "postgresql":
         srv = request.getfixturevalue("pg_server")
         return srv.create_database(f"t_{uuid.uuid4().hex[:12]}")
-    raise NotImplementedError(request.param)
+    raise ValueError(f"storage backend {request.param!r}: this fixture knows {BACKENDS}")
 
 
 @pytest.fixture

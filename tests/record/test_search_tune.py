@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import optuna
+
 import pytest
 from optuna.trial import TrialState
 
