@@ -265,6 +265,10 @@ def check_rules(spec: SweepSpec) -> list[Problem]:
         problems.append(Problem("resources.gpus_per_trial", "above 1, GPUs per trial must be a whole number", spec.resources.gpus_per_trial))
     if job.training.use_cpu and spec.resources.gpus_per_trial > 0:
         problems.append(Problem("resources.gpus_per_trial", "training.use_cpu is true, so trials need 0 GPUs", spec.resources.gpus_per_trial))
+    share, cap = spec.resources.gpus_per_trial, job.training.gpu_memory_fraction
+    if cap is not None and 0 < share < 1 and cap > share:
+        problems.append(Problem("training.gpu_memory_fraction", f"trials share a GPU (resources.gpus_per_trial: {share:g}), so each may "
+                                f"cap its memory at {share:g} at most (leave it unset for exactly that)", cap))
     q = job.model.quantization
     if job.training.bf16 and q.load_in_4bit and q.bnb_4bit_compute_dtype == "float16":
         problems.append(Problem("model.quantization.bnb_4bit_compute_dtype", "training.bf16 is true: use bfloat16 compute (or fp16 training)", "float16"))

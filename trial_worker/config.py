@@ -119,6 +119,9 @@ class TrainingConfig(Strict):
     dataloader_num_workers: int = Field(0, ge=0, le=64)
     use_cpu: Optional[bool] = Field(None, description="None: use a GPU when one is visible, else the CPU")
     torch_threads: Optional[int] = Field(None, gt=0, le=1024, description="CPU threads per trial (default: the trial's CPUs)")
+    gpu_memory_fraction: Optional[float] = Field(
+        None, description="cap this trial's CUDA memory at this share of the GPU (0 < x <= 1; "
+        "torch.cuda.set_per_process_memory_fraction); default: the GPU share Ray gave the trial when below 1, else no cap")
     execution: Literal["auto", "as_written"] = Field(
         "auto",
         description="auto: on a GPU the worker picks micro-batch, accumulation and checkpointing by a memory probe, "
@@ -131,6 +134,13 @@ class TrainingConfig(Strict):
         None, gt=0, description="sweep train: save a resumable checkpoint every N optimizer steps (None: only at the end; "
         "a sweep's trials save at their rungs)")
     save_total_limit: Optional[int] = Field(None, gt=0, description="sweep train: keep only the newest K checkpoints")
+
+    @field_validator("gpu_memory_fraction")
+    @classmethod
+    def _a_share_of_the_gpu(cls, v):
+        if v is not None and not 0.0 < v <= 1.0:  # NaN fails too
+            raise ValueError("is a share of one GPU's memory: need 0 < gpu_memory_fraction <= 1 (0.25 = a quarter)")
+        return v
 
     @model_validator(mode="after")
     def _one_half_precision(self):
@@ -187,7 +197,7 @@ class JobConfig(Strict):
 # LoRA knobs use the lora_ prefix that PEFT/TRL users write in their scripts.
 _LORA_PARAMS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 _DATA_PARAMS = {"max_seq_length": "max_seq_length", "packing": "packing"}
-_TRAINING_NOT_SEARCHABLE = {"use_cpu", "torch_threads", "dataloader_num_workers", "logging_steps", "execution", "use_liger_kernel", "torch_compile",
+_TRAINING_NOT_SEARCHABLE = {"use_cpu", "torch_threads", "gpu_memory_fraction", "dataloader_num_workers", "logging_steps", "execution", "use_liger_kernel", "torch_compile",
                             "save_steps", "save_total_limit"}
 
 

@@ -39,16 +39,25 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def trial_job(config: dict[str, Any], job: Union[dict, JobConfig], *, cpus: int | None = None) -> JobConfig:
+def trial_job(config: dict[str, Any], job: Union[dict, JobConfig], *, cpus: float | None = None,
+              gpus: float | None = None) -> JobConfig:
     """The job a trial runs: the sweep's job with the trial's sampled params applied.
 
     When the job leaves `torch_threads` unset, it becomes `cpus` (the CPUs Ray gave the trial).
+    When it leaves `gpu_memory_fraction` unset and `gpus` (the GPUs Ray gave it) is a share of one
+    GPU (`resources.gpus_per_trial: 0.25`), the trial's CUDA memory is capped at that share, so trials
+    sharing a GPU cannot take each other's memory; whole GPUs leave it unset (no cap).
     """
     base = job if isinstance(job, JobConfig) else JobConfig.model_validate(job)
     out = apply_params(base, config)
+    fill: dict[str, Any] = {}
     if out.training.torch_threads is None and cpus:
+        fill["torch_threads"] = max(1, int(cpus))
+    if out.training.gpu_memory_fraction is None and gpus and 0 < gpus < 1:
+        fill["gpu_memory_fraction"] = float(gpus)
+    if fill:
         data = out.model_dump()
-        data["training"]["torch_threads"] = max(1, int(cpus))
+        data["training"].update(fill)
         out = JobConfig.model_validate(data)
     return out
 
@@ -66,8 +75,8 @@ def run_trial(config: dict[str, Any], job: dict) -> None:
 
     from trial_worker.recipe import run
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    trial = trial_job(config, job, cpus=cpus)
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    trial = trial_job(config, job, cpus=assigned.get("CPU"), gpus=assigned.get("GPU"))
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
         metrics = dict(metrics, steps=metrics["step"])

@@ -124,7 +124,8 @@ def probe_gpu(model, job: JobConfig, *, vocab_size: int, limit_share: float = ME
     import torch
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    key = cache_key(job, props.name, props.total_memory)
+    share = job.training.gpu_memory_fraction or 1.0  # a trial capped at a share of the GPU plans within it
+    key = cache_key(job, props.name, props.total_memory, extra=[f"cap={share:g}"] if share < 1 else [])
     hit = cached(key)
     if hit is not None:
         return hit
@@ -153,6 +154,6 @@ def probe_gpu(model, job: JobConfig, *, vocab_size: int, limit_share: float = ME
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
-    plan = choose(job.training.effective_batch_size, measure, limit_share * props.total_memory)
+    plan = choose(job.training.effective_batch_size, measure, limit_share * share * props.total_memory)
     remember(key, plan)
     return plan

@@ -82,6 +82,28 @@ def reset_peak_memory() -> None:
         pass
 
 
+_gpu_cap: Optional[float] = None  # the fraction this process's CUDA allocator is capped at (None: no cap)
+
+
+def cap_gpu_memory(fraction: Optional[float], *, cpu: bool) -> None:
+    """Cap this process's CUDA caching allocator at `fraction` of the GPU's memory (None: lift any cap).
+
+    `training.gpu_memory_fraction`, by default the GPU share Ray gave the trial when trials share a GPU:
+    a trial going over its share then gets a real `torch.OutOfMemoryError` (and `run`'s smaller
+    micro-batch) instead of taking the memory of the trials beside it. The cap
+    (`torch.cuda.set_per_process_memory_fraction`: total memory x fraction) is per process and stays
+    set, so each trial sets its own (Tune reuses worker processes). It bounds what PyTorch's allocator
+    reserves, not the CUDA context or memory allocated outside PyTorch.
+    """
+    global _gpu_cap
+    import torch
+
+    if cpu or not torch.cuda.is_available() or (fraction is None and _gpu_cap is None):
+        return
+    torch.cuda.set_per_process_memory_fraction(1.0 if fraction is None else fraction)
+    _gpu_cap = fraction
+
+
 def peak_memory_gb() -> float:
     """Peak GPU memory allocated by this trial, or the process's peak RSS on CPU."""
     import torch
@@ -228,6 +250,7 @@ class QLoRATrial:
         if t.torch_threads:
             torch.set_num_threads(t.torch_threads)
         cpu = use_cpu(t)
+        cap_gpu_memory(t.gpu_memory_fraction, cpu=cpu)  # before anything of the trial is on the GPU
         reset_peak_memory()
         set_seed(t.seed)  # before the LoRA weights are drawn: same params + seed -> same trial
         tokenizer, model = load_model(self.job.model, t)
@@ -492,8 +515,10 @@ def memory_figures(peak_gb: float) -> str:
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         free, total = torch.cuda.mem_get_info()
+        cap = "" if _gpu_cap is None else (f"; this trial capped at {_gpu_cap:g} of the GPU = {_gpu_cap * total / 2**30:.2f} GiB "
+                                           "(training.gpu_memory_fraction)")
         return (f"peak {peak_gb:.2f} GiB allocated; after freeing: {torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved, "
-                f"{free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB on {torch.cuda.get_device_name()}")
+                f"{free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB on {torch.cuda.get_device_name()}{cap}")
     return f"peak {peak_gb:.2f} GiB process RSS (CPU)"
 
 
