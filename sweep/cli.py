@@ -16,6 +16,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# `sweep run`/`resume` exit status when the study database failed mid-sweep (sysexits' EX_TEMPFAIL: try again later).
+EXIT_STORAGE_LOST = 75
+
 STORAGE_HELP = "SQLAlchemy URL of the study (overrides the spec's storage); password from PGPASSWORD if omitted"
 
 
@@ -65,9 +68,15 @@ def run(
     s = _load(spec)
     if s.search is None:
         _fail(f"{spec}: has no `search` section; to train this config once use `sweep train {spec}`")
-    from sweep.controller import run_sweep
+    from sweep.controller import StudyStorageLost, run_sweep
+    from sweep.record import StorageError
 
-    summary = run_sweep(s, spec_path=spec, study_name=name, storage=storage, address=address, num_trials=num_trials)
+    try:
+        summary = run_sweep(s, spec_path=spec, study_name=name, storage=storage, address=address, num_trials=num_trials)
+    except StorageError as e:
+        _fail(f"sweep run: {e}")
+    except StudyStorageLost as e:
+        _fail(str(e), EXIT_STORAGE_LOST)
     if summary.get("errors"):
         raise typer.Exit(1)
 
@@ -83,12 +92,17 @@ def resume(
     s = _load(spec)
     if s.search is None:
         _fail(f"{spec}: has no `search` section; nothing to resume")
-    from sweep.controller import ResumeRefused, run_sweep
+    from sweep.controller import ResumeRefused, StudyStorageLost, run_sweep
+    from sweep.record import StorageError
 
     try:
         summary = run_sweep(s, spec_path=spec, study_name=name, storage=storage, address=address, resume=True)
     except ResumeRefused as e:
         _fail(str(e))
+    except StorageError as e:
+        _fail(f"sweep resume: {e}")
+    except StudyStorageLost as e:
+        _fail(str(e), EXIT_STORAGE_LOST)
     if summary.get("errors"):
         raise typer.Exit(1)
 

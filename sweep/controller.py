@@ -127,6 +127,39 @@ def _check_resumable(optuna, rstorage, study_name: str, spec: SweepSpec, spec_pa
     return study
 
 
+class StudyStorageLost(RuntimeError):
+    """The study database failed for longer than the searcher's retries: the sweep stopped rather than go on unrecorded."""
+
+
+def _storage_failure(error: BaseException) -> Optional[BaseException]:
+    """The storage error a StudySearch write gave up on, in `error`'s chain (Tune wraps it in a TuneError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "study_write_failed", None):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _storage_lost_message(failure: BaseException, *, study_name: str, storage_url: str, spec: SweepSpec,
+                          spec_path: Path, storage: Optional[str], run_dir: Path) -> str:
+    from sweep.record import safe_url, url_without_password
+    from sweep.search import storage_error_text
+
+    what, tries, waited = failure.study_write_failed
+    again = f"sweep resume {spec_path}"
+    if storage:
+        again += f" --storage {url_without_password(storage)}"
+    if study_name != spec.name:
+        again += f" --name {study_name}"
+    return (f"sweep: stopped: could not write to the study database {safe_url(storage_url)}: {what} (study "
+            f"{study_name!r}) failed {tries} times over {waited:.0f} s: {storage_error_text(failure)}\n"
+            f"Nothing recorded is lost: the study keeps every write made before the failure, and Ray Tune's run "
+            f"folder {run_dir} keeps the trials' results and checkpoints.\n"
+            f"Once the database is back, continue with: {again}")
+
+
 LOST_REASON = "lost: the controller was killed before Ray Tune saved this trial; not resumable"
 UNFINISHED_REASON = "unfinished: Ray Tune ended the sweep without finishing this trial (see the run's Ray logs)"
 
@@ -302,6 +335,12 @@ def run_sweep(
         else:
             mine = {t._trial_id for t in searcher._ot_trials.values()}
             errors += _fail_lost_trials(study_name, rstorage, only=mine, reason=UNFINISHED_REASON)
+    except Exception as e:
+        failure = _storage_failure(e)
+        if failure is None:
+            raise
+        raise StudyStorageLost(_storage_lost_message(failure, study_name=study_name, storage_url=storage_url, spec=spec,
+                                                     spec_path=spec_path, storage=storage, run_dir=run_dir)) from None
     finally:
         ray.shutdown()
 

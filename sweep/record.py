@@ -98,7 +98,8 @@ def _sqlite_file(url: str) -> Optional[Path]:
 def open_storage(url: str, *, create: bool = True) -> optuna.storages.RDBStorage:
     """An Optuna RDB storage for a SQLite or PostgreSQL URL, with its schema created.
 
-    SQLite waits up to a minute on a locked database (the dashboard may be reading);
+    SQLite waits up to a minute on a locked database (the dashboard may be reading), or the URL's
+    `?timeout=SECONDS` (SQLAlchemy's own parameter for it);
     a server connection is checked before use (`pool_pre_ping`) so a sweep survives a
     database restart or an idle timeout. With `create=False` a missing SQLite file is
     a `StudyNotFound` instead of a new empty database.
@@ -117,7 +118,8 @@ def open_storage(url: str, *, create: bool = True) -> optuna.storages.RDBStorage
             if not create and not path.exists():
                 raise StudyNotFound(f"no study database at {path}")
             path.parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+        # connect_args would override the URL's own ?timeout=, so the default is set only without one.
+        engine_kwargs = {} if "timeout" in make_url(url).query else {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:

@@ -54,6 +54,21 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def storage_error_text(e: BaseException) -> str:
+    """What the database itself said (first line): Optuna wraps every failed commit in a StorageInternalError
+    whose own text blames "invalid data", and SQLAlchemy's text carries the SQL; the driver's message names
+    the real cause (database is locked, connection refused) and never holds the password."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "orig", None) or e.__cause__
+        if inner is None:
+            break
+        e = inner
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def _num(v: Any) -> Any:
     """A rung metric as the study stores it: bools (e.g. gradient_checkpointing) as they are, numbers JSON-safe."""
     return v if isinstance(v, bool) else finite_or_none(v)
@@ -105,16 +120,19 @@ class StudySearch(OptunaSearch):
     # ------------------------------------------------------------ retries
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         transient = _transient_errors()
-        delay = self._retry_backoff_s
+        delay, t0 = self._retry_backoff_s, time.monotonic()
         for attempt in range(1, self._retries + 1):
             try:
                 return fn()
             except transient as e:
                 if attempt == self._retries:
-                    logger.error("study %s: %s failed %d times, giving up: %s", self._study_name, what, attempt, e)
+                    logger.error("study %s: %s failed %d times, giving up: %s", self._study_name, what, attempt,
+                                 storage_error_text(e))
+                    # For the controller: the sweep stops on a write that could not be made (`sweep resume` later).
+                    e.study_write_failed = (what, attempt, time.monotonic() - t0)
                     raise
                 logger.warning("study %s: %s failed (try %d of %d), retrying in %.1fs: %s",
-                               self._study_name, what, attempt, self._retries, delay, e)
+                               self._study_name, what, attempt, self._retries, delay, storage_error_text(e))
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")

@@ -35,3 +35,16 @@ def tiny_model(tmp_path_factory) -> str:
     from trial_worker.demo_assets import write_tiny_llama
 
     return str(write_tiny_llama(tmp_path_factory.mktemp("assets") / "tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway PostgreSQL server for the session (skipped where initdb/psycopg are missing)."""
+    import pg_server as pg  # tests/pg_server.py (tests/ is on sys.path: above)
+
+    if not pg.available():
+        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed")
+    pytest.importorskip("psycopg")
+    srv = pg.start()
+    yield srv
+    pg.cleanup(srv)

@@ -49,8 +49,14 @@ class PgServer:
     def restart(self) -> None:
         self._run("pg_ctl", "-D", str(self.datadir), "-m", "fast", "-w", "restart", "-l", str(self.datadir / "log"))
 
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop", check=False)
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop it; "immediate" is a crash and, with `synchronous_commit = off` (set above, for speed), may lose the last
+        commits: a test of what a sweep keeps across an outage stops it with mode="fast" (every commit flushed)."""
+        self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop", check=False)
+
+    def start(self) -> None:
+        """Start it again after `stop()`, on the same port and data."""
+        self._run("pg_ctl", "-D", str(self.datadir), "-w", "-t", "60", "start", "-l", str(self.datadir / "log"))
 
     def create_database(self, name: str) -> str:
         import psycopg

@@ -96,19 +96,6 @@ def sweep_home(tmp_path, monkeypatch):
     return home
 
 
-@pytest.fixture(scope="session")
-def pg_server():
-    """One throwaway PostgreSQL server for the session (skipped where initdb/psycopg are missing)."""
-    import pg_server as pg  # tests/pg_server.py (tests/ is on sys.path: tests/conftest.py)
-
-    if not pg.available():
-        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed")
-    pytest.importorskip("psycopg")
-    srv = pg.start()
-    yield srv
-    pg.cleanup(srv)
-
-
 # One entry per storage backend; every study test runs on each.
 BACKENDS = ["sqlite", "postgresql"]
 
