@@ -60,6 +60,10 @@ def _make_progress_callback(searcher, spec: SweepSpec, console):
                 f"  val_loss [bold]{result.get('val_loss', float('nan')):.4f}[/]  ppl {result.get('ppl', float('nan')):.2f}"
                 f"  {result.get('samples_per_s', 0):.1f} samples/s"
             )
+            if result.get("checkpoint_note"):
+                from rich.markup import escape
+
+                self._say(f"{self._label(trial)} [yellow]{escape(str(result['checkpoint_note']))}[/]")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             state = self.searcher.final_state(trial.trial_id) or "DONE"
@@ -239,7 +243,8 @@ def run_sweep(
 
     from sweep.search import StudySearch
     from sweep.space import make_sampler, optuna_space
-    from trial_worker.entry import evaluate_base, prepare_assets, run_trial
+    from trial_worker.entry import evaluate_base, prepare_assets
+    from trial_worker.entry import trainable as trainable_for
 
     prepare_assets(job)
 
@@ -288,7 +293,7 @@ def run_sweep(
             reduction_factor=budget.reduction_factor,
         )
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, job=job.model_dump(mode="json")),
+            trainable_for(job.model_dump(mode="json"), run_dir=str(run_dir)),
             {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
         )
         out_dir = Path(spec.output_dir or "sweep_runs").resolve()
@@ -330,11 +335,19 @@ def run_sweep(
         )
         results = tuner.fit()
         errors = sum(1 for r in results if r.error is not None)
+        # The study is written and read once more after the fit: retried like the searcher's own writes.
         if resume:
-            errors += _fail_lost_trials(study_name, rstorage)
+            errors += searcher._retry("fail lost trials", lambda: _fail_lost_trials(study_name, rstorage))
         else:
             mine = {t._trial_id for t in searcher._ot_trials.values()}
-            errors += _fail_lost_trials(study_name, rstorage, only=mine, reason=UNFINISHED_REASON)
+            errors += searcher._retry("fail unfinished trials", lambda: _fail_lost_trials(
+                study_name, rstorage, only=mine, reason=UNFINISHED_REASON))
+
+        from sweep.leaderboard import leaderboard, render
+
+        study = searcher._retry("read the study", lambda: optuna.load_study(study_name=study_name, storage=rstorage))
+        rows = searcher._retry("read the leaderboard", lambda: leaderboard(study))
+        searcher._retry("read the leaderboard", lambda: render(rows, study, console=console))
     except Exception as e:
         failure = _storage_failure(e)
         if failure is None:
@@ -344,11 +357,7 @@ def run_sweep(
     finally:
         ray.shutdown()
 
-    from sweep.leaderboard import leaderboard, render
-
-    study = optuna.load_study(study_name=study_name, storage=rstorage)
-    render(leaderboard(study), study, console=console)
     counts: dict[str, int] = {}
-    for t in study.trials:
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
     return {"study": study_name, "storage": safe_url(storage_url), "states": counts, "errors": errors}

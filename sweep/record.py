@@ -22,6 +22,8 @@ Trial user attrs (written by `sweep.search.StudySearch`, read by the leaderboard
   val_loss_last, ppl_last            metrics of the last report (a PRUNED trial's final word)
   tokens_per_s, samples_per_s, peak_mem_gb, wall_s   from the last report
   fail_reason                        error text of a FAIL trial (last 4000 characters)
+  checkpoint_events                  [{reported_at, note}]: a resume that skipped a checkpoint failing
+                                      its hash check (cut short, corrupted, deleted), and where it went on
 
 A PRUNED trial is told with no value, but Optuna itself copies its last intermediate value
 onto it (trial.value); `study.best_trial` and `sweep export` consider COMPLETE trials only.

@@ -170,6 +170,11 @@ class StudySearch(OptunaSearch):
             logger.debug("result of trial %s has no %s/%s; not a rung report", trial_id, self.metric, self._budget_key)
             return
         step = int(budget)
+        note = result.get("checkpoint_note")
+        if note:  # the trial resumed past a checkpoint that failed its hash check: say which and why
+            events = [*ot_trial._cached_frozen_trial.user_attrs.get("checkpoint_events", []),
+                      {"reported_at": step, "note": str(note)[:FAIL_REASON_MAX_CHARS]}]
+            self._retry("store checkpoint event", lambda: ot_trial.set_user_attr("checkpoint_events", events))
         prev = self._last_results.get(trial_id)
         if prev is None or step > prev[self._budget_key]:
             # Only what the record needs: the searcher's checkpoint stays small and picklable.

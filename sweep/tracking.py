@@ -224,6 +224,8 @@ def make_wandb_callback(searcher, spec, study_name: str, out_dir, console=None):
             if step in self.rungs:
                 row["rung"] = self.rungs.index(step) + 1
             try:
+                if result.get("checkpoint_note"):
+                    run.summary.update({"checkpoint_note": str(result["checkpoint_note"])})
                 run.log(row, step=int(step))
             except Exception as e:
                 self._warn(f"could not log trial {trial.trial_id}: {e}")

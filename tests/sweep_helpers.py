@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -58,3 +60,53 @@ def small_spec(work: Path, assets: dict | None, *, name: str, params: dict, rung
 def sweep_env(work: Path, **extra) -> dict:
     env = dict(os.environ, SWEEP_HOME=str(work / "home"), PYTHONPATH=str(ROOT), **extra)
     return env
+
+
+def processes_with_env(marker: bytes) -> list[int]:
+    """PIDs of the processes a test started, found by a marker in their environment (e.g. its SWEEP_HOME):
+    a killed controller's Ray processes are re-parented, so the process tree alone misses them."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                if marker in Path(f"/proc/{d}/environ").read_bytes():
+                    out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def kill_processes_with_env(marker: bytes) -> int:
+    """`kill -9` every process carrying `marker` in its environment; wait until they are gone; return how many."""
+    pids = processes_with_env(marker)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 20
+    while processes_with_env(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    return len(pids)
+
+
+# Ray titles an actor process `ray::<class>`: the sweep's trainable class once `tune.with_resources` wrapped it.
+TRIAL_ACTOR_TITLES = ("ray::ResourceTrainable", "ray::SweepTrial", "ray::ImplicitFunc")
+
+
+def trial_workers(root_pid: int, sweep_home: str) -> list:
+    """A run's Ray trial workers (Ray actors of the sweep's trainable): in the `sweep run` process tree, or
+    (a worker Ray re-parented) any whose environment carries the run's SWEEP_HOME."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    out = {}
+    for p in list(root.children(recursive=True)) + list(psutil.process_iter()):
+        try:
+            if not " ".join(p.cmdline()).startswith(TRIAL_ACTOR_TITLES):
+                continue
+            if p in root.children(recursive=True) or p.environ().get("SWEEP_HOME") == sweep_home:
+                out[p.pid] = p
+        except psutil.Error:
+            pass
+    return list(out.values())

@@ -10,14 +10,17 @@ re-exported here). Importing this module loads neither torch nor Ray.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sys
 import tempfile
+from pathlib import Path
 from typing import Any, Union
 
 from trial_worker.config import JobConfig, apply_params
 from trial_worker.demo_assets import prepare_assets
 
-__all__ = ["run_trial", "evaluate_base", "prepare_assets", "trial_job", *sorted(_LAZY := {
+__all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_job", *sorted(_LAZY := {
     # name -> module: the rest of what `sweep` may call, imported when first used so that
     # importing this module stays free of torch/transformers.
     "train": "trial_worker.production",
@@ -62,38 +65,136 @@ def trial_job(config: dict[str, Any], job: Union[dict, JobConfig], *, cpus: floa
     return out
 
 
-def run_trial(config: dict[str, Any], job: dict) -> None:
+FATAL_DIR = "failed_trials"  # <run_dir>/failed_trials/<trial id>.json: a deterministic failure of an earlier attempt
+
+
+def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> None:
     """Ray Tune function trainable: one QLoRA trial, reporting at each rung with a checkpoint.
 
     `config` holds the searched params by flat name (`learning_rate`, `lora_r`, ...). Resumes
-    from `ray.tune.get_checkpoint()` when Tune hands one back (a restored or retried trial).
+    from `ray.tune.get_checkpoint()` when Tune hands one back (a restored or retried trial),
+    after checking its hashes (`trial_worker.checkpoint`): a checkpoint cut short, corrupted
+    or deleted is skipped for the newest older one that verifies, or the trial restarts from
+    step 0; the first report after that carries `checkpoint_note` saying which and why.
     Each report carries `REPORT_KEYS` plus `steps` and `samples`, so ASHA's `time_attr`
     can be either budget unit.
+
+    A trial that fails deterministically (NaN/inf loss, out of memory at micro-batch 1) leaves
+    its reason in `run_dir/FATAL_DIR` (`run_dir`: the sweep's Tune run folder; without it, the
+    trial's local folder), so that a Tune retry (`max_failures`) fails at once with the same
+    reason instead of training into the same wall again.
     """
+    import json
+
     import ray
     from ray import tune
 
-    from trial_worker.recipe import run
+    from trial_worker.recipe import NonFiniteLoss, TrialOOM, run
 
+    context = tune.get_context()
+    if run_dir:  # the run's folder in Tune's storage: the same for every attempt, on any node
+        fatal = Path(run_dir) / FATAL_DIR / f"{context.get_trial_id()}.json"
+    else:
+        fatal = Path(context.get_trial_dir()) / FATAL_DIR / "trial.json"
+    if fatal.exists():
+        raise TrialNotRetried(json.loads(fatal.read_text())["reason"])
+    vanished = _VANISHED_CHECKPOINT.pop("path", None)  # see `trainable`
     assigned = ray.get_runtime_context().get_assigned_resources()
     trial = trial_job(config, job, cpus=assigned.get("CPU"), gpus=assigned.get("GPU"))
+    note: list[str] = []
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
         metrics = dict(metrics, steps=metrics["step"])
+        if note:
+            metrics["checkpoint_note"] = note.pop()
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
         # Tune has copied the checkpoint into the run's storage; the local copy is dead weight.
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     output_dir = tempfile.mkdtemp(prefix="sweep-trial-")
     try:
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            run(trial, report=report, output_dir=output_dir)
-        else:
-            with checkpoint.as_directory() as resume_from:
-                run(trial, report=report, resume_from=resume_from, output_dir=output_dir)
+        with _resume_point(tune.get_checkpoint(), vanished) as (resume_from, problems):
+            if problems:
+                then = f"resumed from {Path(resume_from).name}" if resume_from else "restarted from step 0"
+                note.append("; ".join(problems) + f"; {then}")
+                print(f"sweep: {note[0]}", file=sys.stderr, flush=True)
+            run(trial, report=report, resume_from=resume_from, output_dir=output_dir)
+    except (NonFiniteLoss, TrialOOM) as e:
+        fatal.parent.mkdir(parents=True, exist_ok=True)
+        fatal.write_text(json.dumps({"reason": f"{type(e).__name__}: {e}"}))
+        raise
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
+
+
+class TrialNotRetried(RuntimeError):
+    """A Tune retry of a trial that failed deterministically: it fails again at once, with the first reason."""
+
+
+_VANISHED_CHECKPOINT: dict[str, str] = {}  # set by `SweepTrial.restore`, taken by the next `run_trial` in this actor
+
+
+def trainable(job: dict, run_dir: str | None = None):
+    """The Tune trainable of a sweep: `run_trial` with its job, as a class whose restore survives a deleted checkpoint.
+
+    Tune's own restore refuses a checkpoint folder that no longer exists (and the retry fails);
+    here the trial goes on instead, from the newest older checkpoint that verifies, or from step 0,
+    and says so (see `run_trial`).
+    """
+    from ray import tune
+    from ray.tune.trainable import wrap_function
+
+    base = wrap_function(tune.with_parameters(run_trial, job=job, run_dir=run_dir))
+
+    class SweepTrial(base):
+        def restore(self, checkpoint_path):
+            checkpoint = getattr(checkpoint_path, "checkpoint", checkpoint_path)
+            try:
+                return super().restore(checkpoint_path)
+            except ValueError:
+                path = getattr(checkpoint, "path", None)
+                if not path or Path(path).exists():
+                    raise
+                # This class travels to the workers by value (cloudpickle), with copies of this module's
+                # globals: reach the real module's dict, which run_trial reads.
+                import trial_worker.entry
+
+                trial_worker.entry._VANISHED_CHECKPOINT["path"] = path  # run_trial takes an older one, or step 0
+
+    SweepTrial.__name__ = SweepTrial.__qualname__ = "SweepTrial"
+    return SweepTrial
+
+
+@contextlib.contextmanager
+def _resume_point(checkpoint, vanished: str | None = None):
+    """(checkpoint folder to resume from or None, notes on the checkpoints skipped) for Tune's `checkpoint`
+    (or for `vanished`, the local path of one Tune handed back but that no longer exists).
+
+    On a local (or shared) filesystem the older checkpoints Tune kept beside the given one
+    (`CheckpointConfig(num_to_keep=...)`) are the fallbacks; on remote storage only the given
+    one is downloaded and checked.
+    """
+    if checkpoint is None and vanished is None:
+        yield None, []
+        return
+    import pyarrow.fs
+
+    from trial_worker.checkpoint import choose
+
+    if vanished is not None or isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        given = Path(vanished or checkpoint.path)
+        older = sorted((p for p in given.parent.glob("checkpoint_*") if p.name < given.name), reverse=True)
+        chosen, notes = choose([given, *older])
+        yield (str(chosen) if chosen else None), notes
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            local = stack.enter_context(checkpoint.as_directory())
+        except OSError as e:
+            yield None, [f"checkpoint {checkpoint.path} could not be fetched: {e}"]
+            return
+        chosen, notes = choose([local])
+        yield (str(chosen) if chosen else None), notes
 
 
 def evaluate_base(job: Union[dict, JobConfig]) -> dict[str, float]:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import yaml
 
+from trial_worker.checkpoint import choose
 from trial_worker.config import JobConfig
 
 CONFIG_FILE = "config.yaml"
@@ -60,10 +61,15 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
-    """The newest complete checkpoint (one the Trainer finished writing: it has trainer_state.json)."""
-    done = [p for p in checkpoints(output_dir) if (p / "trainer_state.json").exists()]
-    return done[-1] if done else None
+def latest_checkpoint(output_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Optional[Path]:
+    """The newest checkpoint that passes its hash check (`trial_worker.checkpoint`); each newer one
+    skipped (cut short, corrupted, emptied) is logged with the reason."""
+    chosen, notes = choose(reversed(checkpoints(output_dir)))
+    for note in notes:
+        log(note)
+    if chosen is not None and notes:
+        log(f"falling back to {chosen.name}")
+    return chosen
 
 
 def train(job: JobConfig, output_dir: str | os.PathLike, *, resume: bool = False, merge: bool = False,
@@ -74,9 +80,9 @@ def train(job: JobConfig, output_dir: str | os.PathLike, *, resume: bool = False
 
     out = Path(output_dir)
     job = production_job(job)
-    resume_from = latest_checkpoint(out) if resume else None
+    resume_from = latest_checkpoint(out, log) if resume else None
     if resume and resume_from is None:
-        log(f"no checkpoint in {out} to resume from: starting from step 0")
+        log(f"no intact checkpoint in {out} to resume from: starting from step 0")
     if not resume and checkpoints(out):
         raise ProductionError(
             f"{out} already holds checkpoints ({checkpoints(out)[-1].name}); continue that run with --resume, "

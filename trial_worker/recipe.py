@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from trial_worker.checkpoint import write_manifest
 from trial_worker.config import REPORT_KEYS, JobConfig
 from trial_worker.data import load_splits
 from trial_worker.evaluate import validation_loss
@@ -371,6 +372,7 @@ class QLoRATrial:
         assert set(metrics) == set(REPORT_KEYS)
         state = {"wall_s": wall_s, "train_s": train_s, "tokens": tokens, "val_tokens": val["tokens"]}
         (Path(checkpoint_dir) / TRIAL_STATE_FILE).write_text(json.dumps(state))
+        write_manifest(checkpoint_dir)  # last: a checkpoint without it was cut short
         self.last_metrics = metrics
         self.report(dict(metrics), checkpoint_dir)
 
@@ -405,9 +407,12 @@ def _RungCallback(trial: QLoRATrial):
 
         def on_save(self, args, state, control, **kw):
             step = state.global_step
+            checkpoint_dir = os.path.join(args.output_dir, f"checkpoint-{step}")
             if step in trial.rung_steps:
-                trial._on_rung(step, os.path.join(args.output_dir, f"checkpoint-{step}"))
+                trial._on_rung(step, checkpoint_dir)  # hashes the checkpoint before reporting it
                 trial.t_mark = time.perf_counter()  # eval, saving and reporting are not training time
+            elif os.path.isdir(checkpoint_dir):  # a `save_steps` checkpoint of `sweep train`
+                write_manifest(checkpoint_dir)
 
     return RungCallback()
 

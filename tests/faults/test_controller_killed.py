@@ -13,40 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import optuna
 
-from sweep_helpers import small_spec, sweep_cli, sweep_env
+from sweep_helpers import kill_processes_with_env, small_spec, sweep_cli, sweep_env
 
 RUNGS = (4, 8, 16)
 LRS = [0.02, 0.01, 0.005, 0.002]
-
-
-def _ours(marker: bytes) -> list[int]:
-    """PIDs of the processes this test started (the killed controller's Ray, left orphaned): they carry its SWEEP_HOME."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != os.getpid():
-            try:
-                if marker in Path(f"/proc/{d}/environ").read_bytes():
-                    out.append(int(d))
-            except OSError:
-                pass
-    return out
-
-
-def _kill_ours(marker: bytes) -> int:
-    pids = _ours(marker)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 20
-    while _ours(marker) and time.time() < deadline:
-        time.sleep(0.2)
-    return len(pids)
 
 
 def _snapshot(study):
@@ -86,7 +59,7 @@ def test_a_killed_controller_resumes_with_finished_trials_kept_and_none_running(
     finally:
         if proc.poll() is None:
             proc.kill()
-        orphans = _kill_ours(marker)
+        orphans = kill_processes_with_env(marker)
     assert proc.returncode == -signal.SIGKILL
 
     before = _snapshot(optuna.load_study(study_name="ctl", storage=storage))
@@ -107,7 +80,7 @@ def test_a_killed_controller_resumes_with_finished_trials_kept_and_none_running(
     try:
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     finally:
-        _kill_ours(marker)
+        kill_processes_with_env(marker)
     seconds = time.perf_counter() - t0
     study = optuna.load_study(study_name="ctl", storage=storage)
     after = _snapshot(study)

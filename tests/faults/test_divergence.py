@@ -16,8 +16,10 @@ RUNGS = (4, 8, 16)
 def test_a_diverging_trial_is_stopped_recorded_fail_and_never_reaches_asha(tmp_path, assets, fault_row):
     # AdamW's decoupled decay multiplies the weights by (1 - lr * weight_decay) = -99 each step at
     # lr 10, wd 10: they overflow float32 within a few steps and the loss becomes NaN (seen at step ~7).
+    # max_failures 2: Ray would retry a failed trial twice; a diverged one must not train again.
     spec = small_spec(tmp_path, assets, name="diverge", rungs=RUNGS, training={"weight_decay": 10.0},
-                      params={"learning_rate": {"type": "choice", "values": [10.0, 0.02, 0.005]}})
+                      params={"learning_rate": {"type": "choice", "values": [10.0, 0.02, 0.005]}},
+                      resources={"gpus_per_trial": 0, "cpus_per_trial": 1, "max_concurrent_trials": 2, "max_failures": 2})
     t0 = time.perf_counter()
     r = sweep_cli("run", spec, cwd=tmp_path, env=sweep_env(tmp_path))
     seconds = time.perf_counter() - t0
@@ -47,6 +49,17 @@ def test_a_diverging_trial_is_stopped_recorded_fail_and_never_reaches_asha(tmp_p
     results = [json.loads(line) for p in (tmp_path / "runs").rglob("result.json") for line in p.read_text().splitlines() if line.strip()]
     assert results, "no Ray result files"
     assert all(math.isfinite(x["val_loss"]) for x in results if "val_loss" in x)
+    # Ray's retries (max_failures 2) failed at once with the first reason, without training again.
+    [error_txt] = list((tmp_path / "runs").rglob("error.txt"))
+    failures = error_txt.read_text().split("Failure # ")[1:]
+    assert len(failures) == 3, failures
+    assert "NonFiniteLoss" in failures[0] and "TrialNotRetried" not in failures[0]
+    assert all("TrialNotRetried: NonFiniteLoss: training diverged" in f for f in failures[1:]), failures[1:]
+    assert "TrialNotRetried: NonFiniteLoss: training diverged" in reason
+    bad_rows = [line for line in (error_txt.parent / "result.json").read_text().splitlines() if line.strip()]
+    assert len(bad_rows) == len(reported), bad_rows  # no report from a retry
     fault_row(fault="NaN/inf loss (diverging trial)",
-              injected="`sweep run`, grid lr in {10, 0.02, 0.005} with weight_decay 10: lr 10 overflows to NaN by step ~7",
-              lost=f"0 of 3 trials; FAIL reason recorded; {len(results)} Ray results all finite", seconds=seconds)
+              injected="`sweep run`, grid lr in {10, 0.02, 0.005} with weight_decay 10: lr 10 overflows to NaN by step ~7; "
+                       "max_failures 2",
+              lost=f"0 of 3 trials; FAIL reason recorded; {len(results)} Ray results all finite; Ray's {len(failures) - 1} "
+                   "retries failed at once with the same reason (no training repeated)", seconds=seconds)

@@ -12,27 +12,10 @@ import threading
 import time
 
 import optuna
-import psutil
 
-from sweep_helpers import small_spec, sweep_env
+from sweep_helpers import small_spec, sweep_env, trial_workers
 
 RUNGS = (30, 60, 120)  # long enough between rungs that a kill lands mid-training
-
-
-def _trial_workers(root: psutil.Process, sweep_home: str) -> list[psutil.Process]:
-    """This run's Ray trial workers: in the `sweep run` process tree, or (a worker Ray re-parented)
-    any `ray::ImplicitFunc` process whose environment carries this test's SWEEP_HOME."""
-    out = {}
-    candidates = list(root.children(recursive=True)) + list(psutil.process_iter())
-    for p in candidates:
-        try:
-            if not " ".join(p.cmdline()).startswith("ray::ImplicitFunc"):
-                continue
-            if p in root.children(recursive=True) or p.environ().get("SWEEP_HOME") == sweep_home:
-                out[p.pid] = p
-        except psutil.Error:
-            pass
-    return list(out.values())
 
 
 def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp_path, assets, fault_row):
@@ -68,7 +51,7 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
         home = sweep_env(tmp_path)["SWEEP_HOME"]
         workers, deadline = [], time.time() + 20
         while not workers and time.time() < deadline and proc.poll() is None:
-            workers = _trial_workers(psutil.Process(proc.pid), home)
+            workers = trial_workers(proc.pid, home)
             time.sleep(0.1)
         assert workers, "no Ray trial worker process found:\n" + "".join(lines)
         for w in workers:  # every trial worker alive now, mid-training
