@@ -120,3 +120,22 @@ def test_merged_model_loads_plainly_and_matches_base_plus_adapter(resumed, job):
     exact = production.merge_adapter(job, out / "adapter", out / "merged32", dtype="float32")
     got32 = _logits(AutoModelForCausalLM.from_pretrained(exact).eval(), ids)
     torch.testing.assert_close(got32, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_skips_a_corrupted_newest_checkpoint_for_the_older_one_and_ends_the_same(job, uninterrupted, tmp_path):
+    """The newest checkpoint fails its hash check (bytes flipped in its optimizer state, same size):
+    `--resume` says so, goes on from the older one, and still ends where the uninterrupted run ends."""
+    out = tmp_path / "run"
+    with pytest.raises(_Crash):
+        production.train(job, out, callbacks=[_crash_at(10)])
+    assert [p.name for p in production.checkpoints(out)] == ["checkpoint-4", "checkpoint-8"]
+    opt = out / "checkpoint-8" / "optimizer.pt"
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    opt.write_bytes(bytes(data))
+    said = []
+    metrics = production.train(job, out, resume=True, log=said.append)
+    assert "checkpoint checkpoint-8 rejected: optimizer.pt fails its SHA-256 check (corrupted)" in said
+    assert "falling back to checkpoint-4" in said and f"resuming from {out / 'checkpoint-4'}" in said
+    assert metrics["step"] == 12
+    assert metrics["val_loss"] == pytest.approx(uninterrupted[1]["val_loss"], rel=1e-5)
