@@ -21,7 +21,8 @@ RUNGS = (30, 60, 120)  # long enough between rungs that a kill lands mid-trainin
 def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp_path, assets, fault_row):
     spec = small_spec(tmp_path, assets, name="killed", rungs=RUNGS, resources={
         "gpus_per_trial": 0, "cpus_per_trial": 1, "max_concurrent_trials": 2, "max_failures": 1},
-        params={"learning_rate": {"type": "choice", "values": [0.02, 0.005]}})
+        params={"learning_rate": {"type": "choice", "values": [0.02, 0.005]}},
+        tracking={"wandb": {"mode": "offline", "project": "sweep-faults"}})
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=sweep_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -89,7 +90,20 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
     assert resumed, "no trial continued from its checkpoint"
     for t in trials:  # intermediate values at the rungs, each once (a re-reported rung: the first report stands)
         assert sorted(t.intermediate_values) == list(RUNGS[: len(t.intermediate_values)])
+    # The W&B runs live in the controller, which the kill did not touch: one run per trial, continued
+    # through the retry (each rung logged once, in order), ending in the state the study records.
+    from sweep.tracking import offline_runs, read_offline_run, wandb_root
+
+    runs = [read_offline_run(p) for p in offline_runs(wandb_root(tmp_path / "runs", "killed"))]
+    by_trial = {t.number: [r for r in runs if r["id"] == t.user_attrs["wandb_run_id"]] for t in trials}
+    assert all(len(v) == 1 for v in by_trial.values()) and len(runs) == len(trials), [r["id"] for r in runs]
+    for t in trials:
+        [run] = by_trial[t.number]
+        logged = [row["_step"] for row in run["history"] if "val_loss" in row]
+        assert logged == sorted(t.intermediate_values), (logged, t.intermediate_values)
+        assert run["summary"]["state"] == t.state.name
     fault_row(fault="trial worker killed",
               injected=f"`kill -9` of {len(killed)} Ray trial worker(s) once Tune recorded its first rung and checkpoint, mid-way to rung 2; max_failures 1",
               lost=f"0 of 2 trials; no duplicate; {len(resumed)} resumed from the rung checkpoint "
-                   f"({', '.join(f'{a}->{b}' for a, b in resumed)} steps), {len(restarted)} restarted from scratch", seconds=seconds)
+                   f"({', '.join(f'{a}->{b}' for a, b in resumed)} steps), {len(restarted)} restarted from scratch; "
+                   f"{len(runs)} W&B runs (one per trial) continued, each rung logged once", seconds=seconds)
