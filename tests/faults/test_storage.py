@@ -42,16 +42,19 @@ class Cli:
         for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
             threading.Thread(target=lambda s=stream, ls=lines: [ls.append(x) for x in s], daemon=True).start()
 
-    def wait_for(self, text: str, timeout: float) -> bool:
-        """True once a stdout line holds `text`; False if the process ended or the time ran out first."""
+    def wait_for(self, pattern: str, timeout: float, count: int = 1) -> bool:
+        """True once `count` stdout lines match `pattern`; False if the process ended or the time ran out first."""
+        def seen():
+            return sum(1 for line in list(self.out) if re.search(pattern, line)) >= count
+
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if any(text in line for line in list(self.out)):
+            if seen():
                 return True
             if self.proc.poll() is not None:
                 time.sleep(0.5)  # the reader threads finish the pipes
-                return any(text in line for line in list(self.out))
-            time.sleep(0.1)
+                return seen()
+            time.sleep(0.05)
         return False
 
     def retries(self) -> list[tuple[str, int, str]]:
@@ -132,10 +135,13 @@ def test_postgresql_restarted_mid_sweep_loses_nothing(tmp_path, assets, pg_serve
     run = Cli("run", spec, "--storage", url, cwd=tmp_path, env=sweep_env(tmp_path, PGPASSWORD=pg_server.password))
     restarts = []
     try:
-        for event in (" rung 1/", " rung 2/"):  # once a rung is being recorded; then once more, later
-            if run.wait_for(event, 300) and run.proc.poll() is None:
+        # Once the first rung is printed (trials running, rungs being recorded); then as the last trial ends
+        # (its final writes, then the controller's own: unfinished trials failed, the leaderboard read).
+        for event, pattern, count in (("the first rung was printed", r" rung 1/", 1),
+                                      ("the last trial ended", r" (COMPLETE|PRUNED|FAIL)\b", len(LRS))):
+            if run.wait_for(pattern, 300, count) and run.proc.poll() is None:
                 pg_server.restart()
-                restarts.append(event.strip())
+                restarts.append(event)
     finally:
         rc = run.finish()
     seconds = time.perf_counter() - t0
@@ -147,7 +153,7 @@ def test_postgresql_restarted_mid_sweep_loses_nothing(tmp_path, assets, pg_serve
     retried = run.retries()
     fault_row(fault="PostgreSQL restarted mid-sweep",
               injected=f"`sweep run --storage postgresql+psycopg://...` (password in PGPASSWORD); `pg_ctl restart -m fast` "
-                       f"{len(restarts)}x, once {' and once '.join(restarts)} was printed",
+                       f"{len(restarts)}x: once {', once '.join(restarts)}",
               lost=f"0 of {len(LRS)} trials, 0 of {n_rungs} rungs Ray reported; no duplicate, none RUNNING; "
                    f"{len(retried)} write(s) retried", seconds=seconds)
 
@@ -171,7 +177,7 @@ def test_sqlite_locked_by_another_writer_is_retried_and_loses_nothing(tmp_path, 
     run = Cli("run", spec, "--storage", f"sqlite:///{db}?timeout={busy_s}", cwd=tmp_path, env=sweep_env(tmp_path))
     locker, held = None, 0.0
     try:
-        assert run.wait_for(" rung 1/", 300), "no trial reached its first rung:\n" + run.tail()
+        assert run.wait_for(r" rung 1/", 300), "no trial reached its first rung:\n" + run.tail()
         # Another process takes the database: no other connection may read or write it until it commits.
         locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert locker.stdout.readline().strip() == "locked"
@@ -219,7 +225,7 @@ def test_postgresql_down_longer_than_the_retries_stops_clearly_then_resumes(tmp_
     run = Cli("run", spec, "--storage", url, cwd=tmp_path, env=env)
     down_at = None
     try:
-        assert run.wait_for(" rung 1/", 300), "no trial reached its first rung:\n" + run.tail()
+        assert run.wait_for(r" rung 1/", 300), "no trial reached its first rung:\n" + run.tail()
         pg_server.stop(mode="fast")  # a clean shutdown (commits flushed); it stays down until the controller gives up
         down_at = time.time()
         rc = run.finish(timeout=180)
