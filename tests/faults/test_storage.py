@@ -155,7 +155,8 @@ def test_postgresql_restarted_mid_sweep_loses_nothing(tmp_path, assets, pg_serve
               injected=f"`sweep run --storage postgresql+psycopg://...` (password in PGPASSWORD); `pg_ctl restart -m fast` "
                        f"{len(restarts)}x: once {', once '.join(restarts)}",
               lost=f"0 of {len(LRS)} trials, 0 of {n_rungs} rungs Ray reported; no duplicate, none RUNNING; "
-                   f"{len(retried)} write(s) retried", seconds=seconds)
+                   f"{len(retried)} failed tries retried" + (f" ({', '.join(sorted({w for w, _, _ in retried}))})" if retried else ""),
+              seconds=seconds)
 
 
 LOCKER = """
