@@ -154,7 +154,7 @@ def test_postgresql_restarted_mid_sweep_loses_nothing(tmp_path, assets, pg_serve
     fault_row(fault="PostgreSQL restarted mid-sweep",
               injected=f"`sweep run --storage postgresql+psycopg://...` (password in PGPASSWORD); `pg_ctl restart -m fast` "
                        f"{len(restarts)}x: once {', once '.join(restarts)}",
-              lost=f"0 of {len(LRS)} trials, 0 of {n_rungs} rungs Ray reported; no duplicate, none RUNNING; "
+              lost=f"none: {len(LRS)} of {len(LRS)} trials and all {n_rungs} rungs Ray reported are in the study; no duplicate, none RUNNING; "
                    f"{len(retried)} failed tries retried" + (f" ({', '.join(sorted({w for w, _, _ in retried}))})" if retried else ""),
               seconds=seconds)
 
@@ -211,7 +211,7 @@ def test_sqlite_locked_by_another_writer_is_retried_and_loses_nothing(tmp_path, 
     fault_row(fault="SQLite study locked by another writer",
               injected=f"`sweep run` on a SQLite study (busy timeout {busy_s} s via `?timeout=`); another process holds "
                        f"`BEGIN EXCLUSIVE` on it for {held:.0f} s once the first rung was printed",
-              lost=f"0 of {len(LRS)} trials, 0 of {n_rungs} rungs Ray reported; no duplicate, none RUNNING; "
+              lost=f"none: {len(LRS)} of {len(LRS)} trials and all {n_rungs} rungs Ray reported are in the study; no duplicate, none RUNNING; "
                    f"{len(retried)} failed tries retried ({', '.join(writes)}: database is locked), logged on stderr",
               seconds=seconds)
 
@@ -265,4 +265,4 @@ def test_postgresql_down_longer_than_the_retries_stops_clearly_then_resumes(tmp_
                        f"stopped ({down_s:.0f} s); started again; then the `sweep resume` command its message gave",
               lost=f"0: `sweep run` exit 75 with one message (what failed, nothing lost, the resume command), no traceback, "
                    f"no password; {n_before} rungs recorded before the outage kept; after resume {len(LRS)} of {len(LRS)} "
-                   f"trials, 0 of {n_rungs} rungs Ray reported missing, none RUNNING", seconds=seconds)
+                   f"trials, all {n_rungs} rungs Ray reported in the study, none RUNNING", seconds=seconds)
