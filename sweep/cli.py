@@ -18,6 +18,8 @@ app = typer.Typer(
 
 # `sweep run`/`resume` exit status when the study database failed mid-sweep (sysexits' EX_TEMPFAIL: try again later).
 EXIT_STORAGE_LOST = 75
+# ... when a trial's checkpoint hit a full disk (sysexits' EX_IOERR): free space, then `sweep resume`.
+EXIT_DISK_FULL = 74
 
 STORAGE_HELP = "SQLAlchemy URL of the study (overrides the spec's storage); password from PGPASSWORD if omitted"
 
@@ -68,7 +70,7 @@ def run(
     s = _load(spec)
     if s.search is None:
         _fail(f"{spec}: has no `search` section; to train this config once use `sweep train {spec}`")
-    from sweep.controller import StudyStorageLost, run_sweep
+    from sweep.controller import DiskFullStop, StudyStorageLost, run_sweep
     from sweep.record import StorageError
 
     try:
@@ -77,6 +79,8 @@ def run(
         _fail(f"sweep run: {e}")
     except StudyStorageLost as e:
         _fail(str(e), EXIT_STORAGE_LOST)
+    except DiskFullStop as e:
+        _fail(str(e), EXIT_DISK_FULL)
     if summary.get("errors"):
         raise typer.Exit(1)
 
@@ -92,7 +96,7 @@ def resume(
     s = _load(spec)
     if s.search is None:
         _fail(f"{spec}: has no `search` section; nothing to resume")
-    from sweep.controller import ResumeRefused, StudyStorageLost, run_sweep
+    from sweep.controller import DiskFullStop, ResumeRefused, StudyStorageLost, run_sweep
     from sweep.record import StorageError
 
     try:
@@ -103,6 +107,8 @@ def resume(
         _fail(f"sweep resume: {e}")
     except StudyStorageLost as e:
         _fail(str(e), EXIT_STORAGE_LOST)
+    except DiskFullStop as e:
+        _fail(str(e), EXIT_DISK_FULL)
     if summary.get("errors"):
         raise typer.Exit(1)
 

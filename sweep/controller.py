@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ def _make_progress_callback(searcher, spec: SweepSpec, console):
         def __init__(self, searcher, unit, rungs, console):
             self.searcher, self.unit, self.rungs, self.t0 = searcher, unit, rungs, time.time()
             self.console = console
+            self.disk_full = None  # the DiskFull reason that stopped the sweep
 
         def __getstate__(self):
             return {k: v for k, v in self.__dict__.items() if k != "console"}
@@ -76,8 +78,97 @@ def _make_progress_callback(searcher, spec: SweepSpec, console):
             self.searcher.record_failure(trial.trial_id, reason)
             last = reason.strip().splitlines()[-1] if reason.strip() else "?"
             self._say(f"{self._label(trial)} [red]FAIL[/]: {last}")
+            self._stop_if_disk_full(trial, reason)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            # A Ray retry (`max_failures`) into a full disk would fail the same way: stop the sweep instead; the
+            # trial stays unfinished in the study and `sweep resume` continues it from its last checkpoint.
+            self._stop_if_disk_full(trial, _error_text(trial))
+
+        def _stop_if_disk_full(self, trial, reason: str) -> None:
+            line = next((x for x in reversed(reason.splitlines()) if DISK_FULL_MARK in x), None)
+            if line is None or self.disk_full:
+                return
+            self.disk_full = line[line.index(DISK_FULL_MARK):].strip()
+            self._say(f"[red]stopping the sweep[/]: {self._label(trial)} hit a full disk; no new trial starts")
+            _interrupt_tune()
 
     return Progress(searcher, spec.budget.unit, list(spec.budget.rungs), console)
+
+
+DISK_FULL_MARK = "disk full: "  # how `trial_worker.entry.DiskFull` starts its reason
+
+
+def _interrupt_tune() -> None:
+    """End `Tuner.fit` the way Ctrl+C does: Tune stops starting trials, saves its experiment state one last time
+    with the running trials still unfinished (so `Tuner.restore` continues them, and the searcher records
+    nothing for them), stops their actors and returns. Tune handles SIGUSR1 like SIGINT while it runs in the
+    main thread (`ray.tune.tune._setup_signal_catching`); elsewhere the callback's exception ends the fit."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGUSR1)):
+        signal.raise_signal(signal.SIGUSR1)
+    else:
+        raise DiskFullStop("disk full")
+
+
+class DiskFullStop(RuntimeError):
+    """A trial could not write its checkpoint (disk full): the sweep stopped, resumable once space is freed."""
+
+
+class _DiskFullLogs:
+    """While a sweep may stop for a full disk: drops Ray's tracebacks of the DiskFull trial errors (the trial's
+    FAIL line and the study hold the reason) and Tune's own Ctrl+C messages once the sweep stops (the controller
+    says once what happened and how to continue), and notes whether Tune failed to save its experiment state."""
+
+    LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state",
+               "ray._private.worker")
+
+    def __init__(self, progress):
+        self.progress, self.state_unsaved = progress, None
+
+    def __enter__(self):
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+    def filter(self, record) -> bool:
+        text = str(record.msg)
+        exc = record.exc_info[1] if record.exc_info else None
+        about = f"{text} {exc!r} {getattr(exc, '__cause__', None)!r}"
+        if "DiskFull" in about and text.startswith(("Trial task failed", "Unhandled error")):
+            return False
+        if not getattr(self.progress, "disk_full", None):
+            # A save that failed on the full disk before the stop: the state saved at the stop is what counts.
+            return not (text.startswith("Saving experiment state to storage") and "No space left" in repr(exc))
+        if text.startswith("Saving experiment state to storage"):
+            self.state_unsaved = (str(exc).strip().splitlines() or [type(exc).__name__])[-1] if exc else "failed"
+            return False
+        return not text.startswith(("Stop signal received", "Experiment has been interrupted", "Trials did not complete"))
+
+
+def _disk_full_message(reason: str, *, run_dir: Path, spec: SweepSpec, spec_path: Path, study_name: str,
+                       storage: Optional[str], state_unsaved: Optional[str] = None) -> str:
+    again = f"sweep resume {spec_path}"
+    if storage:
+        from sweep.record import url_without_password
+
+        again += f" --storage {url_without_password(storage)}"
+    if study_name != spec.name:
+        again += f" --name {study_name}"
+    reason = reason.split(" [", 1)[0] if reason.endswith("]") else reason  # the library's own words stay in the study
+    return (f"sweep: stopped: {reason.replace('`sweep resume SPEC`', 'resume')}.\n"
+            f"The trial that hit it is recorded FAIL with that reason; trials still running were stopped unfinished and "
+            f"no new trial was started. Ray Tune's run folder {run_dir} keeps every checkpoint written before.\n"
+            + (f"Ray Tune could not save its last experiment state there either ({state_unsaved}): the run folder may "
+               f"be older than the study, and `sweep resume` may redo work from where it was last saved.\n"
+               if state_unsaved else "") +
+            f"Free space on the disk of {run_dir}, then continue with: {again}")
 
 
 def _fmt(v: Any) -> str:
@@ -333,7 +424,23 @@ def run_sweep(
             f"ASHA over {n_trials} trials, rungs {' -> '.join(map(str, budget.rungs))} {budget.unit}, "
             f"{res.cpus_per_trial:g} CPU / {res.gpus_per_trial:g} GPU per trial"
         )
-        results = tuner.fit()
+        # On resume the callbacks are the ones restored from the run folder (Tuner.restore takes no RunConfig).
+        progress = callbacks[0] if not resume else next(
+            (c for c in tuner._local_tuner.get_run_config().callbacks or [] if hasattr(c, "_stop_if_disk_full")), None)
+        if progress is not None:
+            progress.disk_full = None
+        with _DiskFullLogs(progress) as logs:
+            try:
+                results = tuner.fit()
+            except Exception:
+                if not getattr(progress, "disk_full", None):
+                    raise
+                results = None  # the callback's exception ended the fit (Tune not in the main thread)
+            if getattr(progress, "disk_full", None):
+                ray.shutdown()  # its unhandled-error messages of the stopped trials are filtered too
+                # Trials stopped unfinished stay RUNNING in the study: `sweep resume` continues them.
+                raise DiskFullStop(_disk_full_message(progress.disk_full, run_dir=run_dir, spec=spec, spec_path=spec_path,
+                                                      study_name=study_name, storage=storage, state_unsaved=logs.state_unsaved))
         errors = sum(1 for r in results if r.error is not None)
         # The study is written and read once more after the fit: retried like the searcher's own writes.
         if resume:
@@ -348,6 +455,8 @@ def run_sweep(
         study = searcher._retry("read the study", lambda: optuna.load_study(study_name=study_name, storage=rstorage))
         rows = searcher._retry("read the leaderboard", lambda: leaderboard(study))
         searcher._retry("read the leaderboard", lambda: render(rows, study, console=console))
+    except DiskFullStop:
+        raise
     except Exception as e:
         failure = _storage_failure(e)
         if failure is None:

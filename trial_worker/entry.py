@@ -11,6 +11,8 @@ re-exported here). Importing this module loads neither torch nor Ray.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import shutil
 import sys
 import tempfile
@@ -102,12 +104,17 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
     assigned = ray.get_runtime_context().get_assigned_resources()
     trial = trial_job(config, job, cpus=assigned.get("CPU"), gpus=assigned.get("GPU"))
     note: list[str] = []
+    writing: dict = {}  # the checkpoint being copied into the run's storage: {"step", "path"}
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
         metrics = dict(metrics, steps=metrics["step"])
         if note:
             metrics["checkpoint_note"] = note.pop()
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        try:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        except OSError:
+            writing.update(step=metrics["step"], **_storage_checkpoint())
+            raise
         # Tune has copied the checkpoint into the run's storage; the local copy is dead weight.
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
@@ -123,8 +130,87 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
         fatal.parent.mkdir(parents=True, exist_ok=True)
         fatal.write_text(json.dumps({"reason": f"{type(e).__name__}: {e}"}))
         raise
+    except (OSError, RuntimeError) as e:
+        if not _is_disk_full(e, writing.get("path") or output_dir):
+            raise
+        raise DiskFull.writing(e, output_dir=output_dir, **writing) from e
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
+
+
+class DiskFull(OSError):
+    """`disk full`: a checkpoint of the trial could not be written (ENOSPC/EDQUOT): on Tune's storage
+    (`output_dir`) while Tune copied it there, or in the trial's local temp folder while the Trainer saved it.
+
+    The partial checkpoint is removed (it never got its manifest, so it could not be resumed from anyway,
+    and its bytes are given back); the checkpoints written before are left as they are. The controller
+    stops the sweep on it (`sweep.controller`): every trial after it would hit the same full disk.
+    """
+
+    @classmethod
+    def writing(cls, error: BaseException, *, output_dir: str, step: int | None = None, path: str | None = None,
+                local: bool = True) -> "DiskFull":
+        if path is None:  # the Trainer's own save, in the local temp folder
+            steps = [int(p.name.rsplit("-", 1)[-1]) for p in Path(output_dir).glob("checkpoint-*")
+                     if p.name.rsplit("-", 1)[-1].isdigit()]
+            step = max(steps) if steps else None
+            path = str(Path(output_dir) / f"checkpoint-{step}") if steps else output_dir
+        room = ""
+        if local:
+            shutil.rmtree(path, ignore_errors=True)
+            where = _existing(path)
+            try:
+                st = os.statvfs(where)
+                room = f" ({st.f_bavail * st.f_frsize / 2**20:.1f} MB free of {st.f_blocks * st.f_frsize / 2**20:.1f} MB on {where})"
+            except OSError:
+                pass
+        cause = str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(error).__name__
+        of = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+        return cls(errno.ENOSPC, f"disk full: no space left on device writing {of} to {path}{room}; earlier "
+                                 f"checkpoints are kept; free space there, then `sweep resume SPEC` [{cause}]")
+
+
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")
+
+
+def _is_disk_full(error: BaseException, path: str) -> bool:
+    """ENOSPC/EDQUOT anywhere in `error`'s chain: an OSError's errno, or the text of a library that drops it
+    (safetensors: `StorageFull`; torch.save: "file write failed" while the disk of `path` has no room left)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(t in str(e) for t in _DISK_FULL_TEXT):
+            return True
+        if isinstance(e, RuntimeError) and "file write failed" in str(e):
+            try:
+                st = os.statvfs(_existing(path))
+                return st.f_bavail * st.f_frsize < 1 << 20
+            except OSError:
+                return False
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _existing(path: str) -> str:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return str(p)
+
+
+def _storage_checkpoint() -> dict:
+    """{"path", "local"} of the checkpoint Tune was copying into the run's storage when its `report` failed
+    (Tune numbers it before the copy: the current `checkpoint_NNNNNN`)."""
+    try:
+        import pyarrow.fs
+        from ray.train._internal.session import get_storage
+
+        storage = get_storage()
+        return {"path": storage.checkpoint_fs_path,
+                "local": isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem)}
+    except Exception:  # not in a Tune session: say where in words
+        return {"path": "the run's storage", "local": False}
 
 
 class TrialNotRetried(RuntimeError):

@@ -1,0 +1,187 @@
+"""Disk full on the checkpoint path (#6 item 5): a real ENOSPC under a real `sweep run`.
+
+The sweep's `output_dir` (where Ray Tune keeps its run folder: every trial's checkpoints, results and the
+experiment state) is a small tmpfs mounted for the test. Once the first rung is recorded, a ballast file takes
+every free byte, so the next checkpoint Tune copies there fails with ENOSPC. The trial is recorded FAIL with
+the disk-full reason, the sweep stops (no new trial starts, exit 74, one message saying what filled, where and
+what to do), the checkpoints written before stay intact, and once the ballast is gone `sweep resume SPEC`
+finishes the sweep.
+
+The study (SQLite) stays beside the spec, off the tmpfs, as it does by default: a full disk under the study's
+database is a storage failure of the study (`test_storage.py`: the searcher's retries, then exit 75), and the
+disk-full reason could not be recorded in a database on the full disk anyway.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from sweep_helpers import kill_processes_with_env, small_spec, sweep_cli, sweep_env
+from trial_worker.checkpoint import MANIFEST, verify
+
+RUNGS = (4, 16)
+BUDGET = {"unit": "steps", "min": 4, "max": 16, "reduction_factor": 4}
+LRS = [0.02, 0.01, 0.005]
+TMPFS_MB = 48
+
+
+def _mount_tmpfs(path: Path, mb: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {path} (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
+
+
+def _free(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _fill(directory: Path, leave: int) -> Path:
+    """A ballast file taking every free byte of the filesystem of `directory` but `leave` (less than a checkpoint:
+    the next checkpoint fills the disk while it is being written, as on a real disk filling up)."""
+    ballast = directory / "ballast"
+    fd = os.open(ballast, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, _free(directory) - leave)
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def _size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def _checkpoints(run_dir: Path) -> dict[str, str | None]:
+    """{trial dir/checkpoint: what is wrong with it (None: verifies)} for every checkpoint folder of the run."""
+    return {f"{c.parent.name}/{c.name}": verify(c) for c in sorted(run_dir.glob("*/checkpoint_*")) if c.is_dir()}
+
+
+def _snapshot(study):
+    return {t.number: (t.state.name, t.value, dict(t.intermediate_values), t.params["learning_rate"],
+                       t.user_attrs.get("fail_reason")) for t in study.trials}
+
+
+def test_a_full_disk_fails_the_trial_clearly_stops_the_sweep_and_resume_finishes_it(tmp_path, assets, fault_row):
+    name = "diskfull"
+    spec = small_spec(tmp_path, assets, name=name, rungs=RUNGS, budget=BUDGET,
+                      params={"learning_rate": {"type": "choice", "values": LRS}})
+    runs = tmp_path / "runs"
+    _mount_tmpfs(runs, TMPFS_MB)
+    env = sweep_env(tmp_path)
+    marker = f"SWEEP_HOME={env['SWEEP_HOME']}\0".encode()
+    storage = f"sqlite:///{tmp_path / f'{name}.db'}"
+    run_dir = runs / name
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out: list[str] = []
+        err: list[str] = []
+        first_rung = threading.Event()
+
+        def read():
+            for line in proc.stdout:
+                out.append(line)
+                if f" rung 1/{len(RUNGS)}" in line:
+                    first_rung.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
+        try:
+            deadline = time.time() + 240
+            while not first_rung.wait(0.05) and proc.poll() is None and time.time() < deadline:
+                pass
+            assert first_rung.is_set(), "no rung recorded:\n" + "".join(out) + "".join(err)
+            before_fill = _checkpoints(run_dir)
+            checkpoint_bytes = min(_size(c) for c in run_dir.glob("*/checkpoint_*"))
+            ballast = _fill(runs, leave=checkpoint_bytes // 2)
+            free_after_fill = _free(runs)
+            assert 0 < free_after_fill < checkpoint_bytes, (free_after_fill, checkpoint_bytes)
+            proc.wait(300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            time.sleep(0.5)
+            kill_processes_with_env(marker)
+        stdout, stderr = "".join(out), "".join(err)
+        assert proc.returncode == 74, stdout[-3000:] + stderr[-3000:]
+
+        # One clear message on the terminal: what filled, where, what to do; no traceback.
+        assert "Traceback" not in stderr and "Traceback" not in stdout, stderr[-4000:]
+        message = " ".join(stderr.split())
+        assert re.search(r"sweep: stopped: disk full: no space left on device writing the checkpoint of step (\d+) to "
+                         + re.escape(str(run_dir)) + r"/\S+/checkpoint_\d{6} \([\d.]+ MB free of 48\.0 MB on ", message), stderr
+        assert str(run_dir) in message and f"then continue with: sweep resume {spec}" in message, stderr
+        assert "Tuner.restore" not in stderr and "Stop signal received" not in stderr, stderr
+        state_saved = "could not save its last experiment state" not in stderr
+
+        study = optuna.load_study(study_name=name, storage=storage)
+        stopped = _snapshot(study)
+        full = {n: v for n, v in stopped.items() if v[0] == "FAIL"}
+        assert full, stopped
+        for n, v in full.items():  # recorded FAIL once, with the disk-full reason (not pyarrow's bare OSError)
+            m = re.search(r"DiskFull: \[Errno 28\] disk full: no space left on device writing the checkpoint of step (\d+) to "
+                          r"\S+ \([\d.]+ MB free of 48\.0 MB on .*\); earlier checkpoints are kept", v[4])
+            assert m and int(m[1]) in RUNGS, v
+            assert sorted(v[2]) == [s for s in RUNGS if s < int(m[1])], v  # the rungs before it stay recorded
+        assert len(stopped) < len(LRS), stopped  # the sweep stopped instead of failing the trials still to come
+        assert not any(v[0] == "COMPLETE" for v in stopped.values()), stopped
+
+        # The checkpoints written before the disk filled are all there and intact; the one cut short was removed.
+        after_stop = _checkpoints(run_dir)
+        assert before_fill and all(v is None for v in before_fill.values()), before_fill
+        for c in before_fill:
+            assert after_stop.get(c, "gone") is None, (c, after_stop)
+        assert all(v is None for v in after_stop.values()), after_stop  # no partial checkpoint left to resume from
+
+        # Space freed: `sweep resume SPEC` finishes the sweep.
+        ballast.unlink()
+        r = sweep_cli("resume", spec, cwd=tmp_path, env=env, timeout=400)
+        kill_processes_with_env(marker)
+        # Exit 1, as `sweep run` exits for a sweep with a failed trial: the disk-full trial stays FAIL (not retried).
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout[-4000:] + r.stderr[-4000:]
+        seconds = time.perf_counter() - t0
+        after = _snapshot(optuna.load_study(study_name=name, storage=storage))
+        assert len(after) == len(LRS), after  # the spec's trial count
+        assert sorted(v[3] for v in after.values()) == sorted(LRS)  # each grid point once
+        assert not any(v[0] == "RUNNING" for v in after.values()), after
+        for n, v in stopped.items():
+            if v[0] != "RUNNING":
+                assert after[n] == v, (n, v, after[n])  # finished trials (the disk-full FAIL) unchanged
+            else:
+                assert set(v[2]) <= set(after[n][2]) and after[n][0] in ("COMPLETE", "PRUNED"), (v, after[n])
+        assert all(v[0] in ("COMPLETE", "PRUNED") for n, v in after.items() if n not in full), after
+
+        # No resumed trial went past a checkpoint that failed its hashes (none was cut short and kept).
+        rows = [json.loads(x) for f in run_dir.glob("*/result.json") for x in f.read_text().splitlines() if x.strip()]
+        assert not [r for r in rows if r.get("checkpoint_note")], [r["checkpoint_note"] for r in rows if r.get("checkpoint_note")]
+        assert all((c / MANIFEST).exists() for c in run_dir.glob("*/checkpoint_*")), list(run_dir.glob("*/checkpoint_*"))
+    finally:
+        kill_processes_with_env(marker)
+        subprocess.run(["umount", "-l", str(runs)], capture_output=True)
+
+    continued = [n for n, v in stopped.items() if v[0] == "RUNNING"]
+    fault_row(fault="disk full on the checkpoint path, then `sweep resume`",
+              injected=f"`sweep run` (3 trials, 2 at a time) with output_dir on a {TMPFS_MB} MB tmpfs; once rung 1 was "
+                       f"recorded a ballast file left {free_after_fill // 1024} KiB free (half a {checkpoint_bytes // 1024} KiB "
+                       f"checkpoint), so the next checkpoint copy filled the disk: a real ENOSPC; ballast removed, then `sweep resume SPEC`",
+              lost=f"0 of {len(LRS)} trials: {len(full)} FAIL `DiskFull: disk full: ...` (rung {RUNGS[0]} kept), "
+                   f"{len(before_fill)} earlier checkpoints intact (SHA-256), sweep stopped with {len(stopped)} of "
+                   f"{len(LRS)} started (exit 74), {len(continued)} unfinished continued and {len(LRS) - len(stopped)} "
+                   "not yet started ran on resume; none RUNNING"
+                   + ("" if state_saved else "; Tune's last experiment state could not be saved (said on the terminal)"),
+              seconds=seconds)
