@@ -16,7 +16,7 @@ import time
 
 import optuna
 
-from sweep_helpers import kill_processes_with_env, small_spec, sweep_cli, sweep_env
+from sweep_helpers import kill_processes_with_env, processes_with_env, small_spec, sweep_cli, sweep_env
 
 RUNGS = (4, 8, 16)
 LRS = [0.02, 0.01, 0.005, 0.002]
@@ -96,4 +96,94 @@ def test_a_killed_controller_resumes_with_finished_trials_kept_and_none_running(
                        f"processes ({orphans}) killed; an edited spec tried first; then `sweep resume SPEC`",
               lost=f"0 of {len(LRS)} trials: {len(done_before)} finished kept as recorded, {len(running_before)} unfinished "
                    f"continued, {len(after) - len(before)} not yet started ran; none RUNNING; edited spec refused (exit 2)",
+              seconds=seconds)
+
+
+def test_killed_while_a_checkpoint_is_written_the_sweep_resumes_from_intact_checkpoints(tmp_path, assets, fault_row):
+    """The machine dies mid-checkpoint: every process of the sweep (controller, Ray, trial workers) gets
+    `kill -9` the moment a new checkpoint folder appears in Tune's run folder, while the trial worker is
+    still copying it there. `sweep resume` must not resume from the torn folder, and loses nothing."""
+    import yaml
+
+    from trial_worker.checkpoint import verify
+
+    lrs = LRS[:2]
+    spec = small_spec(tmp_path, assets, name="torn", rungs=RUNGS, params={"learning_rate": {"type": "choice", "values": lrs}})
+    data = yaml.safe_load(spec.read_text())
+    data["model"]["lora"]["r"] = 1024  # a ~35 MB checkpoint: its copy takes long enough to be caught in the act
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = sweep_env(tmp_path, TUNE_GLOBAL_CHECKPOINT_S="1")
+    marker = f"SWEEP_HOME={env['SWEEP_HOME']}\0".encode()
+    storage = f"sqlite:///{tmp_path / 'torn.db'}"
+    run_dir = tmp_path / "runs" / "torn"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+
+    def checkpoint_dirs() -> set:
+        try:
+            return {c.path for t in os.scandir(run_dir) if t.is_dir() for c in os.scandir(t.path)
+                    if c.name.startswith("checkpoint_") and c.is_dir()}
+        except OSError:
+            return set()
+
+    caught = None
+    try:
+        # After the first rung (so there is a checkpoint to fall back to) wait for the next checkpoint to appear.
+        deadline = time.time() + 240
+        while time.time() < deadline and not checkpoint_dirs() and proc.poll() is None:
+            time.sleep(0.05)
+        seen = checkpoint_dirs()
+        assert seen, "no checkpoint was written:\n" + "".join(lines)
+        pids, refreshed = [], 0.0
+        while time.time() < deadline and proc.poll() is None:
+            if time.time() - refreshed > 0.2:
+                pids, refreshed = processes_with_env(marker), time.time()
+            new = checkpoint_dirs() - seen
+            if new:
+                for pid in pids:  # everything at once, as a power cut would
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                caught = sorted(new)[0]
+                break
+            time.sleep(0.0005)
+        assert caught, "the sweep ended before a second checkpoint was written:\n" + "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        kill_processes_with_env(marker)
+    problem = verify(caught)  # None: the copy had just finished; else: what the kill left torn
+    before = _snapshot(optuna.load_study(study_name="torn", storage=storage))
+
+    r = sweep_cli("resume", spec, cwd=tmp_path, env=env)
+    try:
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    finally:
+        kill_processes_with_env(marker)
+    seconds = time.perf_counter() - t0
+    study = optuna.load_study(study_name="torn", storage=storage)
+    after = _snapshot(study)
+    assert len(after) == len(lrs) and sorted(v[3] for v in after.values()) == sorted(lrs), after
+    assert all(v[0] in ("COMPLETE", "PRUNED") for v in after.values()), after
+    for n, v in before.items():
+        if v[0] != "RUNNING":
+            assert after[n] == v, (n, v, after[n])  # finished trials exactly as recorded
+        for step, value in v[2].items():  # every rung recorded before the kill is kept as it was
+            assert after[n][2][step] == value, (n, step)
+    events = [e["note"] for t in study.trials for e in t.user_attrs.get("checkpoint_events", [])]
+    # Nothing was resumed from a folder failing its hashes: Tune had not registered the torn one, or the
+    # hash check rejected it (and said so).
+    assert all("rejected" in e for e in events), events
+    state = "torn (" + problem + ")" if problem else "complete (the copy had just finished)"
+    print(f"checkpoint {caught} at the kill: {state}")
+    fault_row(fault="whole sweep killed while a checkpoint is written, then `sweep resume`",
+              injected="`kill -9` of the controller, Ray and the trial workers the moment a new `checkpoint_*` folder "
+                       "appeared in Tune's run folder (35 MB checkpoint being copied there)",
+              lost=f"0 of {len(lrs)} trials; the checkpoint at the kill was {state}; resumed from intact checkpoints "
+                   f"({len(events)} rejected by the hash check); none RUNNING; rungs recorded before the kill unchanged",
               seconds=seconds)
