@@ -39,9 +39,7 @@ def _make_progress_callback(searcher, spec: SweepSpec, console):
 
         def __setstate__(self, state):
             self.__dict__.update(state)
-            from rich.console import Console
-
-            self.console = Console(highlight=False)
+            self.console = terminal_console()
 
         def _say(self, text: str) -> None:
             self.console.print(f"[dim]{time.time() - self.t0:7.1f}s[/] {text}")
@@ -171,6 +169,13 @@ def _disk_full_message(reason: str, *, run_dir: Path, spec: SweepSpec, spec_path
             f"Free space on the disk of {run_dir}, then continue with: {again}")
 
 
+def terminal_console():
+    """The sweep's console: the terminal's width, or 160 columns when the output is piped to a file."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -219,7 +224,40 @@ def _check_resumable(optuna, rstorage, study_name: str, spec: SweepSpec, spec_pa
             + f"\nUndo the edit, or start a new study: sweep run {spec_path} --name NEW_NAME")
     if not (run_dir / "tuner.pkl").exists():
         raise ResumeRefused(f"sweep resume: no Ray Tune run folder {run_dir} (tuner.pkl) to resume study {study_name!r} from")
+    problem = _run_folder_problem(run_dir)
+    if problem:
+        raise ResumeRefused(f"sweep resume: will not restore study {study_name!r} from {run_dir}: {problem}")
     return study
+
+
+def _run_folder_problem(run_dir: Path) -> Optional[str]:
+    """Why Tune's run folder must not be restored from, or None.
+
+    Restoring unpickles the folder's `tuner.pkl` and searcher/callback state, and unpickling runs code:
+    like ssh with its keys, only files owned by this user (or root) and not writable by every user
+    are trusted. And Tune's experiment state, written in place, is cut short if the controller died while
+    writing it; restoring from it would fail deep inside Tune.
+    """
+    import stat
+
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for p in [run_dir, *sorted(run_dir.glob("*.pkl")), *sorted(run_dir.glob("*.json"))]:
+        st = p.stat()
+        if uid is not None and st.st_uid not in (uid, 0):
+            return (f"{p} belongs to user id {st.st_uid}, not to you ({uid}); restoring unpickles it, which runs code. "
+                    "Resume as its owner, or start a new study: sweep run SPEC --name NEW_NAME")
+        if st.st_mode & stat.S_IWOTH:
+            return (f"{p} is writable by every user (mode {stat.filemode(st.st_mode)}); restoring unpickles it, which "
+                    f"runs code. If you trust it: chmod o-w {p}, then resume again")
+    states = sorted(run_dir.glob("experiment_state-*.json"))
+    if states:
+        try:
+            json.loads(states[-1].read_text())
+        except ValueError as e:
+            return (f"Ray Tune's experiment state {states[-1].name} is cut short ({e}): the controller died while "
+                    "writing it. Every trial and rung recorded in the study is kept; continue the search as a new "
+                    "study: sweep run SPEC --name NEW_NAME")
+    return None
 
 
 class StudyStorageLost(RuntimeError):
@@ -293,9 +331,7 @@ def run_sweep(
     (`tune.Tuner.restore`): finished trials stay as recorded, unfinished ones continue from their
     last checkpoint, and the spec must be the one the study was started with (its `spec_hash`).
     """
-    from rich.console import Console
-
-    console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    console = console or terminal_console()
     spec_path = Path(spec_path)
     study_name = study_name or spec.name
     storage_url = storage or spec.storage or default_storage(spec, spec_path)

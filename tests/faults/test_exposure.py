@@ -139,3 +139,66 @@ def test_sweep_run_and_dashboard_listen_on_localhost_only(tmp_path, assets, faul
               lost=f"{n_run} listening sockets during the run ({', '.join(sorted(programs))}) + {len(seen_dash)} of the dashboard: "
                    "all on 127.0.0.1",
               seconds=time.perf_counter() - t0)
+
+
+class _Evil:
+    """A pickle that, once loaded, writes a file: what a planted tuner.pkl could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.path), "pwned"))
+
+
+def test_resume_never_unpickles_a_run_folder_others_could_have_written(tmp_path, assets, fault_row):
+    import json
+    import pickle
+
+    from sweep_helpers import sweep_cli
+
+    t0 = time.perf_counter()
+    spec = small_spec(tmp_path, assets, name="planted", rungs=(2, 4), params={"learning_rate": {"type": "choice", "values": [0.01]}})
+    env = sweep_env(tmp_path)
+    r = sweep_cli("run", spec, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "planted"
+    study_db = (tmp_path / "planted.db").read_bytes()
+    pwned = tmp_path / "PWNED"
+    cases = []
+
+    # 1. tuner.pkl replaced by a pickle that runs code, and left writable by every user.
+    tuner = run_dir / "tuner.pkl"
+    original = tuner.read_bytes()
+    tuner.write_bytes(pickle.dumps(_Evil(pwned)))
+    tuner.chmod(0o666)
+    cases.append(("world-writable planted tuner.pkl", f"{tuner} is writable by every user"))
+    r1 = sweep_cli("resume", spec, cwd=tmp_path, env=env, probe_imports=True)
+    tuner.write_bytes(original)
+    tuner.chmod(0o644)
+    # 2. the searcher's pickle owned by another user.
+    searcher = sorted(run_dir.glob("searcher-state-*.pkl"))[-1]
+    os.chown(searcher, 65534, 65534)
+    cases.append(("searcher state owned by another user", f"{searcher} belongs to user id 65534"))
+    r2 = sweep_cli("resume", spec, cwd=tmp_path, env=env, probe_imports=True)
+    os.chown(searcher, os.getuid(), os.getgid())
+    # 3. Tune's experiment state cut short (the controller died while writing it).
+    state = sorted(run_dir.glob("experiment_state-*.json"))[-1]
+    text = state.read_text()
+    json.loads(text)
+    state.write_text(text[: len(text) // 2])
+    cases.append(("experiment state cut short", f"{state.name} is cut short"))
+    r3 = sweep_cli("resume", spec, cwd=tmp_path, env=env, probe_imports=True)
+
+    for (what, says), r in zip(cases, (r1, r2, r3)):
+        assert r.returncode == 2, (what, r.stdout[-2000:], r.stderr[-2000:])
+        assert says in r.stderr and "Traceback" not in r.stderr, (what, r.stderr)
+        assert "HEAVY_IMPORTED=\n" in r.stderr, (what, r.stderr)  # Ray never started: nothing was unpickled
+    assert not pwned.exists()
+    assert (tmp_path / "planted.db").read_bytes() == study_db  # the study untouched
+    fault_row(fault="restoring from a run folder the user did not write",
+              injected="`sweep resume` after: tuner.pkl replaced by a code-running pickle, mode 666; the searcher's "
+                       "pickle chown'd to another user; Tune's experiment state cut in half",
+              lost=f"{len(cases)}/{len(cases)} refused (exit 2, path and cause named, no traceback) before Ray or any "
+                   "pickle was loaded; the planted pickle never ran; study byte-identical",
+              seconds=time.perf_counter() - t0)
