@@ -70,7 +70,9 @@ def pytest_sessionfinish(session, exitstatus):
         lines.append(f"| {row['fault']} | {row['injected']} | {secs:.1f} | {ok} | {row['lost']} | `{nodeid.split('::', 1)[1]}` |")
     total = sum(_durations.values())
     lines.append("")
-    lines.append(f"{sum(1 for o in _outcomes.values() if o == 'passed')} of {len(_collected)} fault tests passed; "
+    skipped = sum(1 for o in _outcomes.values() if o == "skipped")
+    lines.append(f"{sum(1 for o in _outcomes.values() if o == 'passed')} of {len(_collected)} fault tests passed"
+                 + (f" ({skipped} skipped: the `gpu`-marked ones need CUDA)" if skipped else "") + "; "
                  f"suite time {total:.0f} s (2 shared CPU cores), {time.strftime('%Y-%m-%d')}.")
     text = README.read_text()
     if BEGIN in text and END in text:
