@@ -70,13 +70,20 @@ def run(
     s = _load(spec)
     if s.search is None:
         _fail(f"{spec}: has no `search` section; to train this config once use `sweep train {spec}`")
-    from sweep.controller import DiskFullStop, StudyStorageLost, run_sweep
+    _sweep("run", s, spec_path=spec, study_name=name, storage=storage, address=address, num_trials=num_trials)
+
+
+def _sweep(command: str, spec, **kwargs) -> None:
+    """`run_sweep` for `sweep run`/`resume`, each way it can stop turned into one message and its exit code."""
+    from sweep.controller import DiskFullStop, ResumeRefused, StudyStorageLost, run_sweep
     from sweep.record import StorageError
 
     try:
-        summary = run_sweep(s, spec_path=spec, study_name=name, storage=storage, address=address, num_trials=num_trials)
+        summary = run_sweep(spec, **kwargs)
+    except ResumeRefused as e:
+        _fail(str(e))
     except StorageError as e:
-        _fail(f"sweep run: {e}")
+        _fail(f"sweep {command}: {e}")
     except StudyStorageLost as e:
         _fail(str(e), EXIT_STORAGE_LOST)
     except DiskFullStop as e:
@@ -96,21 +103,7 @@ def resume(
     s = _load(spec)
     if s.search is None:
         _fail(f"{spec}: has no `search` section; nothing to resume")
-    from sweep.controller import DiskFullStop, ResumeRefused, StudyStorageLost, run_sweep
-    from sweep.record import StorageError
-
-    try:
-        summary = run_sweep(s, spec_path=spec, study_name=name, storage=storage, address=address, resume=True)
-    except ResumeRefused as e:
-        _fail(str(e))
-    except StorageError as e:
-        _fail(f"sweep resume: {e}")
-    except StudyStorageLost as e:
-        _fail(str(e), EXIT_STORAGE_LOST)
-    except DiskFullStop as e:
-        _fail(str(e), EXIT_DISK_FULL)
-    if summary.get("errors"):
-        raise typer.Exit(1)
+    _sweep("resume", s, spec_path=spec, study_name=name, storage=storage, address=address, resume=True)
 
 
 @app.command()

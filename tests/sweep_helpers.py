@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,3 +112,53 @@ def trial_workers(root_pid: int, sweep_home: str) -> list:
         except psutil.Error:
             pass
     return list(out.values())
+
+
+class LiveCli:
+    """`sweep ARGS` as a user runs it, in a subprocess; stdout and stderr collected line by line as they come."""
+
+    def __init__(self, *args, cwd: Path, env: dict):
+        self.env = env
+        self.proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", *map(str, args)], cwd=cwd, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, ls=lines: [ls.append(x) for x in s], daemon=True).start()
+
+    def wait_for(self, pattern: str, timeout: float, count: int = 1) -> bool:
+        """True once `count` stdout lines match `pattern`; False if the process ended or the time ran out first."""
+        def seen():
+            return sum(1 for line in list(self.out) if re.search(pattern, line)) >= count
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if seen():
+                return True
+            if self.proc.poll() is not None:
+                time.sleep(0.5)  # the reader threads finish the pipes
+                return seen()
+            time.sleep(0.05)
+        return False
+
+    def finish(self, timeout: float = 400) -> int:
+        try:
+            self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            time.sleep(0.5)
+            kill_processes_with_env(f"SWEEP_HOME={self.env['SWEEP_HOME']}\0".encode())  # nothing of Ray left behind
+        return self.proc.returncode
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def tail(self) -> str:
+        return self.stdout[-3000:] + "\n--- stderr ---\n" + self.stderr[-4000:]

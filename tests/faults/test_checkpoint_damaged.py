@@ -13,15 +13,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import optuna
 import pytest
 
-from sweep_helpers import small_spec, sweep_env, trial_workers
+from sweep_helpers import LiveCli, small_spec, sweep_env, trial_workers
 
 RUNGS = (10, 40, 160)
 BUDGET = {"unit": "steps", "min": 10, "max": 160, "reduction_factor": 4}
@@ -47,25 +44,12 @@ def test_a_damaged_checkpoint_is_detected_and_the_trial_falls_back_or_restarts(t
                       resources={"gpus_per_trial": 0, "cpus_per_trial": 1, "max_concurrent_trials": 1, "max_failures": 1})
     env = sweep_env(tmp_path)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    err: list[str] = []
-    second_rung = threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if f" rung 2/{len(RUNGS)}" in line:
-                second_rung.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
+    run = LiveCli("run", spec, cwd=tmp_path, env=env)
     run_dir = tmp_path / "runs" / name
     try:
         # Tune has the rung-2 result, so it holds both rung checkpoints (written into its run folder by the
         # worker before the report); the trial is now training towards rung 3.
-        assert second_rung.wait(300), "the trial never reached its second rung:\n" + "".join(lines) + "".join(err)
+        assert run.wait_for(f" rung 2/{len(RUNGS)}", 300), "the trial never reached its second rung:\n" + run.tail()
         [trial_dir] = [d for d in run_dir.iterdir() if d.is_dir() and any(d.glob("checkpoint_*"))]
         ckpts = sorted(trial_dir.glob("checkpoint_*"))
         assert len(ckpts) == 2, ckpts
@@ -75,18 +59,15 @@ def test_a_damaged_checkpoint_is_detected_and_the_trial_falls_back_or_restarts(t
         else:
             for c in ckpts:
                 shutil.rmtree(c)
-        workers = trial_workers(proc.pid, env["SWEEP_HOME"])
+        workers = trial_workers(run.proc.pid, env["SWEEP_HOME"])
         assert workers, "no Ray trial worker found"
         for w in workers:
             os.kill(w.pid, signal.SIGKILL)
-        proc.wait(timeout=400)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        returncode = run.finish()
     seconds = time.perf_counter() - t0
-    out = "".join(lines)
-    assert proc.returncode == 0, out[-3000:] + "".join(err)[-3000:]
+    out = run.stdout
+    assert returncode == 0, run.tail()
 
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / f'{name}.db'}")
     [trial] = study.trials

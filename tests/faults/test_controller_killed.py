@@ -26,6 +26,21 @@ def _snapshot(study):
     return {t.number: (t.state.name, t.value, dict(t.intermediate_values), t.params["learning_rate"]) for t in study.trials}
 
 
+def _resume_finishes(spec, tmp_path, env, storage: str, lrs: list):
+    """`sweep resume SPEC` ends the sweep: the spec's trial count, each grid point once, none RUNNING or failed."""
+    r = sweep_cli("resume", spec, cwd=tmp_path, env=env)
+    try:
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    finally:
+        kill_processes_with_env(f"SWEEP_HOME={env['SWEEP_HOME']}\0".encode())
+    study = optuna.load_study(study_name=spec.stem, storage=storage)
+    after = _snapshot(study)
+    assert len(after) == len(lrs), after  # the trial count the spec asked for
+    assert sorted(v[3] for v in after.values()) == sorted(lrs)  # each grid point once: no duplicate
+    assert all(v[0] in ("COMPLETE", "PRUNED") for v in after.values()), after  # none RUNNING, none failed
+    return study, after
+
+
 def test_a_killed_controller_resumes_with_finished_trials_kept_and_none_running(tmp_path, assets, fault_row):
     spec = small_spec(tmp_path, assets, name="ctl", rungs=RUNGS, params={"learning_rate": {"type": "choice", "values": LRS}})
     # Tune saves its experiment state every ~1 s instead of its adaptive period ("auto", ~10 s+),
@@ -76,17 +91,8 @@ def test_a_killed_controller_resumes_with_finished_trials_kept_and_none_running(
     assert "Traceback" not in r.stderr and "HEAVY_IMPORTED=\n" in r.stderr, r.stderr
     spec.write_text(original)
 
-    r = sweep_cli("resume", spec, cwd=tmp_path, env=env)
-    try:
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    finally:
-        kill_processes_with_env(marker)
+    study, after = _resume_finishes(spec, tmp_path, env, storage, LRS)
     seconds = time.perf_counter() - t0
-    study = optuna.load_study(study_name="ctl", storage=storage)
-    after = _snapshot(study)
-    assert len(after) == len(LRS), after  # the trial count the spec asked for
-    assert sorted(v[3] for v in after.values()) == sorted(LRS)  # each grid point once: no duplicate
-    assert all(v[0] in ("COMPLETE", "PRUNED") for v in after.values()), after  # none RUNNING, none failed
     for n, v in done_before.items():  # finished trials stay exactly as recorded
         assert after[n] == v, (n, v, after[n])
     for n in running_before:  # unfinished trials continued in the same study trial
@@ -160,16 +166,8 @@ def test_killed_while_a_checkpoint_is_written_the_sweep_resumes_from_intact_chec
     problem = verify(caught)  # None: the copy had just finished; else: what the kill left torn
     before = _snapshot(optuna.load_study(study_name="torn", storage=storage))
 
-    r = sweep_cli("resume", spec, cwd=tmp_path, env=env)
-    try:
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    finally:
-        kill_processes_with_env(marker)
+    study, after = _resume_finishes(spec, tmp_path, env, storage, lrs)
     seconds = time.perf_counter() - t0
-    study = optuna.load_study(study_name="torn", storage=storage)
-    after = _snapshot(study)
-    assert len(after) == len(lrs) and sorted(v[3] for v in after.values()) == sorted(lrs), after
-    assert all(v[0] in ("COMPLETE", "PRUNED") for v in after.values()), after
     for n, v in before.items():
         if v[0] != "RUNNING":
             assert after[n] == v, (n, v, after[n])  # finished trials exactly as recorded

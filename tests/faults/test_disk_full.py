@@ -14,20 +14,17 @@ disk-full reason could not be recorded in a database on the full disk anyway.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 
-from sweep_helpers import kill_processes_with_env, small_spec, sweep_cli, sweep_env
+from sweep_helpers import LiveCli, kill_processes_with_env, small_spec, sweep_cli, sweep_env
 from trial_worker.checkpoint import MANIFEST, verify
 
 RUNGS = (4, 16)
@@ -86,39 +83,19 @@ def test_a_full_disk_fails_the_trial_clearly_stops_the_sweep_and_resume_finishes
     run_dir = runs / name
     t0 = time.perf_counter()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        out: list[str] = []
-        err: list[str] = []
-        first_rung = threading.Event()
-
-        def read():
-            for line in proc.stdout:
-                out.append(line)
-                if f" rung 1/{len(RUNGS)}" in line:
-                    first_rung.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
+        run = LiveCli("run", spec, cwd=tmp_path, env=env)
         try:
-            deadline = time.time() + 240
-            while not first_rung.wait(0.05) and proc.poll() is None and time.time() < deadline:
-                pass
-            assert first_rung.is_set(), "no rung recorded:\n" + "".join(out) + "".join(err)
+            assert run.wait_for(f" rung 1/{len(RUNGS)}", 240), "no rung recorded:\n" + run.tail()
             before_fill = _checkpoints(run_dir)
             checkpoint_bytes = min(_size(c) for c in run_dir.glob("*/checkpoint_*"))
             ballast = _fill(runs, leave=checkpoint_bytes // 2)
             free_after_fill = _free(runs)
             assert 0 < free_after_fill < checkpoint_bytes, (free_after_fill, checkpoint_bytes)
-            proc.wait(300)
+            run.proc.wait(300)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            time.sleep(0.5)
-            kill_processes_with_env(marker)
-        stdout, stderr = "".join(out), "".join(err)
-        assert proc.returncode == 74, stdout[-3000:] + stderr[-3000:]
+            returncode = run.finish()  # and kills whatever of Ray is left
+        stdout, stderr = run.stdout, run.stderr
+        assert returncode == 74, run.tail()
 
         # One clear message on the terminal: what filled, where, what to do; no traceback.
         assert "Traceback" not in stderr and "Traceback" not in stdout, stderr[-4000:]

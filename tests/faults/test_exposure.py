@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from sweep_helpers import small_spec, sweep_env
+from sweep_helpers import processes_with_env, small_spec, sweep_env
 
 
 def _tree(root: int) -> set[int]:
@@ -37,15 +37,7 @@ def _tree(root: int) -> set[int]:
 
 
 def _ours(root: int, marker: bytes) -> set[int]:
-    pids = _tree(root)
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if marker in Path(f"/proc/{d}/environ").read_bytes():
-                    pids.add(int(d))
-            except OSError:
-                pass
-    return pids
+    return _tree(root) | set(processes_with_env(marker))
 
 
 def _address(hexip: str) -> ipaddress._BaseAddress:

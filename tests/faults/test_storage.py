@@ -15,7 +15,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,65 +22,16 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sweep_helpers import kill_processes_with_env, small_spec, sweep_env
+from sweep_helpers import LiveCli, small_spec, sweep_env
 
 RUNGS = (4, 8, 16)
 LRS = [0.02, 0.005]
 RETRY_LINE = re.compile(r"study \S+: (.+?) failed \(try (\d+) of (\d+)\), retrying in [\d.]+s: (.*)")
 
 
-class Cli:
-    """`sweep ARGS` as a user runs it, in a subprocess; stdout and stderr collected line by line as they come."""
-
-    def __init__(self, *args, cwd: Path, env: dict):
-        self.env = env
-        self.proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", *map(str, args)], cwd=cwd, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.out: list[str] = []
-        self.err: list[str] = []
-        for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
-            threading.Thread(target=lambda s=stream, ls=lines: [ls.append(x) for x in s], daemon=True).start()
-
-    def wait_for(self, pattern: str, timeout: float, count: int = 1) -> bool:
-        """True once `count` stdout lines match `pattern`; False if the process ended or the time ran out first."""
-        def seen():
-            return sum(1 for line in list(self.out) if re.search(pattern, line)) >= count
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if seen():
-                return True
-            if self.proc.poll() is not None:
-                time.sleep(0.5)  # the reader threads finish the pipes
-                return seen()
-            time.sleep(0.05)
-        return False
-
-    def retries(self) -> list[tuple[str, int, str]]:
-        """(write, try, database's message) of each retry the controller logged."""
-        return [(m[1], int(m[2]), m[4]) for m in map(RETRY_LINE.search, list(self.err)) if m]
-
-    def finish(self, timeout: float = 400) -> int:
-        try:
-            self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            time.sleep(0.5)
-            kill_processes_with_env(f"SWEEP_HOME={self.env['SWEEP_HOME']}\0".encode())  # nothing of Ray left behind
-        return self.proc.returncode
-
-    @property
-    def stdout(self) -> str:
-        return "".join(self.out)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.err)
-
-    def tail(self) -> str:
-        return self.stdout[-3000:] + "\n--- stderr ---\n" + self.stderr[-4000:]
+def retries(run: LiveCli) -> list[tuple[str, int, str]]:
+    """(write, try, database's message) of each retry the controller logged."""
+    return [(m[1], int(m[2]), m[4]) for m in map(RETRY_LINE.search, list(run.err)) if m]
 
 
 def ray_reports(run_dir: Path) -> dict[str, dict[int, list[float]]]:
@@ -132,7 +82,7 @@ def test_postgresql_restarted_mid_sweep_loses_nothing(tmp_path, assets, pg_serve
     url = _pg_url(pg_server, "restart")
     spec = small_spec(tmp_path, assets, name="pgrestart", rungs=RUNGS, params={"learning_rate": {"type": "choice", "values": LRS}})
     t0 = time.perf_counter()
-    run = Cli("run", spec, "--storage", url, cwd=tmp_path, env=sweep_env(tmp_path, PGPASSWORD=pg_server.password))
+    run = LiveCli("run", spec, "--storage", url, cwd=tmp_path, env=sweep_env(tmp_path, PGPASSWORD=pg_server.password))
     restarts = []
     try:
         # Once the first rung is printed (trials running, rungs being recorded); then as the last trial ends
@@ -150,7 +100,7 @@ def test_postgresql_restarted_mid_sweep_loses_nothing(tmp_path, assets, pg_serve
     assert pg_server.password not in run.stdout + run.stderr
     assert "Traceback" not in run.stderr, run.stderr[-4000:]
     n_rungs = check_nothing_lost(_study(pg_server, url, "pgrestart"), tmp_path / "runs" / "pgrestart", len(LRS))
-    retried = run.retries()
+    retried = retries(run)
     fault_row(fault="PostgreSQL restarted mid-sweep",
               injected=f"`sweep run --storage postgresql+psycopg://...` (password in PGPASSWORD); `pg_ctl restart -m fast` "
                        f"{len(restarts)}x: once {', once '.join(restarts)}",
@@ -175,7 +125,7 @@ def test_sqlite_locked_by_another_writer_is_retried_and_loses_nothing(tmp_path, 
     busy_s = 2  # SQLite's busy timeout for this study (`?timeout=`); the lock is held far longer
     spec = small_spec(tmp_path, assets, name="locked", rungs=RUNGS, params={"learning_rate": {"type": "choice", "values": LRS}})
     t0 = time.perf_counter()
-    run = Cli("run", spec, "--storage", f"sqlite:///{db}?timeout={busy_s}", cwd=tmp_path, env=sweep_env(tmp_path))
+    run = LiveCli("run", spec, "--storage", f"sqlite:///{db}?timeout={busy_s}", cwd=tmp_path, env=sweep_env(tmp_path))
     locker, held = None, 0.0
     try:
         assert run.wait_for(r" rung 1/", 300), "no trial reached its first rung:\n" + run.tail()
@@ -186,7 +136,7 @@ def test_sqlite_locked_by_another_writer_is_retried_and_loses_nothing(tmp_path, 
         # Hold it over several busy timeouts, until the controller has failed and retried a write twice
         # (its retries give up after 5 tries, ~17 s here: release before that).
         while time.time() - t_lock < 40 and run.proc.poll() is None:
-            if time.time() - t_lock >= 10 and len(run.retries()) >= 2:
+            if time.time() - t_lock >= 10 and len(retries(run)) >= 2:
                 break
             time.sleep(0.1)
         locker.stdin.write("release\n")
@@ -199,7 +149,7 @@ def test_sqlite_locked_by_another_writer_is_retried_and_loses_nothing(tmp_path, 
             locker.kill()
         rc = run.finish()
     seconds = time.perf_counter() - t0
-    retried = run.retries()
+    retried = retries(run)
     assert rc == 0, run.tail()
     assert held > busy_s * 4, held
     # The retries are on the controller's stderr, where the user sees them, with the database's own words.
@@ -223,7 +173,7 @@ def test_postgresql_down_longer_than_the_retries_stops_clearly_then_resumes(tmp_
     # asked after its last save is, on resume, recorded FAIL as lost and asked again (as for a killed controller).
     env = sweep_env(tmp_path, PGPASSWORD=pg_server.password, TUNE_GLOBAL_CHECKPOINT_S="1")
     t0 = time.perf_counter()
-    run = Cli("run", spec, "--storage", url, cwd=tmp_path, env=env)
+    run = LiveCli("run", spec, "--storage", url, cwd=tmp_path, env=env)
     down_at = None
     try:
         assert run.wait_for(r" rung 1/", 300), "no trial reached its first rung:\n" + run.tail()
@@ -250,7 +200,7 @@ def test_postgresql_down_longer_than_the_retries_stops_clearly_then_resumes(tmp_
 
     # The command the message gave, as the user would paste it.
     args = shlex.split(again[1])[2:]
-    resumed = Cli("resume", *args, cwd=tmp_path, env=env)
+    resumed = LiveCli("resume", *args, cwd=tmp_path, env=env)
     rc = resumed.finish()
     seconds = time.perf_counter() - t0
     assert rc == 0, resumed.tail()

@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import optuna
 
-from sweep_helpers import small_spec, sweep_env, trial_workers
+from sweep_helpers import LiveCli, small_spec, sweep_env, trial_workers
 
 RUNGS = (30, 60, 120)  # long enough between rungs that a kill lands mid-training
 
@@ -24,23 +21,10 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
         params={"learning_rate": {"type": "choice", "values": [0.02, 0.005]}},
         tracking={"wandb": {"mode": "offline", "project": "sweep-faults"}})
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=sweep_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    first_rung = threading.Event()
-    err: list[str] = []
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if " rung 1/" in line:
-                first_rung.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
+    run = LiveCli("run", spec, cwd=tmp_path, env=sweep_env(tmp_path))
     killed = []
     try:
-        assert first_rung.wait(240), "no trial reached its first rung:\n" + "".join(lines)
+        assert run.wait_for(" rung 1/", 240), "no trial reached its first rung:\n" + run.tail()
         # Tune registers a reported checkpoint just after the result; a kill in that instant restarts the
         # trial from scratch (also survived, below). Kill once it is on disk, mid-way to the next rung.
         # Tune writes a trial's result.json when it has processed (and registered the checkpoint of) a report.
@@ -51,21 +35,17 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
         time.sleep(0.2)
         home = sweep_env(tmp_path)["SWEEP_HOME"]
         workers, deadline = [], time.time() + 20
-        while not workers and time.time() < deadline and proc.poll() is None:
-            workers = trial_workers(proc.pid, home)
+        while not workers and time.time() < deadline and run.proc.poll() is None:
+            workers = trial_workers(run.proc.pid, home)
             time.sleep(0.1)
-        assert workers, "no Ray trial worker process found:\n" + "".join(lines)
+        assert workers, "no Ray trial worker process found:\n" + run.tail()
         for w in workers:  # every trial worker alive now, mid-training
             os.kill(w.pid, signal.SIGKILL)
             killed.append(w.pid)
-        proc.wait(timeout=400)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        returncode = run.finish()
     seconds = time.perf_counter() - t0
-    out = "".join(lines)
-    assert proc.returncode == 0, out[-3000:] + "".join(err)[-3000:]
+    assert returncode == 0, run.tail()
 
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'killed.db'}")
     trials = study.trials
