@@ -116,7 +116,8 @@ class DiskFullStop(RuntimeError):
 
 
 class _DiskFullLogs:
-    """While a sweep may stop for a full disk: drops Ray's tracebacks of the DiskFull trial errors (the trial's
+    """While a sweep may stop for a full disk or a lost study database: drops Tune's tracebacks of a study write
+    that gave up (the controller reports it once) and Ray's tracebacks of the DiskFull trial errors (the trial's
     FAIL line and the study hold the reason) and Tune's own Ctrl+C messages once the sweep stops (the controller
     says once what happened and how to continue), and notes whether Tune failed to save its experiment state."""
 
@@ -139,6 +140,8 @@ class _DiskFullLogs:
         text = str(record.msg)
         exc = record.exc_info[1] if record.exc_info else None
         about = f"{text} {exc!r} {getattr(exc, '__cause__', None)!r}"
+        if exc is not None and _storage_failure(exc) is not None:
+            return False  # a study write that gave up: the controller says it once, without Tune's traceback
         if "DiskFull" in about and text.startswith(("Trial task failed", "Unhandled error")):
             return False
         if not getattr(self.progress, "disk_full", None):
