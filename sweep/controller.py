@@ -115,7 +115,7 @@ class DiskFullStop(RuntimeError):
     """A trial could not write its checkpoint (disk full): the sweep stopped, resumable once space is freed."""
 
 
-class _DiskFullLogs:
+class _QuietStops:
     """While a sweep may stop for a full disk or a lost study database: drops Tune's tracebacks of a study write
     that gave up (the controller reports it once) and Ray's tracebacks of the DiskFull trial errors (the trial's
     FAIL line and the study hold the reason) and Tune's own Ctrl+C messages once the sweep stops (the controller
@@ -468,7 +468,7 @@ def run_sweep(
             (c for c in tuner._local_tuner.get_run_config().callbacks or [] if hasattr(c, "_stop_if_disk_full")), None)
         if progress is not None:
             progress.disk_full = None
-        with _DiskFullLogs(progress) as logs:
+        with _QuietStops(progress) as logs:
             try:
                 results = tuner.fit()
             except Exception:

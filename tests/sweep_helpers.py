@@ -93,7 +93,7 @@ def kill_processes_with_env(marker: bytes) -> int:
 
 
 # Ray titles an actor process `ray::<class>`: the sweep's trainable class once `tune.with_resources` wrapped it.
-TRIAL_ACTOR_TITLES = ("ray::ResourceTrainable", "ray::SweepTrial", "ray::ImplicitFunc")
+TRIAL_ACTOR_TITLES = ("ray::ResourceTrainable",)
 
 
 def trial_workers(root_pid: int, sweep_home: str) -> list:
