@@ -93,7 +93,8 @@ def kill_processes_with_env(marker: bytes) -> int:
 
 
 # Ray titles an actor process `ray::<class>`: the sweep's trainable class once `tune.with_resources` wrapped it.
-TRIAL_ACTOR_TITLES = ("ray::ResourceTrainable",)
+# (Ray names a restarted or reused actor after the class it was created as: either of the first two.)
+TRIAL_ACTOR_TITLES = ("ray::ResourceTrainable", "ray::SweepTrial", "ray::ImplicitFunc")
 
 
 def trial_workers(root_pid: int, sweep_home: str) -> list:

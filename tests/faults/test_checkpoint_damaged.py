@@ -59,8 +59,11 @@ def test_a_damaged_checkpoint_is_detected_and_the_trial_falls_back_or_restarts(t
         else:
             for c in ckpts:
                 shutil.rmtree(c)
-        workers = trial_workers(run.proc.pid, env["SWEEP_HOME"])
-        assert workers, "no Ray trial worker found"
+        workers, deadline = [], time.time() + 20
+        while not workers and time.time() < deadline and run.proc.poll() is None:
+            workers = trial_workers(run.proc.pid, env["SWEEP_HOME"])
+            time.sleep(0.1)
+        assert workers, "no Ray trial worker found:\n" + run.tail()
         for w in workers:
             os.kill(w.pid, signal.SIGKILL)
     finally:
