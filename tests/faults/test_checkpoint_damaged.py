@@ -85,10 +85,13 @@ def test_a_damaged_checkpoint_is_detected_and_the_trial_falls_back_or_restarts(t
     assert event["note"] == want, event
     assert want in " ".join(out.split())  # said on the terminal too
 
-    # Tune's record of the trial: the first report after the retry came from where the trial went on,
-    # and it repeats the first life's value there exactly (same optimizer, LR, RNG and data position).
+    # The first report after the retry came from where the trial went on, and it repeats the first life's
+    # value there exactly (same optimizer, LR, RNG and data position). The first life's values are the
+    # study's (the first report of a rung stands): Ray's JsonLoggerCallback copies result.json back from
+    # the trial's storage folder on a retry, which drops the rows reported since Tune last synced it.
+    # The rows after the retry stay (no retry follows to drop them).
     rows = _rows(trial_dir / "result.json")
-    first_life = {r["steps"]: r["val_loss"] for r in rows[:2]}
+    first_life = trial.intermediate_values
     [after] = [r for r in rows if r.get("checkpoint_note")] or [None]  # the retry's first report carries the note
     assert after is not None, [{k: r.get(k) for k in ("steps", "training_iteration", "iterations_since_restore")} for r in rows]
     went_on_at = RUNGS[1] if damage == "corrupted" else RUNGS[0]

@@ -56,8 +56,11 @@ def test_a_diverging_trial_is_stopped_recorded_fail_and_never_reaches_asha(tmp_p
     assert "NonFiniteLoss" in failures[0] and "TrialNotRetried" not in failures[0]
     assert all("TrialNotRetried: NonFiniteLoss: training diverged" in f for f in failures[1:]), failures[1:]
     assert "TrialNotRetried: NonFiniteLoss: training diverged" in reason
-    bad_rows = [line for line in (error_txt.parent / "result.json").read_text().splitlines() if line.strip()]
-    assert len(bad_rows) == len(reported), bad_rows  # no report from a retry
+    # No report from a retry. Tune's own result.json is not the record: on each retry Ray's JsonLoggerCallback
+    # copies the file back from the trial's storage folder, which can drop the rows it had (CI saw it empty).
+    bad_rows = [json.loads(line) for line in (error_txt.parent / "result.json").read_text().splitlines() if line.strip()]
+    assert len(bad_rows) <= len(reported), bad_rows
+    assert [row["training_iteration"] for row in bad_rows] == list(range(1, len(bad_rows) + 1)), bad_rows
     fault_row(fault="NaN/inf loss (diverging trial)",
               injected="`sweep run`, grid lr in {10, 0.02, 0.005} with weight_decay 10: lr 10 overflows to NaN by step ~7; "
                        "max_failures 2",
