@@ -72,16 +72,36 @@ def _make_progress_callback(searcher, spec: SweepSpec, console):
             self._say(f"{self._label(trial)} [{color}]{state}[/] at {self.unit} {b}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            from rich.markup import escape
+
+            from sweep.record import error_summary
+
             reason = _error_text(trial)
             self.searcher.record_failure(trial.trial_id, reason)
-            last = reason.strip().splitlines()[-1] if reason.strip() else "?"
-            self._say(f"{self._label(trial)} [red]FAIL[/]: {last}")
+            self._say(f"{self._label(trial)} [red]FAIL[/]: {escape(error_summary(reason))}")
             self._stop_if_disk_full(trial, reason)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
+            from rich.markup import escape
+
+            from sweep.record import error_summary
+
+            reason = _error_text(trial)
             # A Ray retry (`max_failures`) into a full disk would fail the same way: stop the sweep instead; the
             # trial stays unfinished in the study and `sweep resume` continues it from its last checkpoint.
-            self._stop_if_disk_full(trial, _error_text(trial))
+            self._stop_if_disk_full(trial, reason)
+            if self.disk_full:
+                return
+            # Tune retries from the trial's latest registered checkpoint (the metrics are its report's), else
+            # from the start.
+            latest = getattr(trial, "latest_checkpoint_result", None)
+            resumes_from = (getattr(latest, "metrics", None) or {}).get(self.unit) if latest is not None else None
+            error = error_summary(reason)
+            self.searcher.record_retry(trial.trial_id, error, resumes_from or 0)
+            attempt = getattr(getattr(trial, "run_metadata", None), "num_failures", None)
+            self._say(f"{self._label(trial)} [yellow]retry{f' {attempt}' if attempt else ''}[/] "
+                      f"from {f'its checkpoint at {self.unit} {resumes_from}' if resumes_from else 'the start'}: "
+                      f"{escape(error)}")
 
         def _stop_if_disk_full(self, trial, reason: str) -> None:
             line = next((x for x in reversed(reason.splitlines()) if DISK_FULL_MARK in x), None)

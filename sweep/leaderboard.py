@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweep.record import finite_or_none
+from sweep.record import error_summary, finite_or_none
 
 _STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
 
@@ -68,6 +68,7 @@ def _row(t: FrozenTrial) -> dict:
     }
     if t.state == TrialState.FAIL:
         row["fail_reason"] = a.get("fail_reason")
+    row["retries"] = list(a.get("retries", []))
     return row
 
 
@@ -86,7 +87,8 @@ def leaderboard(study: optuna.Study) -> list[dict]:
 
     Keys: rank, number, state, params, rung_reached, budget_reached, budget_unit,
     val_loss (final for COMPLETE, last rung's otherwise), ppl, samples_per_s,
-    tokens_per_s, peak_mem_gb, wall_s, and fail_reason for FAIL rows.
+    tokens_per_s, peak_mem_gb, wall_s, retries (Ray's retries of the trial, see `sweep.record`),
+    and fail_reason for FAIL rows.
     """
     rows = sorted((_row(t) for t in study.get_trials(deepcopy=False)), key=_key)
     for i, r in enumerate(rows, 1):
@@ -190,8 +192,11 @@ def render(rows: list[dict], base: Union[optuna.Study, dict, None] = None, *, co
         for r in shown:
             console.print(f"  trial {r['number']:>3}: {_params(r)}", markup=False, highlight=False)
     for r in shown:
+        for e in r["retries"]:
+            where = f"its checkpoint at {e.get('unit', 'steps')} {e['resumes_from']}" if e.get("resumes_from") else "the start"
+            console.print(f"  trial {r['number']:>3} retried from {where}: {e['error']}", markup=False, highlight=False)
         reason = (r.get("fail_reason") or "").strip()
         if r["state"] == "FAIL" and reason:
-            console.print(f"  trial {r['number']:>3} failed: {reason.splitlines()[-1]}", markup=False, highlight=False)
+            console.print(f"  trial {r['number']:>3} failed: {error_summary(reason)}", markup=False, highlight=False)
     if limit is not None and len(rows) > limit:
         console.print(f"... {len(rows) - limit} more trials")

@@ -24,6 +24,9 @@ Trial user attrs (written by `sweep.search.StudySearch`, read by the leaderboard
   fail_reason                        error text of a FAIL trial (last 4000 characters)
   checkpoint_events                  [{reported_at, note}]: a resume that skipped a checkpoint failing
                                       its hash check (cut short, corrupted, deleted), and where it went on
+  retries                            [{error, resumes_from, unit}]: each Ray retry of the trial
+                                      (`max_failures`): why its attempt ended, and the budget value of the
+                                      checkpoint it goes on from (0: from the start)
 
 A PRUNED trial is told with no value, but Optuna itself copies its last intermediate value
 onto it (trial.value); `study.best_trial` and `sweep export` consider COMPLETE trials only.
@@ -42,6 +45,23 @@ from typing import Any, Mapping, Optional
 import optuna
 
 logger = logging.getLogger(__name__)
+
+
+def error_summary(text: str) -> str:
+    """One line saying why a trial's attempt ended, from Tune's error text (error.txt: "Failure # N" blocks).
+
+    A Python exception: the line that names it (Ray wraps it in lines of its own), else the block's last
+    line. A worker process that died (no traceback): Ray's first line, with the worker's exit type.
+    """
+    block = re.split(r"^Failure # \d+.*$", text, flags=re.M)[-1]
+    lines = [ln.strip() for ln in block.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "trial failed"
+    if any(ln.startswith(("Traceback", 'File "')) for ln in lines) or len(lines) == 1:
+        named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
+        return (named or lines)[-1][:500]
+    exit_type = re.search(r"Worker exit type: (\w+)", block)
+    return (lines[0] + (f" (worker exit: {exit_type[1]})" if exit_type else ""))[:500]
 
 SQLITE_BUSY_TIMEOUT_S = 60
 FAIL_REASON_MAX_CHARS = 4000

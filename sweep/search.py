@@ -271,6 +271,16 @@ class StudySearch(OptunaSearch):
         else:
             self._retry("record failure", lambda: ot_trial.set_user_attr("fail_reason", reason))
 
+    def record_retry(self, trial_id: str, error: str, resumes_from: int) -> None:
+        """Note a Ray retry (`max_failures`) of an unfinished trial (user attr `retries`): why the attempt
+        ended, and the budget value of the checkpoint the next attempt goes on from (0: the start)."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        retries = [*ot_trial._cached_frozen_trial.user_attrs.get("retries", []),
+                   {"error": error[:FAIL_REASON_MAX_CHARS], "resumes_from": int(resumes_from), "unit": self._budget_key}]
+        self._retry("record retry", lambda: ot_trial.set_user_attr("retries", retries))
+
     def trial_number(self, trial_id: str) -> Optional[int]:
         """The Optuna trial number of a Ray trial (None if unknown)."""
         t = self._ot_trials.get(trial_id)

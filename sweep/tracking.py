@@ -244,7 +244,9 @@ def make_wandb_callback(searcher, spec, study_name: str, out_dir, console=None):
                 "optuna_trial_number": self.searcher.trial_number(trial.trial_id),
             }
             if reason:
-                summary["fail_reason"] = _error_line(reason)
+                from sweep.record import error_summary
+
+                summary["fail_reason"] = error_summary(reason)
             try:
                 run.summary.update(summary)
                 run.finish(exit_code=1 if state == "FAIL" else 0)
@@ -269,13 +271,6 @@ def make_wandb_callback(searcher, spec, study_name: str, out_dir, console=None):
 
     return WandbTrials(searcher, mode, project, cfg.entity, str(root), study_name, job,
                        spec.budget.unit, list(spec.budget.rungs), console)
-
-
-def _error_line(text: str) -> str:
-    """The line that names the exception (Ray wraps it in lines of its own), else the last line."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
-    return ((named or lines or [""])[-1])[:500]
 
 
 # ------------------------------------------------------------------ offline runs

@@ -76,6 +76,9 @@ def test_a_damaged_checkpoint_is_detected_and_the_trial_falls_back_or_restarts(t
     [trial] = study.trials
     assert trial.state.name == "COMPLETE", (trial.state, trial.user_attrs.get("fail_reason"))
     assert sorted(trial.intermediate_values) == list(RUNGS)
+    # Ray retried the killed trial with its newest checkpoint (rung 2), which the trial then checked.
+    [retry] = trial.user_attrs["retries"]
+    assert "actor died" in retry["error"] and retry["resumes_from"] == RUNGS[1], retry
     [event] = trial.user_attrs["checkpoint_events"]
     if damage == "corrupted":
         want = (f"checkpoint {newest.name} rejected: adapter_model.safetensors fails its SHA-256 check (corrupted); "

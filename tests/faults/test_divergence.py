@@ -56,6 +56,9 @@ def test_a_diverging_trial_is_stopped_recorded_fail_and_never_reaches_asha(tmp_p
     assert "NonFiniteLoss" in failures[0] and "TrialNotRetried" not in failures[0]
     assert all("TrialNotRetried: NonFiniteLoss: training diverged" in f for f in failures[1:]), failures[1:]
     assert "TrialNotRetried: NonFiniteLoss: training diverged" in reason
+    # Each of Ray's retries is in the study, with the error that ended the attempt before it.
+    errors = [e["error"] for e in bad.user_attrs["retries"]]
+    assert len(errors) == 2 and "NonFiniteLoss: training diverged" in errors[0] and "TrialNotRetried" in errors[1], errors
     # No report from a retry. Tune's own result.json is not the record: on each retry Ray's JsonLoggerCallback
     # copies the file back from the trial's storage folder, which can drop the rows it had (CI saw it empty).
     bad_rows = [json.loads(line) for line in (error_txt.parent / "result.json").read_text().splitlines() if line.strip()]

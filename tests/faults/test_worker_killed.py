@@ -10,7 +10,7 @@ import time
 
 import optuna
 
-from sweep_helpers import LiveCli, small_spec, sweep_env, trial_workers
+from sweep_helpers import LiveCli, small_spec, sweep_cli, sweep_env, trial_workers
 
 RUNGS = (30, 60, 120)  # long enough between rungs that a kill lands mid-training
 
@@ -73,6 +73,18 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
         assert all(life == sorted(set(life)) for life in lives), lives   # within a life, no rung twice
         restarted += len(lives) - 1
     assert resumed, "no trial continued from its checkpoint"
+    # The study says why each killed trial was retried and from which checkpoint it went on; so does the terminal.
+    retries = [(t.number, e) for t in trials for e in t.user_attrs.get("retries", [])]
+    assert retries and all("actor died" in e["error"] and e["unit"] == "steps" and e["resumes_from"] in (0, *RUNGS)
+                           for _, e in retries), retries
+    assert sorted(e["resumes_from"] for _, e in retries if e["resumes_from"]) == sorted(RUNGS[RUNGS.index(s) - 1] for s in resumed)
+    said = " ".join(run.stdout.split())
+    status = sweep_cli("status", "killed", cwd=tmp_path, env=sweep_env(tmp_path))
+    assert status.returncode == 0, status.stderr
+    for n, e in retries:
+        where = f"its checkpoint at steps {e['resumes_from']}" if e["resumes_from"] else "the start"
+        assert f"trial {n} retry 1 from {where}: {e['error']}" in said, (n, e, run.tail())
+        assert f"trial {n} retried from {where}: {e['error']}" in " ".join(status.stdout.split()), status.stdout
     for t in trials:  # intermediate values at the rungs, each once (a re-reported rung: the first report stands)
         assert sorted(t.intermediate_values) == list(RUNGS[: len(t.intermediate_values)])
     # The W&B runs live in the controller, which the kill did not touch: one run per trial, continued
@@ -90,5 +102,6 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
     fault_row(fault="trial worker killed",
               injected=f"`kill -9` of {len(killed)} Ray trial worker(s) once Tune recorded its first rung and checkpoint, mid-way to rung 2; max_failures 1",
               lost=f"0 of 2 trials; no duplicate; {len(resumed)} resumed from the rung checkpoint "
-                   f"(next report at step {', '.join(map(str, resumed))}), {restarted} restarted from scratch; "
+                   f"(next report at step {', '.join(map(str, resumed))}), {restarted} restarted from scratch; each retry in the "
+                   "study (`retries`: why, from which checkpoint) and on the terminal; "
                    f"{len(runs)} W&B runs (one per trial) continued, each rung logged once", seconds=seconds)
