@@ -258,8 +258,9 @@ def _run_folder_problem(run_dir: Path) -> Optional[str]:
 
     Restoring unpickles the folder's `tuner.pkl` and searcher/callback state, and unpickling runs code:
     like ssh with its keys, only files owned by this user (or root) and not writable by every user
-    are trusted. And Tune's experiment state, written in place, is cut short if the controller died while
-    writing it; restoring from it would fail deep inside Tune.
+    are trusted. And Tune's state files, copied into the run folder, are cut short if the controller died
+    or the disk filled while they were copied; restoring from them would fail deep inside Tune, so they are
+    put back from Ray's own copies when those are still there (`_restore_from_ray_staging`), else refused.
     """
     import stat
 
@@ -272,15 +273,84 @@ def _run_folder_problem(run_dir: Path) -> Optional[str]:
         if st.st_mode & stat.S_IWOTH:
             return (f"{p} is writable by every user (mode {stat.filemode(st.st_mode)}); restoring unpickles it, which "
                     f"runs code. If you trust it: chmod o-w {p}, then resume again")
-    states = sorted(run_dir.glob("experiment_state-*.json"))
-    if states:
-        try:
-            json.loads(states[-1].read_text())
-        except ValueError as e:
-            return (f"Ray Tune's experiment state {states[-1].name} is cut short ({e}): the controller died while "
-                    "writing it. Every trial and rung recorded in the study is kept; continue the search as a new "
-                    "study: sweep run SPEC --name NEW_NAME")
+    # Tune restores from the newest of each of its state files (named <kind>-<time>.json/.pkl) and tuner.pkl.
+    import re
+
+    newest: dict[str, Path] = {}
+    for p in sorted([*run_dir.glob("*.json"), *run_dir.glob("*.pkl")]):
+        newest[re.sub(r"-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d(?=\.\w+$)", "", p.name)] = p
+    torn = {p: _torn(p) for p in newest.values()}
+    torn = {p: why for p, why in torn.items() if why}
+    if torn and not _restore_from_ray_staging(run_dir, list(torn)):
+        p, why = next(iter(torn.items()))
+        return (f"Ray Tune's state file {p.name} is cut short ({why}), and Ray's own copy of it (in the Ray session "
+                f"folder under {_ray_temp_dir()}) is gone: the controller died, or the disk filled, while it was "
+                "copied here. Every trial and rung recorded in the study is kept; continue the search as a new study: "
+                "sweep run SPEC --name NEW_NAME")
     return None
+
+
+def _torn(path: Path) -> Optional[str]:
+    """What is wrong with one of Tune's state files (JSON or pickle), None if it is whole. A pickle is parsed
+    opcode by opcode (`pickletools.genops`), which runs nothing. Some of Tune's `.json` files are pickles
+    (`search_gen_state-*.json`): a file starting with the pickle protocol byte is read as one."""
+    import pickletools
+
+    data = path.read_bytes()
+    try:
+        if path.suffix == ".json" and not data.startswith(b"\x80"):
+            json.loads(data)
+        else:
+            for _ in pickletools.genops(data):
+                pass
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _ray_temp_dir() -> Path:
+    """Where Ray keeps its session folders on this machine (as `ray._common.utils.get_default_ray_temp_dir`)."""
+    base = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    return Path(base or "/tmp") / "ray"
+
+
+def _restore_from_ray_staging(run_dir: Path, torn: list[Path]) -> bool:
+    """Put back Tune's state files that were cut short in the run folder from Ray's own copies; True if all were.
+
+    Tune writes its experiment state in the Ray session folder of the driver
+    (`session_*/artifacts/<time>/<experiment>/driver_artifacts`) and copies it into the run folder; a full disk or
+    a kill can cut that copy short, while the session folder keeps the whole file. A copy is used only from a
+    session folder of this user (or root) that no other user can write, whose experiment state names this run
+    folder's storage path, and only if it is whole itself.
+    """
+    import shutil
+    import stat
+
+    uid = os.getuid() if hasattr(os, "getuid") else None
+
+    def trusted(p: Path) -> bool:
+        st = p.stat()
+        return (uid is None or st.st_uid in (uid, 0)) and not st.st_mode & stat.S_IWOTH
+
+    # Tune pickles each trial's storage context (storage path included) into the experiment state, as hex.
+    ours = str(run_dir.parent).encode().hex()
+    staged = {d.resolve() for d in _ray_temp_dir().glob(f"session_*/artifacts/*/{run_dir.name}/driver_artifacts")
+              if d.is_dir()}  # resolved: session_latest links to one of them
+    for d in sorted(staged, key=lambda d: d.stat().st_mtime, reverse=True):
+        states = [p for p in d.glob("experiment_state-*.json") if trusted(p) and not _torn(p)]
+        if not (trusted(d) and any(ours in p.read_text() for p in states)):
+            continue
+        copies = {p: d / p.name for p in torn}
+        if not all(c.is_file() and trusted(c) and not _torn(c) for c in copies.values()):
+            continue
+        for p, c in copies.items():
+            tmp = p.with_name(f".{p.name}.restoring")
+            shutil.copyfile(c, tmp)
+            os.replace(tmp, p)
+            print(f"sweep resume: Tune's {p.name} in {run_dir} was cut short; put back from Ray's own copy {c}",
+                  file=sys.stderr, flush=True)
+        return True
+    return False
 
 
 class StudyStorageLost(RuntimeError):

@@ -147,6 +147,8 @@ def test_resume_never_unpickles_a_run_folder_others_could_have_written(tmp_path,
     import json
     import pickle
 
+    import optuna
+
     from sweep_helpers import sweep_cli
 
     t0 = time.perf_counter()
@@ -174,13 +176,24 @@ def test_resume_never_unpickles_a_run_folder_others_could_have_written(tmp_path,
     cases.append(("searcher state owned by another user", f"{searcher} belongs to user id 65534"))
     r2 = sweep_cli("resume", spec, cwd=tmp_path, env=env, probe_imports=True)
     os.chown(searcher, os.getuid(), os.getgid())
-    # 3. Tune's experiment state cut short (the controller died while writing it).
+    # 3. Tune's experiment state cut short (the controller died, or the disk filled, while Tune copied it here)
+    # and Ray's own copy of it (in the Ray session folder) gone too.
+    from sweep.controller import _ray_temp_dir
+
     state = sorted(run_dir.glob("experiment_state-*.json"))[-1]
     text = state.read_text()
     json.loads(text)
     state.write_text(text[: len(text) // 2])
-    cases.append(("experiment state cut short", f"{state.name} is cut short"))
+    ours = str(run_dir.parent).encode().hex()
+    staged = {d.resolve() for d in _ray_temp_dir().glob("session_*/artifacts/*/planted/driver_artifacts")
+              if any(ours in p.read_text() for p in d.glob("experiment_state-*.json"))}  # session_latest: a link
+    assert staged, "Ray kept no copy of the run's experiment state in its session folder"
+    for d in staged:
+        d.rename(d.with_name("moved-away"))
+    cases.append(("experiment state cut short, Ray's copy gone", f"{state.name} is cut short"))
     r3 = sweep_cli("resume", spec, cwd=tmp_path, env=env, probe_imports=True)
+    for d in staged:
+        d.with_name("moved-away").rename(d)
 
     for (what, says), r in zip(cases, (r1, r2, r3)):
         assert r.returncode == 2, (what, r.stdout[-2000:], r.stderr[-2000:])
@@ -188,9 +201,20 @@ def test_resume_never_unpickles_a_run_folder_others_could_have_written(tmp_path,
         assert "HEAVY_IMPORTED=\n" in r.stderr, (what, r.stderr)  # Ray never started: nothing was unpickled
     assert not pwned.exists()
     assert (tmp_path / "planted.db").read_bytes() == study_db  # the study untouched
+
+    # 4. The same cut-short state with Ray's copy there: put back from it, and the sweep resumes.
+    r4 = sweep_cli("resume", spec, cwd=tmp_path, env=env)
+    assert r4.returncode == 0 and "Traceback" not in r4.stderr, r4.stdout[-2000:] + r4.stderr[-3000:]
+    said = " ".join(r4.stderr.split())
+    assert f"sweep resume: Tune's {state.name} in {run_dir} was cut short; put back from Ray's own copy" in said, r4.stderr
+    assert json.loads(state.read_text())["trial_data"], "the experiment state was not put back whole"
+    study = optuna.load_study(study_name="planted", storage=f"sqlite:///{tmp_path / 'planted.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
     fault_row(fault="restoring from a run folder the user did not write",
               injected="`sweep resume` after: tuner.pkl replaced by a code-running pickle, mode 666; the searcher's "
-                       "pickle chown'd to another user; Tune's experiment state cut in half",
+                       "pickle chown'd to another user; Tune's experiment state cut in half and Ray's session copy "
+                       "moved away; then the same with Ray's copy back",
               lost=f"{len(cases)}/{len(cases)} refused (exit 2, path and cause named, no traceback) before Ray or any "
-                   "pickle was loaded; the planted pickle never ran; study byte-identical",
+                   "pickle was loaded; the planted pickle never ran; study byte-identical; with Ray's copy there, the "
+                   "state was put back from it and the sweep resumed (1 trial, COMPLETE)",
               seconds=time.perf_counter() - t0)
