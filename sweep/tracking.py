@@ -261,6 +261,16 @@ def make_wandb_callback(searcher, spec, study_name: str, out_dir, console=None):
             reason = getattr(self.searcher, "_fail_reasons", {}).get(trial.trial_id)
             self._finish(trial, "FAIL", reason)
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            # Ray retries the trial (`max_failures`); its run goes on, and counts the retries.
+            run = self.runs.get(trial.trial_id)
+            n = getattr(getattr(trial, "run_metadata", None), "num_failures", None)
+            if run is not None and n:
+                try:
+                    run.summary.update({"retries": int(n)})
+                except Exception as e:
+                    self._warn(f"could not note the retry of trial {trial.trial_id}: {e}")
+
         def on_experiment_end(self, trials, **info):
             for tid, run in list(self.runs.items()):
                 try:

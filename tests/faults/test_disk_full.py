@@ -66,6 +66,13 @@ def _checkpoints(run_dir: Path) -> dict[str, str | None]:
     return {f"{c.parent.name}/{c.name}": verify(c) for c in sorted(run_dir.glob("*/checkpoint_*")) if c.is_dir()}
 
 
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def _snapshot(study):
     return {t.number: (t.state.name, t.value, dict(t.intermediate_values), t.params["learning_rate"],
                        t.user_attrs.get("fail_reason")) for t in study.trials}
@@ -147,7 +154,8 @@ def test_a_full_disk_fails_the_trial_clearly_stops_the_sweep_and_resume_finishes
         assert all(v[0] in ("COMPLETE", "PRUNED") for n, v in after.items() if n not in full), after
 
         # No resumed trial went past a checkpoint that failed its hashes (none was cut short and kept).
-        rows = [json.loads(x) for f in run_dir.glob("*/result.json") for x in f.read_text().splitlines() if x.strip()]
+        # (Tune's own result.json lines written as the disk filled may be cut short: those are not rows.)
+        rows = [r for f in run_dir.glob("*/result.json") for x in f.read_text().splitlines() if (r := _json_or_none(x))]
         assert not [r for r in rows if r.get("checkpoint_note")], [r["checkpoint_note"] for r in rows if r.get("checkpoint_note")]
         assert all((c / MANIFEST).exists() for c in run_dir.glob("*/checkpoint_*")), list(run_dir.glob("*/checkpoint_*"))
     finally:

@@ -99,6 +99,7 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
         logged = [row["_step"] for row in run["history"] if "val_loss" in row]
         assert logged == sorted(t.intermediate_values), (logged, t.intermediate_values)
         assert run["summary"]["state"] == t.state.name
+        assert run["summary"].get("retries", 0) == len(t.user_attrs.get("retries", [])), (run["summary"], t.user_attrs)
     fault_row(fault="trial worker killed",
               injected=f"`kill -9` of {len(killed)} Ray trial worker(s) once Tune recorded its first rung and checkpoint, mid-way to rung 2; max_failures 1",
               lost=f"0 of 2 trials; no duplicate; {len(resumed)} resumed from the rung checkpoint "
