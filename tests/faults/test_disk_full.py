@@ -5,7 +5,8 @@ experiment state) is a small tmpfs mounted for the test. Once the first rung is 
 every free byte, so the next checkpoint Tune copies there fails with ENOSPC. The trial is recorded FAIL with
 the disk-full reason, the sweep stops (no new trial starts, exit 74, one message saying what filled, where and
 what to do), the checkpoints written before stay intact, and once the ballast is gone `sweep resume SPEC`
-finishes the sweep.
+finishes the sweep, even with Tune's experiment state in the run folder cut short by the full disk (put back
+from Ray's own copy in its session folder).
 
 The study (SQLite) stays beside the spec, off the tmpfs, as it does by default: a full disk under the study's
 database is a storage failure of the study (`test_storage.py`: the searcher's retries, then exit 75), and the
@@ -132,15 +133,22 @@ def test_a_full_disk_fails_the_trial_clearly_stops_the_sweep_and_resume_finishes
             assert after_stop.get(c, "gone") is None, (c, after_stop)
         assert all(v is None for v in after_stop.values()), after_stop  # no partial checkpoint left to resume from
 
-        # Space freed: `sweep resume SPEC` finishes the sweep.
+        # Tune copies its experiment state into the run folder as the sweep stops; on the full disk that copy is at
+        # times cut short (CI saw it). Make it so every time (if the disk did not), as the copy would have been cut.
+        [state] = sorted(run_dir.glob("experiment_state-*.json"))[-1:]
+        text = state.read_text()
+        cut_by_disk = _json_or_none(text) is None
+        if not cut_by_disk:
+            state.write_text(text[: len(text) // 3])
+
+        # Space freed: `sweep resume SPEC` puts the state back from Ray's own copy and finishes the sweep.
         ballast.unlink()
         r = sweep_cli("resume", spec, cwd=tmp_path, env=env, timeout=400)
         kill_processes_with_env(marker)
         # Exit 1, as `sweep run` exits for a sweep with a failed trial: the disk-full trial stays FAIL (not retried).
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout[-4000:] + r.stderr[-4000:]
-        # Tune's state files copied into the run folder as the disk filled may be cut short (CI saw it): resume puts
-        # them back from Ray's own copies in its session folder, and says so.
-        put_back = "was cut short; put back from Ray's own copy" in r.stderr
+        assert f"Tune's {state.name} in {run_dir} was cut short; put back from Ray's own copy" in " ".join(r.stderr.split()), r.stderr
+        assert _json_or_none(state.read_text()) is not None
         seconds = time.perf_counter() - t0
         after = _snapshot(optuna.load_study(study_name=name, storage=storage))
         assert len(after) == len(LRS), after  # the spec's trial count
@@ -172,6 +180,6 @@ def test_a_full_disk_fails_the_trial_clearly_stops_the_sweep_and_resume_finishes
                    f"{len(LRS)} started (exit 74), {len(continued)} unfinished continued and {len(LRS) - len(stopped)} "
                    "not yet started ran on resume; none RUNNING"
                    + ("" if state_saved else "; Tune's last experiment state could not be saved (said on the terminal)")
-                   + ("; Tune's state files in the run folder were cut short by the full disk and `sweep resume` put them "
-                      "back from Ray's own copies" if put_back else ""),
+                   + f"; Tune's experiment state in the run folder cut short ({'by the full disk' if cut_by_disk else 'by the test'}): "
+                     "`sweep resume` put it back from Ray's own copy",
               seconds=seconds)
