@@ -63,6 +63,7 @@ def error_summary(text: str) -> str:
     exit_type = re.search(r"Worker exit type: (\w+)", block)
     return (lines[0] + (f" (worker exit: {exit_type[1]})" if exit_type else ""))[:500]
 
+
 SQLITE_BUSY_TIMEOUT_S = 60
 FAIL_REASON_MAX_CHARS = 4000
 
