@@ -175,13 +175,7 @@ class _QuietStops:
 
 def _disk_full_message(reason: str, *, run_dir: Path, spec: SweepSpec, spec_path: Path, study_name: str,
                        storage: Optional[str], state_unsaved: Optional[str] = None) -> str:
-    again = f"sweep resume {spec_path}"
-    if storage:
-        from sweep.record import url_without_password
-
-        again += f" --storage {url_without_password(storage)}"
-    if study_name != spec.name:
-        again += f" --name {study_name}"
+    again = _resume_command(spec_path, spec, study_name, storage)
     reason = reason.split(" [", 1)[0] if reason.endswith("]") else reason  # the library's own words stay in the study
     return (f"sweep: stopped: {reason.replace('`sweep resume SPEC`', 'resume')}.\n"
             f"The trial that hit it is recorded FAIL with that reason; trials still running were stopped unfinished and "
@@ -190,6 +184,18 @@ def _disk_full_message(reason: str, *, run_dir: Path, spec: SweepSpec, spec_path
                f"be older than the study, and `sweep resume` may redo work from where it was last saved.\n"
                if state_unsaved else "") +
             f"Free space on the disk of {run_dir}, then continue with: {again}")
+
+
+def _resume_command(spec_path, spec: SweepSpec, study_name: str, storage: Optional[str]) -> str:
+    """The `sweep resume` command that continues this sweep (a storage URL without its password)."""
+    from sweep.record import url_without_password
+
+    again = f"sweep resume {spec_path}"
+    if storage:
+        again += f" --storage {url_without_password(storage)}"
+    if study_name != spec.name:
+        again += f" --name {study_name}"
+    return again
 
 
 def terminal_console():
@@ -262,17 +268,14 @@ def _run_folder_problem(run_dir: Path) -> Optional[str]:
     or the disk filled while they were copied; restoring from them would fail deep inside Tune, so they are
     put back from Ray's own copies when those are still there (`_restore_from_ray_staging`), else refused.
     """
-    import stat
-
-    uid = os.getuid() if hasattr(os, "getuid") else None
     for p in [run_dir, *sorted(run_dir.glob("*.pkl")), *sorted(run_dir.glob("*.json"))]:
-        st = p.stat()
-        if uid is not None and st.st_uid not in (uid, 0):
-            return (f"{p} belongs to user id {st.st_uid}, not to you ({uid}); restoring unpickles it, which runs code. "
-                    "Resume as its owner, or start a new study: sweep run SPEC --name NEW_NAME")
-        if st.st_mode & stat.S_IWOTH:
-            return (f"{p} is writable by every user (mode {stat.filemode(st.st_mode)}); restoring unpickles it, which "
-                    f"runs code. If you trust it: chmod o-w {p}, then resume again")
+        why = _distrust(p)
+        if why == "owner":
+            return (f"{p} belongs to user id {p.stat().st_uid}, not to you ({os.getuid()}); restoring unpickles it, "
+                    "which runs code. Resume as its owner, or start a new study: sweep run SPEC --name NEW_NAME")
+        if why:
+            return (f"{p} is writable by every user ({why}); restoring unpickles it, which runs code. If you trust "
+                    f"it: chmod o-w {p}, then resume again")
     # Tune restores from the newest of each of its state files (named <kind>-<time>.json/.pkl) and tuner.pkl.
     import re
 
@@ -287,6 +290,19 @@ def _run_folder_problem(run_dir: Path) -> Optional[str]:
                 f"folder under {_ray_temp_dir()}) is gone: the controller died, or the disk filled, while it was "
                 "copied here. Every trial and rung recorded in the study is kept; continue the search as a new study: "
                 "sweep run SPEC --name NEW_NAME")
+    return None
+
+
+def _distrust(path: Path) -> Optional[str]:
+    """Why a file to be unpickled on restore is not trusted: "owner" (neither this user's nor root's), or
+    "mode ..." (writable by every user); None if trusted."""
+    import stat
+
+    st = path.stat()
+    if hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0):
+        return "owner"
+    if st.st_mode & stat.S_IWOTH:
+        return f"mode {stat.filemode(st.st_mode)}"
     return None
 
 
@@ -324,13 +340,9 @@ def _restore_from_ray_staging(run_dir: Path, torn: list[Path]) -> bool:
     folder's storage path, and only if it is whole itself.
     """
     import shutil
-    import stat
-
-    uid = os.getuid() if hasattr(os, "getuid") else None
 
     def trusted(p: Path) -> bool:
-        st = p.stat()
-        return (uid is None or st.st_uid in (uid, 0)) and not st.st_mode & stat.S_IWOTH
+        return _distrust(p) is None
 
     # Tune pickles each trial's storage context (storage path included) into the experiment state, as hex.
     ours = str(run_dir.parent).encode().hex()
@@ -370,15 +382,11 @@ def _storage_failure(error: BaseException) -> Optional[BaseException]:
 
 def _storage_lost_message(failure: BaseException, *, study_name: str, storage_url: str, spec: SweepSpec,
                           spec_path: Path, storage: Optional[str], run_dir: Path) -> str:
-    from sweep.record import safe_url, url_without_password
+    from sweep.record import safe_url
     from sweep.search import storage_error_text
 
     what, tries, waited = failure.study_write_failed
-    again = f"sweep resume {spec_path}"
-    if storage:
-        again += f" --storage {url_without_password(storage)}"
-    if study_name != spec.name:
-        again += f" --name {study_name}"
+    again = _resume_command(spec_path, spec, study_name, storage)
     return (f"sweep: stopped: could not write to the study database {safe_url(storage_url)}: {what} (study "
             f"{study_name!r}) failed {tries} times over {waited:.0f} s: {storage_error_text(failure)}\n"
             f"Nothing recorded is lost: the study keeps every write made before the failure, and Ray Tune's run "
