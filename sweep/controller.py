@@ -471,8 +471,7 @@ def run_sweep(
 
     from sweep.search import StudySearch
     from sweep.space import make_sampler, optuna_space
-    from trial_worker.entry import evaluate_base, prepare_assets
-    from trial_worker.entry import trainable as trainable_for
+    from trial_worker.entry import prepare_assets, trial_plan
 
     prepare_assets(job)
 
@@ -494,11 +493,13 @@ def run_sweep(
         ignore_reinit_error=True,
     )
     res = spec.resources
+    # Packed trials (one warm process per GPU, trial_worker.pack) or one trial per process: the trainable,
+    # its resources, and where the base model is evaluated.
+    plan = trial_plan(job.model_dump(mode="json"), resources=res.model_dump(), run_dir=str(run_dir), name=study_name)
     try:
         if "base_val_loss" not in study.user_attrs:
             console.print("evaluating the base model (once per study) ...")
-            remote = ray.remote(evaluate_base).options(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
-            base = ray.get(remote.remote(job))
+            base = plan.evaluate_base(job)
             record_base_metrics(study, base["val_loss"], base["ppl"])
             console.print(f"base model: val_loss {base['val_loss']:.4f}  ppl {base['ppl']:.2f}")
 
@@ -520,10 +521,7 @@ def run_sweep(
             grace_period=budget.min,
             reduction_factor=budget.reduction_factor,
         )
-        trainable = tune.with_resources(
-            trainable_for(job.model_dump(mode="json"), run_dir=str(run_dir)),
-            {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
-        )
+        trainable = plan.trainable
         out_dir = Path(spec.output_dir or "sweep_runs").resolve()
         callbacks = [_make_progress_callback(searcher, spec, console)]
         if spec.tracking.wandb.mode != "disabled":
@@ -560,6 +558,7 @@ def run_sweep(
         console.print(
             f"ASHA over {n_trials} trials, rungs {' -> '.join(map(str, budget.rungs))} {budget.unit}, "
             f"{res.cpus_per_trial:g} CPU / {res.gpus_per_trial:g} GPU per trial"
+            + (f", packed: {len(plan.packs)} pack(s)" if plan.mode == "packed" else "")
         )
         # On resume the callbacks are the ones restored from the run folder (Tuner.restore takes no RunConfig).
         progress = callbacks[0] if not resume else next(

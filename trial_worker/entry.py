@@ -32,6 +32,7 @@ __all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_j
     "compare": "trial_worker.generate",
     "serve": "trial_worker.chat",
     "load_splits": "trial_worker.data",
+    "trial_plan": "trial_worker.pack.tune",  # packed or one-trial-per-process: the controller's one choice
 })]
 
 
@@ -93,13 +94,7 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
 
     from trial_worker.recipe import NonFiniteLoss, TrialOOM, run
 
-    context = tune.get_context()
-    if run_dir:  # the run's folder in Tune's storage: the same for every attempt, on any node
-        fatal = Path(run_dir) / FATAL_DIR / f"{context.get_trial_id()}.json"
-    else:
-        fatal = Path(context.get_trial_dir()) / FATAL_DIR / "trial.json"
-    if fatal.exists():
-        raise TrialNotRetried(json.loads(fatal.read_text())["reason"])
+    fatal = fatal_path(run_dir)
     vanished = _VANISHED_CHECKPOINT.pop("path", None)  # see `trainable`
     assigned = ray.get_runtime_context().get_assigned_resources()
     trial = trial_job(config, job, cpus=assigned.get("CPU"), gpus=assigned.get("GPU"))
@@ -136,6 +131,23 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
         raise DiskFull.writing(e, output_dir=output_dir, **writing) from e
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def fatal_path(run_dir: str | None) -> Path:
+    """Where this Tune trial's deterministic failure is kept (see `run_trial`); raises `TrialNotRetried` when an
+    earlier attempt left one there."""
+    import json
+
+    from ray import tune
+
+    context = tune.get_context()
+    if run_dir:  # the run's folder in Tune's storage: the same for every attempt, on any node
+        fatal = Path(run_dir) / FATAL_DIR / f"{context.get_trial_id()}.json"
+    else:
+        fatal = Path(context.get_trial_dir()) / FATAL_DIR / "trial.json"
+    if fatal.exists():
+        raise TrialNotRetried(json.loads(fatal.read_text())["reason"])
+    return fatal
 
 
 class DiskFull(OSError):
@@ -220,8 +232,9 @@ class TrialNotRetried(RuntimeError):
 _VANISHED_CHECKPOINT: dict[str, str] = {}  # set by `SweepTrial.restore`, taken by the next `run_trial` in this actor
 
 
-def trainable(job: dict, run_dir: str | None = None):
-    """The Tune trainable of a sweep: `run_trial` with its job, as a class whose restore survives a deleted checkpoint.
+def trainable(job: dict, run_dir: str | None = None, function=None):
+    """The Tune trainable of a sweep: `function` (default `run_trial`) with its job, as a class whose restore
+    survives a deleted checkpoint.
 
     Tune's own restore refuses a checkpoint folder that no longer exists (and the retry fails);
     here the trial goes on instead, from the newest older checkpoint that verifies, or from step 0,
@@ -230,7 +243,7 @@ def trainable(job: dict, run_dir: str | None = None):
     from ray import tune
     from ray.tune.trainable import wrap_function
 
-    base = wrap_function(tune.with_parameters(run_trial, job=job, run_dir=run_dir))
+    base = wrap_function(tune.with_parameters(function or run_trial, job=job, run_dir=run_dir))
 
     class SweepTrial(base):
         def restore(self, checkpoint_path):

@@ -206,6 +206,7 @@ class PackEngine:
         self.output_dir = Path(output_dir)
         self.max_trials = max_trials or (CPU_MAX_TRIALS if self.cpu else 64)
         self.trials: dict[str, PackedTrial] = {}
+        self.failed: list[PackedTrial] = []  # out of the pack with an error, for the owner to collect
         self.steps = 0
         self.peak_bytes = 0.0  # peak allocated over the last pack steps, and with how many trials
         self.peak_trials = 0
@@ -280,7 +281,8 @@ class PackEngine:
         if trial is None:
             return
         for layer in self.layers.values():
-            layer.adapters.pop(str(trial.slot), None)
+            if str(trial.slot) in layer.adapters:
+                del layer.adapters[str(trial.slot)]
         trial.optimizer = trial.scheduler = trial.params = trial.named_params = None
         gc.collect()
         if not self.cpu:
@@ -362,6 +364,7 @@ class PackEngine:
             action()
         except Exception as e:  # noqa: BLE001 - any failure of one trial's work is that trial's
             trial.state, trial.error = "failed", e
+            self.failed.append(trial)
             self.remove(trial.id)
 
     def _out_of_memory(self, trials: list[PackedTrial], error: BaseException) -> None:
@@ -380,6 +383,7 @@ class PackEngine:
             newest.error = TrialOOM(f"oom: out of memory alone in its pack (micro-batch "
                                     f"{newest.job.training.per_device_train_batch_size}); {memory_figures(peak)}; "
                                     f"last error: {str(error).strip().splitlines()[0][:300] if str(error).strip() else 'out of memory'}")
+            self.failed.append(newest)
             self.remove(newest.id)
         else:
             self.max_trials = len(trials) - 1  # what fits, learnt the hard way
