@@ -189,8 +189,9 @@ class PackEngine:
         freeze_base(self.model)
         self.routing = Routing()
         self.layers = install(self.model, self.routing)
-        ckpt = (not self.cpu and job.training.gradient_checkpointing) if gradient_checkpointing is None else gradient_checkpointing
-        if ckpt:
+        # Checkpointing is a systems choice, as in the solo worker (execution.py): a pack runs without it (the
+        # fastest execution); admission by measured memory keeps the pack within the card.
+        if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         train_rows, val_rows = load_splits(job.data, tokenizer=self.tokenizer)
