@@ -37,6 +37,8 @@ Report = Callable[[dict, str], None]
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "sweep_trial_state.json"
 CPU_MAX_TRIALS = 8  # on the CPU nothing measures memory: a plain cap on trials per pack
+GPU_MICRO_TOKENS = 8192  # a trial's rows per pack step on a GPU, in max_seq_length-token rows
+LOSS_CHUNK_TOKENS = 8192  # the LM head and its fp32 cross-entropy run this many tokens at a time (recomputed in backward)
 
 
 def pack_key(job: JobConfig) -> str:
@@ -71,6 +73,8 @@ class PackedTrial:
         self.train_s = 0.0
         self.t_start = time.perf_counter()
         self.offset = {"wall_s": 0.0, "train_s": 0.0, "tokens": 0.0}
+        self.micro_rows = engine.micro_rows(job)
+        self.params_ok = None  # a device flag: the adapter is finite after its last optimizer step
         self.state = "running"  # running | parked (reported a rung, waits to be told to go on) | waiting | done | failed
         self.error: Optional[BaseException] = None
 
@@ -91,8 +95,9 @@ class PackedTrial:
         return out
 
     def start_window(self) -> None:
-        t = self.job.training
-        self.window = [self._next_rows(t.per_device_train_batch_size) for _ in range(t.gradient_accumulation_steps)]
+        rows = self._next_rows(self.job.training.effective_batch_size)  # the step's data, in the trial's own order
+        m = self.micro_rows
+        self.window = [rows[i:i + m] for i in range(0, len(rows), m)]
         self.window_targets = sum(s.n_targets for mb in self.window for s in mb)
         self.micro, self.loss_acc = 0, 0.0
 
@@ -123,6 +128,9 @@ class PackedTrial:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # Checked with the next step's losses (no sync of its own): an adapter gone non-finite fails its trial
+        # before its rows are mixed with anyone's.
+        self.params_ok = torch.stack(torch._foreach_norm(self.params)).sum().isfinite()
         self.step += 1
         self.history.append((self.step, self.loss_acc))
         self.since_rung.append(self.loss_acc)
@@ -213,6 +221,16 @@ class PackEngine:
         self.peak_trials = 0
         self.base_bytes = torch.cuda.memory_allocated() if not self.cpu else 0.0
 
+    def micro_rows(self, job: JobConfig) -> int:
+        """Rows of a trial per pack step: on the CPU as written; on a GPU as much of its effective batch as fits
+        `GPU_MICRO_TOKENS` (a divisor of it). The loss is normalised on the whole effective batch either way, so
+        the split is a systems choice that leaves the optimisation as it is (see `execution.py`)."""
+        t = job.training
+        if self.cpu:
+            return t.per_device_train_batch_size
+        cap = max(t.per_device_train_batch_size, GPU_MICRO_TOKENS // job.data.max_seq_length)
+        return max(d for d in range(1, t.effective_batch_size + 1) if t.effective_batch_size % d == 0 and d <= cap)
+
     # --------------------------------------------------------------- membership
     def running(self) -> list[PackedTrial]:
         return [t for t in self.trials.values() if t.state == "running"]
@@ -298,11 +316,10 @@ class PackEngine:
         import torch
         import torch.nn.functional as F
 
+        from torch.utils.checkpoint import checkpoint
+
         batch = build(parts, self.row_tokens, self.pad_id, self.device)
-        self.routing.spans = batch.spans
-        self.routing.training = seeds is not None
-        self.routing.seeds = seeds or {}
-        self.routing.lengths = batch.lengths
+        self.routing.set(batch.spans, seeds, batch.lengths)
         hidden = self.model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                           use_cache=False).last_hidden_state
         owner = torch.empty(batch.input_ids.shape[0], dtype=torch.long)
@@ -310,8 +327,14 @@ class PackEngine:
             owner[start:end] = i
         owner = owner.to(self.device)[:, None].expand_as(batch.targets)
         mask = batch.targets != IGNORE_INDEX
-        logits = self.model.lm_head(hidden[mask]).float()
-        nll = F.cross_entropy(logits, batch.targets[mask], reduction="none")
+        h, targets = hidden[mask], batch.targets[mask]
+
+        def nll_of(h, y):  # a 128k-vocabulary fp32 logits tensor of every target token at once would not fit
+            return F.cross_entropy(self.model.lm_head(h).float(), y, reduction="none")
+
+        chunks = [(h[i:i + LOSS_CHUNK_TOKENS], targets[i:i + LOSS_CHUNK_TOKENS]) for i in range(0, len(targets), LOSS_CHUNK_TOKENS)]
+        grad = torch.is_grad_enabled()
+        nll = torch.cat([checkpoint(nll_of, a, b, use_reentrant=False) if grad else nll_of(a, b) for a, b in chunks])
         sums = torch.zeros(len(parts), dtype=torch.float32, device=self.device).index_add(0, owner[mask], nll)
         return sums, batch.tokens
 
@@ -330,25 +353,34 @@ class PackEngine:
             sums, tokens = self._losses([(t.slot, t.window[t.micro]) for t in trials],
                                         {t.slot: t.dropout_seed for t in trials})
             losses = sums / torch.tensor([float(t.window_targets) for t in trials], device=self.device)
-            values = losses.detach().tolist()  # the step's one host sync
-            ok = [i for i, v in enumerate(values) if math.isfinite(v)]
-            if ok:
-                losses[ok].sum().backward() if len(ok) < len(trials) else losses.sum().backward()
+            ready = torch.stack([torch.ones((), dtype=torch.bool, device=self.device) if t.params_ok is None
+                                 else t.params_ok for t in trials])
+            flat = torch.cat([losses.detach(), ready.float()]).tolist()  # the step's one host sync
+            values, finite = flat[:len(trials)], flat[len(trials):]
+            bad = [i for i in range(len(trials)) if not (math.isfinite(values[i]) and finite[i])]
+            if not bad:
+                losses.sum().backward()
         except torch.OutOfMemoryError as e:
             sums = losses = None
             self._out_of_memory(trials, e)
             return True
         finally:
-            self.routing.spans = []
+            self.routing.set([], None, {})
+        if bad:
+            # A non-finite loss or adapter: the step is dropped for everyone before any backward (activations
+            # that overflowed would meet zero gradients, 0 x inf, in the shared matmuls); the trials that went
+            # bad fail, and the others redo the same micro-batch next step, with the same numbers.
+            for i in bad:
+                t = trials[i]
+                self._fail(t, lambda t=t, v=values[i] if finite[i] else float("nan"):
+                           t.check_finite("train loss" if finite[i] else "adapter weights", v, t.step + 1))
+            return True
         if not self.cpu:
             self.peak_bytes, self.peak_trials = torch.cuda.max_memory_allocated(self.device), len(trials)
             torch.cuda.reset_peak_memory_stats(self.device)
         dt = time.perf_counter() - t0
         self.steps += 1
         for i, t in enumerate(trials):
-            if i not in ok:
-                self._fail(t, lambda t=t, v=values[i]: t.check_finite("train loss", v, t.step + 1))
-                continue
             t.loss_acc += values[i]
             t.micro += 1
             t.tokens += tokens[t.slot]
@@ -382,7 +414,7 @@ class PackEngine:
         if len(trials) == 1:
             newest.state = "failed"
             newest.error = TrialOOM(f"oom: out of memory alone in its pack (micro-batch "
-                                    f"{newest.job.training.per_device_train_batch_size}); {memory_figures(peak)}; "
+                                    f"{newest.micro_rows}); {memory_figures(peak)}; "
                                     f"last error: {str(error).strip().splitlines()[0][:300] if str(error).strip() else 'out of memory'}")
             self.failed.append(newest)
             self.remove(newest.id)
@@ -410,8 +442,8 @@ class PackEngine:
             "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
             "samples_per_s": (step - t.start_step) * eff / t.train_s if t.train_s > 0 else 0.0,
             "peak_mem_gb": peak_memory_gb(), "wall_s": wall_s, "train_s": train_s,
-            "micro_batch": t.job.training.per_device_train_batch_size,
-            "accumulation": t.job.training.gradient_accumulation_steps,
+            "micro_batch": t.micro_rows,
+            "accumulation": eff // t.micro_rows,
             "gradient_checkpointing": bool(self.model.is_gradient_checkpointing),
         }
         assert set(metrics) == set(REPORT_KEYS)
@@ -421,7 +453,7 @@ class PackEngine:
         t.report(dict(metrics), str(directory))
 
     # --------------------------------------------------------------- evaluation
-    def evaluate(self, slot: Optional[int], rows_per_forward: int = 8) -> dict[str, float]:
+    def evaluate(self, slot: Optional[int], rows_per_forward: int = 32) -> dict[str, float]:
         """{"val_loss", "ppl", "tokens"}: token-mean loss over the validation split with `slot`'s adapter (None: the base)."""
         import torch
 
@@ -432,6 +464,6 @@ class PackEngine:
                 sums, _ = self._losses([(slot, seqs)])
                 total += float(sums.double().sum())
                 n += sum(s.n_targets for s in seqs)
-        self.routing.spans = []
+        self.routing.set([], None, {})
         val = total / n
         return {"val_loss": val, "ppl": math.exp(min(val, 700.0)), "tokens": n}
