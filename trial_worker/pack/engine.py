@@ -199,6 +199,7 @@ class PackEngine:
         self.layers = install(self.model, self.routing)
         # Checkpointing is a systems choice, as in the solo worker (execution.py): a pack runs without it (the
         # fastest execution); admission by measured memory keeps the pack within the card.
+        self.checkpointing = bool(gradient_checkpointing)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
@@ -444,7 +445,7 @@ class PackEngine:
             "peak_mem_gb": peak_memory_gb(), "wall_s": wall_s, "train_s": train_s,
             "micro_batch": t.micro_rows,
             "accumulation": eff // t.micro_rows,
-            "gradient_checkpointing": bool(self.model.is_gradient_checkpointing),
+            "gradient_checkpointing": self.checkpointing,
         }
         assert set(metrics) == set(REPORT_KEYS)
         directory = t.output_dir / f"checkpoint-{step}"
