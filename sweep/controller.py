@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from sweep._compat.ray import ray_temp_dir as _ray_temp_dir  # noqa: F401  (the fault tests find Ray's folders by it)
-from sweep.resume import UNFINISHED_REASON, ResumeRefused, check_resumable, fail_lost_trials
+from sweep.resume import (UNFINISHED_REASON, ResumeRefused, check_resumable, end_orphans, fail_lost_trials,
+                          mark_ray_owner, record_controller)
 from sweep.spec import SweepSpec, default_storage, public_dict, resolve_paths, spec_hash
 from sweep.stops import (DiskFullStop, QuietStops, StudyStorageLost, disk_full_message, resume_command,
                          storage_failure, storage_lost_message)
@@ -79,11 +80,12 @@ def run_sweep(
         study.set_user_attr("num_trials", n_trials)  # what `sweep resume` completes
     elif _nothing_to_resume(study, n_trials, console):
         return _summary(study, study_name, storage_url, errors=0)
+    record_controller(study, again)
 
     from trial_worker.entry import prepare_assets
 
     prepare_assets(job)
-    ray = _start_ray(address or os.environ.get("RAY_ADDRESS"))
+    ray = _start_ray(address or os.environ.get("RAY_ADDRESS"), run_dir, console)
     try:
         _evaluate_base_once(ray, study, job, spec, console)
         searcher = _searcher(spec, study_name, rstorage)
@@ -95,7 +97,8 @@ def run_sweep(
             # A resume before Tune saved anything (killed while Ray started, during the base evaluation or the
             # first trials' start): the trials the study lacks, its RUNNING ones first with their recorded params.
             n_new = n_trials - (searcher.continue_running_trials() if resume else 0)
-            tuner, progress = _new_tuner(spec, study_name, out_dir, trainable, searcher, callbacks, n_new), callbacks[0]
+            tuner = _new_tuner(spec, study_name, out_dir, trainable, searcher, callbacks, n_new, from_study=resume)
+            progress = callbacks[0]
         budget, res = spec.budget, spec.resources
         console.print(f"ASHA over {n_trials} trials, rungs {' -> '.join(map(str, budget.rungs))} {budget.unit}, "
                       f"{res.cpus_per_trial:g} CPU / {res.gpus_per_trial:g} GPU per trial")
@@ -158,12 +161,21 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
-def _start_ray(address: Optional[str]):
-    """Ray: the cluster at `address`, else a local Ray listening on 127.0.0.1 only. Returns the `ray` module."""
+def _start_ray(address: Optional[str], run_dir: Path, console):
+    """Ray: the cluster at `address`, else a local Ray listening on 127.0.0.1 only, after ending what a killed
+    controller of this run folder left of its own local Ray. Returns the `ray` module."""
     from sweep._compat.ray import keep_local_ray_on_loopback
 
     if not address:
+        if "ray" not in sys.modules:
+            # Token authentication on, as Ray 2.60 sets it by default for a new local Ray, but said explicitly (read
+            # when ray is imported): Ray then skips its warning that it enabled it, which asks nothing of the user.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
         keep_local_ray_on_loopback()  # before `import ray` reads the switch
+        ended = end_orphans(run_dir)
+        if ended:
+            console.print(f"ended {len(ended)} Ray processes that a killed controller of {run_dir} left running")
+        mark_ray_owner(run_dir)
     import ray
 
     # A trial stopped by ASHA waits in `tune.report`; when its actor is reused Tune gives the old
@@ -241,14 +253,17 @@ def _trainable(spec: SweepSpec, job, run_dir: Path, *, finished: frozenset = fro
                                {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
 
 
-def _new_tuner(spec: SweepSpec, study_name: str, out_dir: Path, trainable, searcher, callbacks: list, n_trials: int):
-    """A Tuner for a new sweep: ASHA on the budget unit (when to stop), the searcher (what to try)."""
+def _new_tuner(spec: SweepSpec, study_name: str, out_dir: Path, trainable, searcher, callbacks: list, n_trials: int,
+               *, from_study: bool = False):
+    """A Tuner for a new sweep: ASHA on the budget unit (when to stop), the searcher (what to try). `from_study`:
+    a resume with no Tune state to restore, whose ASHA rungs start from the study's."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+
+    from sweep.schedule import StudyASHA
 
     budget, res = spec.budget, spec.resources
-    scheduler = ASHAScheduler(time_attr=budget.unit, max_t=budget.max, grace_period=budget.min,
-                              reduction_factor=budget.reduction_factor)
+    scheduler = StudyASHA(searcher=searcher, from_study=from_study, time_attr=budget.unit, max_t=budget.max, grace_period=budget.min,
+                          reduction_factor=budget.reduction_factor)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", search_alg=searcher, scheduler=scheduler,

@@ -183,3 +183,108 @@ def fail_lost_trials(study_name: str, rstorage, *, only: Optional[set] = None, r
 
     study = optuna.load_study(study_name=study_name, storage=rstorage)
     return len(fail_running_trials(study, reason, only=only))
+
+
+# ------------------------------------------------------------------ what a killed controller leaves behind
+
+OWNER_ENV = "SWEEP_RAY_OWNER"  # "<controller pid>:<run folder>", in the environment of every process of a local Ray
+
+
+def mark_ray_owner(run_dir: Path) -> None:
+    """Name this controller and its run folder in the environment its local Ray (and every Ray process) inherits,
+    so that a later `sweep run`/`resume` of the same run folder can find what it leaves behind if killed."""
+    os.environ[OWNER_ENV] = f"{os.getpid()}:{run_dir}"
+
+
+def end_orphans(run_dir: Path, *, grace_s: float = 5.0) -> list[int]:
+    """End the local Ray processes (raylet, GCS, dashboard and runtime-env agents, workers) that a killed
+    controller of `run_dir` left running: this user's processes whose environment names `run_dir` and a
+    controller that no longer exists. SIGTERM, then SIGKILL after `grace_s`. Returns their pids.
+
+    Ray's agents outlive a `kill -9` of the driver by minutes; nothing else ends them (Linux: read from /proc).
+    """
+    import signal
+    import time
+
+    found = [pid for pid in _processes_of_this_user() if _orphan_of(pid, run_dir)]
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        for pid in found:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.time() + wait
+        while time.time() < deadline and any(_exists(p) for p in found):
+            time.sleep(0.1)
+    return found
+
+
+def _processes_of_this_user() -> list[int]:
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    out = []
+    for d in names:
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                if os.stat(f"/proc/{d}").st_uid == os.getuid():
+                    out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def _orphan_of(pid: int, run_dir: Path) -> bool:
+    prefix = f"{OWNER_ENV}=".encode()
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    owner = next((e[len(prefix):].decode(errors="replace") for e in env if e.startswith(prefix)), None)
+    if owner is None:
+        return False
+    controller, _, folder = owner.partition(":")
+    return folder == str(run_dir) and controller.isdigit() and not _exists(int(controller))
+
+
+def _exists(pid: int) -> bool:
+    """Whether process `pid` is alive (a zombie, dead but not yet reaped, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+def record_controller(study, resume_cmd: str) -> None:
+    """Note in the study which process drives it (host, pid) and how to resume it, for `sweep status`."""
+    import socket
+
+    study.set_user_attr("controller", {"host": socket.gethostname(), "pid": os.getpid(), "resume": resume_cmd})
+
+
+def stale_running_note(study) -> Optional[str]:
+    """For `sweep status`: what to do about trials left RUNNING by a controller that is gone, or None."""
+    import socket
+
+    import optuna
+
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    if not running:
+        return None
+    ctl = study.user_attrs.get("controller") or {}
+    again = ctl.get("resume") or "sweep resume SPEC"
+    which = f"trial{'s' if len(running) > 1 else ''} {', '.join(map(str, running))}"
+    if ctl.get("host") == socket.gethostname() and isinstance(ctl.get("pid"), int):
+        if _exists(ctl["pid"]):
+            return None  # its controller is still at work
+        return (f"{which} RUNNING, but the sweep's controller (pid {ctl['pid']}) is gone: they are stale. "
+                f"Continue the sweep with: {again}")
+    where = f" (pid {ctl['pid']} on {ctl['host']})" if ctl.get("host") else ""
+    return f"{which} RUNNING: if the sweep's controller{where} no longer runs, continue the sweep with: {again}"

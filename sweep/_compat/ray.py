@@ -118,3 +118,13 @@ def pop_searcher_trials(state: dict) -> dict:
     """Take OptunaSearch's trial map out of a searcher's pickled `__dict__` (Trial objects hold a storage
     cache with a lock and cannot be pickled; `StudySearch` keeps their storage ids instead)."""
     return state.pop("_ot_trials", None) or {}
+
+
+def asha_rungs(scheduler: Any) -> list:
+    """ASHAScheduler's rungs, every bracket's: (milestone, {Ray trial id: metric_op * value}) pairs, in the private
+    `_brackets[i]._rungs` lists that its decisions read; `metric_op` (`_metric_op`) is -1 for "min", 1 for "max"."""
+    return [rung for bracket in scheduler._brackets for rung in bracket._rungs]
+
+
+def asha_metric_op(scheduler: Any) -> float:
+    return scheduler._metric_op
