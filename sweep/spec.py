@@ -14,7 +14,6 @@ import difflib
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -112,7 +111,7 @@ class SweepSpec(JobConfig):
 
     def job(self) -> JobConfig:
         """The job part of the spec (what a trial worker receives)."""
-        return JobConfig.model_validate(self.model_dump(include=set(JobConfig.model_fields)))
+        return JobConfig.of(self.model_dump())
 
     @property
     def num_trials(self) -> int:
@@ -146,11 +145,13 @@ class Problem:
 class SpecError(Exception):
     """Everything wrong with one spec file, reported at once."""
 
+    headline = "the spec is not valid"
+
     def __init__(self, file: str, problems: list[Problem]):
         self.file = file
         self.problems = problems
         n = len(problems)
-        lines = [f"{file}: the spec is not valid, found {n} problem{'s' if n != 1 else ''}:"]
+        lines = [f"{file}: {self.headline}, found {n} problem{'s' if n != 1 else ''}:"]
         lines += ["  " + p.render(file) for p in problems]
         super().__init__("\n".join(lines))
 
@@ -323,10 +324,15 @@ def parse_spec(text: str, file: str = "<spec>", *, default_name: Optional[str] =
     else:
         problems = check_rules(spec)
     if problems:
-        for p in problems:
-            p.line = _line_of(root, p.path)
-        raise SpecError(file, problems)
+        raise SpecError(file, locate(problems, root))
     return spec
+
+
+def locate(problems: list[Problem], root: Optional[yaml.Node]) -> list[Problem]:
+    """`problems` with the line of their field in the spec's YAML (`root`: `yaml.compose` of its text)."""
+    for p in problems:
+        p.line = _line_of(root, p.path)
+    return problems
 
 
 def load_spec(path: Union[str, Path]) -> SweepSpec:
@@ -343,22 +349,8 @@ def load_spec(path: Union[str, Path]) -> SweepSpec:
 
 
 def resolve_paths(spec: SweepSpec, base_dir: Union[str, Path]) -> SweepSpec:
-    """Local model/data paths made absolute against the spec's folder (hub ids are left alone)."""
-    base = Path(base_dir).resolve()
-
-    def local(p: str, generated: bool) -> str:
-        if os.path.isabs(p) or p.startswith("hf://"):
-            return p
-        cand = base / p
-        # A generated asset, an existing file or an explicit ./ or ../ path is local; else a hub id.
-        if generated or cand.exists() or p.startswith((".", "~")):
-            return str(cand.expanduser().resolve())
-        return p
-
-    d = spec.model_dump()
-    d["model"]["name_or_path"] = local(spec.model.name_or_path, spec.model.generate is not None)
-    d["data"]["path"] = local(spec.data.path, spec.data.generate is not None)
-    return SweepSpec.model_validate(d)
+    """The spec with its local model/data paths absolute against its folder (`JobConfig.resolved`)."""
+    return spec.resolved(base_dir)
 
 
 def default_storage(spec: SweepSpec, spec_path: Union[str, Path]) -> str:
