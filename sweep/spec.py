@@ -10,6 +10,7 @@ value, and what is allowed. Nothing here imports torch, transformers, ray or opt
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -320,12 +321,57 @@ def parse_spec(text: str, file: str = "<spec>", *, default_name: Optional[str] =
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
-        problems = _pydantic_problems(e)
+        problems = _pydantic_problems(e) + _rules_despite(data, e)
     else:
         problems = check_rules(spec)
-    if problems:
-        raise SpecError(file, locate(problems, root))
+    if problems:  # in the file's order
+        raise SpecError(file, sorted(locate(problems, root), key=lambda p: p.line or 0))
     return spec
+
+
+def _rules_despite(data: dict, error: ValidationError) -> list[Problem]:
+    """The cross-field rules (`check_rules`) on what did validate, so that one report holds every problem.
+
+    Each field pydantic refused is taken out (its default stands in) and the rest validated again; the
+    rules' problems on other fields are kept. None when a field that has no default is missing or refused.
+    """
+    pruned, refused = copy.deepcopy(data), []
+    for _ in range(8):  # each round takes out what the previous one refused (a section's own rule, ...)
+        errors = error.errors()
+        if any(e["type"] == "missing" for e in errors):
+            return []
+        taken = [loc for e in errors if (loc := _take_out(pruned, e["loc"]))]
+        if not taken:
+            return []
+        refused += taken
+        try:
+            spec = SweepSpec.model_validate(pruned)
+        except ValidationError as again:
+            error = again
+            continue
+        return [p for p in check_rules(spec)
+                if not any(p.path == r or p.path.startswith(r + ".") or r.startswith(p.path + ".") for r in refused)]
+    return []
+
+
+def _take_out(data: Any, loc: tuple) -> Optional[str]:
+    """Remove the value at pydantic's `loc` from `data` (a union's tag in the path is skipped); its dotted path,
+    or None when there is nothing to remove."""
+    node, path = data, []
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part in node:
+            if last:
+                del node[part]
+                return ".".join(map(str, path + [part]))
+            node, path = node[part], path + [part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            if last:
+                return None  # an item of a list: its field cannot fall back to a default
+            node, path = node[part], path + [part]
+        elif not (isinstance(part, str) and part in _PARAM_MODELS):
+            return None
+    return None
 
 
 def locate(problems: list[Problem], root: Optional[yaml.Node]) -> list[Problem]:

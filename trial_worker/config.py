@@ -275,7 +275,6 @@ def apply_params(job: JobConfig, params: dict[str, Any]) -> JobConfig:
 
 
 # What a trial reports to Tune at each rung (and what the record stores).
-METRIC = "val_loss"
 REPORT_KEYS = (
     "step",            # optimizer steps done
     "samples",         # training examples seen
