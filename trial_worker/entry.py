@@ -32,6 +32,7 @@ __all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_j
     "compare": "trial_worker.generate",
     "serve": "trial_worker.chat",
     "load_splits": "trial_worker.data",
+    "check_job": "trial_worker.check_inputs",
 })]
 
 
