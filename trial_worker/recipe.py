@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 from trial_worker.checkpoint import write_manifest
 from trial_worker.config import REPORT_KEYS, JobConfig
-from trial_worker.data import load_splits
+from trial_worker.data import FlatCollator, load_splits
 from trial_worker.evaluate import validation_loss
 from trial_worker.execution import Execution, as_written, probe_gpu, smaller
 from trial_worker.model import load_model, use_cpu
@@ -271,6 +271,8 @@ class QLoRATrial:
             train_dataset=train_ds,
             eval_dataset=val_ds,
             processing_class=tokenizer,
+            # Padding-free, bucketed micro-batches (data.FlatCollator); TRL's own packing is padding-free already.
+            data_collator=None if self.job.data.packing else FlatCollator(tokenizer.pad_token_id),
             callbacks=[_RungCallback(self)],
         )
         # TRL casts a quantized model's adapters to bf16; keep them fp32 (PEFT's own default). In bf16,
@@ -295,9 +297,15 @@ class QLoRATrial:
     # ------------------------------------------------------------------ evaluate
     def evaluate(self) -> dict[str, float]:
         """Token-mean loss of the current model over the validation split: {val_loss, ppl, tokens}."""
+        from torch.utils.data import DataLoader
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
         tr = self.trainer
-        return validation_loss(tr.model, tr.get_eval_dataloader(), device=tr.args.device,
-                               autocast=tr.autocast_smart_context_manager)
+        # Validation rows stay padded, one row each, whatever the training batches look like: the
+        # scorer bounds its fp32 logits row by row, and val_loss must not depend on the batching.
+        batches = DataLoader(tr.eval_dataset, batch_size=tr.args.per_device_eval_batch_size,
+                             collate_fn=DataCollatorForLanguageModeling(pad_token_id=tr.processing_class.pad_token_id))
+        return validation_loss(tr.model, batches, device=tr.args.device, autocast=tr.autocast_smart_context_manager)
 
     # ------------------------------------------------------------------ train
     def train(self, resume_from: Optional[str] = None) -> Optional[dict]:
@@ -438,6 +446,7 @@ def _lean_trainer_class():
                     and self.accelerator.num_processes == 1)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            real_tokens = inputs.pop("num_tokens", None)  # FlatCollator: tokens before the bucket padding
             if return_outputs or not self._lean():
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
@@ -446,7 +455,10 @@ def _lean_trainer_class():
             n = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = -outputs.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
             mask = inputs.get("attention_mask")
-            tokens = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))
+            if real_tokens is not None:
+                tokens = real_tokens
+            else:
+                tokens = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))
             pending = getattr(self, "_sweep_tokens", None)
             self._sweep_tokens = tokens.detach() if pending is None else pending + tokens.detach()
             return loss
