@@ -231,8 +231,10 @@ class FlatCollator:
     `bucket_length` with one extra "row" of pad tokens whose labels are ignored, so the kernels see a
     handful of shapes instead of a new one every step.
 
-    Returns {"input_ids", "labels", "position_ids"} of shape [1, L] and "num_tokens", the real
-    (non-padding) tokens of the micro-batch, which the trainer pops before the forward.
+    Returns {"input_ids", "labels", "position_ids"} of shape [1, L]; the row boundaries as
+    flash-attention's varlen kernels take them ("cu_seq_lens_q/k", "max_length_q/k", the padding
+    counted as one more row); and "num_tokens", the real (non-padding) tokens of the micro-batch,
+    which the trainer pops before the forward.
     """
 
     def __init__(self, pad_token_id: int, *, bucket: bool = True):
@@ -242,7 +244,7 @@ class FlatCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        ids, labels, positions = [], [], []
+        ids, labels, positions, starts = [], [], [], [0]
         for ex in examples:
             row = list(ex["input_ids"])
             lab = list(ex["labels"]) if "labels" in ex else list(row)
@@ -250,14 +252,23 @@ class FlatCollator:
             ids += row
             labels += lab
             positions += range(len(row))
+            starts.append(len(ids))
         n = len(ids)
         pad = (bucket_length(n) if self.bucket else n) - n
         ids += [self.pad_token_id] * pad
         labels += [IGNORE_INDEX] * pad
         positions += range(pad)
+        if pad:
+            starts.append(n + pad)
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
+            # Row boundaries for varlen attention kernels, built here on the host: derived from the
+            # position ids on the GPU they would cost a device-to-host sync in every layer.
+            "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32),
+            "cu_seq_lens_k": torch.tensor(starts, dtype=torch.int32),
+            "max_length_q": max(b - a for a, b in zip(starts, starts[1:])),
+            "max_length_k": max(b - a for a, b in zip(starts, starts[1:])),
             "num_tokens": torch.tensor(n, dtype=torch.long),
         }
