@@ -60,10 +60,12 @@ def test_flattened_rows_attend_only_to_themselves_on_gpu(make_job):
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                       cu_seq_lens_q=batch["cu_seq_lens_q"][[0, -1]], cu_seq_lens_k=batch["cu_seq_lens_k"][[0, -1]],
                       max_length_q=batch["input_ids"].shape[1], max_length_k=batch["input_ids"].shape[1]).logits[0].float()
-        s = 0
+        s, worst = 0, 0.0
         for row in rows:
             alone = model(input_ids=torch.tensor([row], device="cuda")).logits[0].float()
-            assert torch.allclose(alone, flat[s:s + len(row)], atol=2e-2), (alone - flat[s:s + len(row)]).abs().max()
+            worst = max(worst, float((alone - flat[s:s + len(row)]).abs().max()))
             s += len(row)
     s, row = s - len(rows[-1]), rows[-1]
-    assert (leaky[s:s + len(row)] - flat[s:s + len(row)]).abs().max() > 5e-2, "one boundary for all rows must leak"
+    leak = float((leaky[s:s + len(row)] - flat[s:s + len(row)]).abs().max())
+    assert worst < 2e-2, f"a row inside the flattened batch differs from the row alone by {worst}"
+    assert leak > 4 * worst, f"one boundary for all rows must show as cross-row attention ({leak} vs {worst})"
