@@ -43,6 +43,8 @@ def profile_one(a, batching: str) -> None:
         "budget": {"min": a.warmup + a.steps + 1, "max": a.warmup + a.steps + 1},
     })
     trial = QLoRATrial(job, output_dir=tempfile.mkdtemp()).setup()
+    if a.check:
+        check_rows_stay_apart(trial)
     if batching == "padded":
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -85,7 +87,13 @@ def profile_one(a, batching: str) -> None:
         torch.cuda.set_sync_debug_mode("default")
     prof.stop()
     ev = prof.key_averages()
-    gpu_ms = sum(e.self_device_time_total for e in ev) / 1e3 / a.steps
+    from torch.autograd import DeviceType
+
+    # Kernels only: user annotations (ProfilerStep*, Optimizer.step#...) also carry device time spans.
+    kernels = [e for e in ev if e.device_type == DeviceType.CUDA]
+    if not kernels:
+        kernels = [e for e in ev if not e.key.startswith("ProfilerStep") and "#" not in e.key]
+    gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / a.steps
     timed = step_s[a.warmup:a.warmup + a.steps]
     wall_ms = 1e3 * sum(timed) / len(timed)
     print(f"\n===== {batching}: eff {a.eff} ({trial.execution.micro_batch} x {trial.execution.accumulation}, "
@@ -101,6 +109,33 @@ def profile_one(a, batching: str) -> None:
     gc.collect()
 
 
+def check_rows_stay_apart(trial) -> None:
+    """Logits of 3 training rows inside one flattened micro-batch vs each row alone (bf16: compared
+    with the error of a micro-batch whose rows may see each other)."""
+    import torch
+
+    model, ds = trial.trainer.model, trial.trainer.train_dataset
+    rows = [{"input_ids": ds[i]["input_ids"][:300]} for i in range(3)]
+    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in trial.trainer.data_collator(rows).items()}
+    batch.pop("num_tokens"), batch.pop("labels")
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        flat = model(**batch).logits[0].float()
+        one = {k: batch[k] for k in ("input_ids", "position_ids")}
+        leaky = model(**one, cu_seq_lens_q=batch["cu_seq_lens_q"][[0, -1]], cu_seq_lens_k=batch["cu_seq_lens_k"][[0, -1]],
+                      max_length_q=one["input_ids"].shape[1], max_length_k=one["input_ids"].shape[1]).logits[0].float()
+        s, worst, leak = 0, 0.0, 0.0
+        for r in rows:
+            n = len(r["input_ids"])
+            alone = model(input_ids=torch.tensor([r["input_ids"]], device="cuda")).logits[0].float()
+            worst = max(worst, float((alone - flat[s:s + n]).abs().max()))
+            leak = max(leak, float((alone - leaky[s:s + n]).abs().max()))
+            s += n
+    model.train()
+    print(f"CHECK rows alone vs flattened: max |logit diff| {worst:.4g}; with rows seeing each other {leak:.4g} "
+          f"-> {'PASS' if leak > 4 * worst else 'FAIL'}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eff", type=int, default=2)
@@ -110,6 +145,7 @@ def main() -> None:
     ap.add_argument("--batches", default="padded,flat", help="which batchings to profile, in turn")
     ap.add_argument("--work", default="/tmp/sweep-bench")
     ap.add_argument("--liger", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--check", action="store_true", help="first check that flattened rows stay apart (logits)")
     a = ap.parse_args()
     for batching in a.batches.split(","):
         profile_one(a, batching)

@@ -112,7 +112,7 @@ class TokenCount:
         return batch
 
 
-def _timer_callback(warmup: int, counter: TokenCount):
+def _timer_callback(warmup: int, counter: TokenCount, stop_at: int = 0):
     import torch
     from transformers import TrainerCallback
 
@@ -150,6 +150,8 @@ def _timer_callback(warmup: int, counter: TokenCount):
                 self.t1 = now
                 self.tok1 = counter.tokens
                 self.steps = state.global_step - warmup
+            if stop_at and state.global_step >= stop_at:
+                control.should_training_stop = True  # before the worker's rung: no evaluation or checkpoint to wait for
 
     return Timer()
 
@@ -235,12 +237,12 @@ def run_sweep(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: i
                      "gradient_accumulation_steps": eff // mb, "gradient_checkpointing": True, "bf16": cuda,
                      "optim": "adamw_8bit" if cuda else "adamw_torch", "logging_steps": 1, "seed": SEED,
                      "torch_compile": os.environ.get("SWEEP_BENCH_COMPILE") == "1"},
-        "budget": {"min": warmup + steps, "max": warmup + steps},
+        "budget": {"min": warmup + steps + 1, "max": warmup + steps + 1},  # the same constant LR
     })
     trial = QLoRATrial(job, output_dir=tempfile.mkdtemp(prefix="sweep-bench-")).setup()
     counter = TokenCount(trial.trainer.data_collator)
     trial.trainer.data_collator = counter
-    timer = _timer_callback(warmup, counter)
+    timer = _timer_callback(warmup, counter, stop_at=warmup + steps)
     trial.trainer.add_callback(timer)
     _fresh()
     trial.train()

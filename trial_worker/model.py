@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from trial_worker.config import ModelConfig, TrainingConfig
+from trial_worker.formats import bnb_config, peft_lora_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -57,7 +58,6 @@ def flat_attention(module, query, key, value, attention_mask, scaling=None, drop
     which keeps packed rows apart with the block-diagonal mask built from the position ids. cuDNN's
     sdpa is left out there: it builds a graph per new shape, milliseconds of host time per layer.
     """
-    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
@@ -130,34 +130,6 @@ def load_base(cfg: ModelConfig, *, cpu: bool):
     if cpu and q.load_in_4bit:
         keep_cpu_4bit_trainable(model)
     return model
-
-
-def bnb_config(cfg: ModelConfig):
-    """The job's 4-bit quantization as transformers' `BitsAndBytesConfig`."""
-    from transformers import BitsAndBytesConfig
-
-    q = cfg.quantization
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=dtype_of(q.bnb_4bit_compute_dtype),
-    )
-
-
-def peft_lora_config(cfg: ModelConfig):
-    """The job's LoRA section as PEFT's `LoraConfig`."""
-    from peft import LoraConfig
-
-    lora = cfg.lora
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias=lora.bias,
-        task_type="CAUSAL_LM",
-    )
 
 
 def keep_cpu_4bit_trainable(model) -> None:
