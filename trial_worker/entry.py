@@ -27,7 +27,7 @@ __all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_j
     # importing this module stays free of torch/transformers.
     "train": "trial_worker.production",
     "load_run": "trial_worker.production",
-    "export_formats": "trial_worker.production",
+    "export_formats": "trial_worker.formats",
     "ProductionError": "trial_worker.production",
     "compare": "trial_worker.generate",
     "serve": "trial_worker.chat",
