@@ -55,7 +55,7 @@ class PackedTrial:
 
     def __init__(self, engine: "PackEngine", trial_id: str, job: JobConfig, slot: int, report: Report,
                  output_dir: Path):
-        from trial_worker.recipe import rung_steps
+        from trial_worker.formats import rung_steps
 
         self.engine, self.id, self.job, self.slot, self.report = engine, trial_id, job, slot, report
         self.output_dir = output_dir
@@ -256,7 +256,7 @@ class PackEngine:
         import torch
         from transformers import Trainer, get_scheduler
 
-        from trial_worker.recipe import sft_config
+        from trial_worker.formats import sft_config
 
         if pack_key(job) != self.key:
             raise ValueError(f"trial {trial_id} does not share this pack's base model, data and precision")
@@ -404,7 +404,8 @@ class PackEngine:
     def _out_of_memory(self, trials: list[PackedTrial], error: BaseException) -> None:
         import torch
 
-        from trial_worker.recipe import TrialOOM, memory_figures, peak_memory_gb
+        from trial_worker.execution import memory_figures, peak_memory_gb
+        from trial_worker.recipe import TrialOOM
 
         peak = peak_memory_gb()
         for t in trials:
@@ -434,7 +435,7 @@ class PackEngine:
         train_s = t.offset["train_s"] + t.train_s
         tokens = t.offset["tokens"] + t.tokens
         wall_s = t.offset["wall_s"] + time.perf_counter() - t.t_start
-        from trial_worker.recipe import peak_memory_gb
+        from trial_worker.execution import peak_memory_gb
 
         metrics = {
             "step": step, "samples": step * eff,

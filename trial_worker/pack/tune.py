@@ -23,7 +23,7 @@ class TrialPlan:
     """How the sweep's trials run: the Tune trainable (with its resources) and how the base model is evaluated."""
 
     mode: str  # "packed" | "solo"
-    trainable: Any
+    trainable: Callable[[frozenset], Any]  # Ray trial ids already finished (a resume) -> the trainable with resources
     evaluate_base: Callable[[Any], dict]
     packs: list
 
@@ -51,8 +51,10 @@ def trial_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialP
         def solo_base(j) -> dict:
             return ray.get(ray.remote(evaluate_base).options(num_cpus=cpus, num_gpus=gpus).remote(j))
 
-        return TrialPlan("solo", tune.with_resources(trainable(job, run_dir=run_dir), {"cpu": cpus, "gpu": gpus}),
-                         solo_base, [])
+        def solo(finished: frozenset = frozenset()):
+            return tune.with_resources(trainable(job, run_dir=run_dir, finished=finished), {"cpu": cpus, "gpu": gpus})
+
+        return TrialPlan("solo", solo, solo_base, [])
 
     from trial_worker.pack.server import PackServer
 
@@ -66,13 +68,16 @@ def trial_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialP
     def packed_base(j) -> dict:
         return ray.get(packs[0].evaluate_base.remote(j.model_dump(mode="json") if hasattr(j, "model_dump") else j))
 
-    def run_packed(config, job, run_dir=None):
-        return run_packed_trial(config, job, run_dir, packs=tuple(names), pack_cpus=cpus)
+    def run_packed(config, job, run_dir=None, finished=frozenset()):
+        return run_packed_trial(config, job, run_dir, finished, packs=tuple(names), pack_cpus=cpus)
 
     run_packed.__name__ = run_packed.__qualname__ = "run_packed_trial"  # Tune's trial names
-    fn = run_packed
-    return TrialPlan("packed", tune.with_resources(trainable(job, run_dir=run_dir, function=fn),
-                                                   {"cpu": PACK_TRIAL_CPUS, "gpu": 0}), packed_base, packs)
+
+    def packed(finished: frozenset = frozenset()):
+        return tune.with_resources(trainable(job, run_dir=run_dir, finished=finished, function=run_packed),
+                                   {"cpu": PACK_TRIAL_CPUS, "gpu": 0})
+
+    return TrialPlan("packed", packed, packed_base, packs)
 
 
 def _choose_pack(names: list[str]):
@@ -86,8 +91,8 @@ def _choose_pack(names: list[str]):
     return actors[order[0]], infos[order[0]]["name"]
 
 
-def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] = None, packs: tuple = (),
-                     pack_cpus: float = 1.0) -> None:
+def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] = None,
+                     finished: frozenset = frozenset(), packs: tuple = (), pack_cpus: float = 1.0) -> None:
     """Tune function trainable of a packed trial: the same reports, checkpoints, retries and fatal-failure rule
     as `entry.run_trial`, with the training done by a pack server."""
     import json
@@ -98,6 +103,8 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
     import trial_worker.entry as entry
     from trial_worker import recipe
 
+    if tune.get_context().get_trial_id() in finished:  # see entry.run_trial
+        return
     fatal = entry.fatal_path(run_dir)
     vanished = entry._VANISHED_CHECKPOINT.pop("path", None)
     trial = entry.trial_job(config, job, cpus=pack_cpus)
