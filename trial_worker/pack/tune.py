@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 PACK_TRIAL_CPUS = 0.05  # a packed trial's own Tune actor only waits on its pack
+# The plans of this driver's runs, by (run name, Ray job): the pack servers' handles must live as long as the run
+# (Ray ends an actor once its owner holds no handle to it), and the controller asks for its plan more than once.
+_PLANS: dict[tuple, "TrialPlan"] = {}
 
 
 @dataclass
@@ -39,7 +42,18 @@ def packing_applies(resources: dict, job: dict, gpus_in_cluster: float) -> bool:
 
 
 def trial_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialPlan:
-    """The sweep's `TrialPlan` (call after `ray.init`): packed or one trial per process, per `resources.packing`."""
+    """The sweep's `TrialPlan` (call after `ray.init`): packed or one trial per process, per `resources.packing`.
+    The same run asking again (same name, same Ray session) gets the same plan and pack servers."""
+    import ray
+
+    key = (name, ray.get_runtime_context().get_job_id())
+    if key not in _PLANS:
+        _PLANS.clear()  # plans of an earlier Ray session: their packs went with it
+        _PLANS[key] = _new_plan(job, resources=resources, run_dir=run_dir, name=name)
+    return _PLANS[key]
+
+
+def _new_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialPlan:
     import ray
     from ray import tune
 
