@@ -84,7 +84,7 @@ class ResourcesConfig(Strict):
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="on: the trials on a GPU (or the CPU) train together in one warm process on one shared base, "
         "each with its own adapter, optimizer, schedule, batch and data order (trial_worker.pack); off: one trial per "
-        "process; auto: on where there are GPUs, gpus_per_trial <= 1 and training.execution is not as_written")
+        "process; auto: one trial per process for now (trial_worker/pack/tune.py: AUTO_PACKS)")
 
 
 class WandbConfig(Strict):

@@ -31,13 +31,19 @@ class TrialPlan:
     packs: list
 
 
+# `packing: auto` packs only once the packed engine's GPU figures are in: its first H200 run (per-trial LoRA
+# matmuls) was launch-bound at 4.6k tokens/s, and the stacked-adapter version has run on the CPU only
+# (benchmarks/results/sweep_makespan.json). Until then auto means today's one trial per process; `on` packs.
+AUTO_PACKS = False
+
+
 def packing_applies(resources: dict, job: dict, gpus_in_cluster: float) -> bool:
-    """`resources.packing`: on, off, or auto (on where there are GPUs, a trial fits one GPU, and the job does
-    not ask to run exactly as written)."""
+    """`resources.packing`: on, off, or auto (with `AUTO_PACKS`: on where there are GPUs, a trial fits one GPU,
+    and the job does not ask to run exactly as written)."""
     mode = resources.get("packing", "auto")
     if mode in ("on", "off"):
         return mode == "on"
-    return (gpus_in_cluster > 0 and 0 < resources["gpus_per_trial"] <= 1
+    return (AUTO_PACKS and gpus_in_cluster > 0 and 0 < resources["gpus_per_trial"] <= 1
             and job["training"].get("execution", "auto") != "as_written")
 
 
