@@ -251,6 +251,12 @@ class PackEngine:
         total = torch.cuda.get_device_properties(self.device).total_memory
         return self.peak_bytes + per_trial * (k + 1 - self.peak_trials) <= MEMORY_SHARE * total
 
+    def readmit(self) -> None:
+        """Trials sent back to wait by an out-of-memory step go on, oldest first, while there is room."""
+        for t in list(self.trials.values()):
+            if t.state == "waiting" and self.fits():
+                t.state = "running"
+
     def add(self, trial_id: str, job: JobConfig, report: Report, resume_from: Optional[str] = None) -> PackedTrial:
         """Join a trial (a fresh LoRA from its seed, or its checkpoint `resume_from`); it trains from the next step."""
         import torch

@@ -175,11 +175,8 @@ class PackServer:
         from trial_worker.config import JobConfig
         from trial_worker.pack.engine import pack_key
 
-        e = self.engine
-        if e is not None:  # trials sent back to wait by an out-of-memory step come first
-            for t in list(e.trials.values()):
-                if t.state == "waiting" and e.fits():
-                    t.state = "running"
+        if self.engine is not None:  # trials sent back to wait by an out-of-memory step come first
+            self.engine.readmit()
         while self.queue:
             trial_id, job_dict, resume_from = self.queue[0]
             job = JobConfig.model_validate(job_dict)
