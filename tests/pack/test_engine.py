@@ -170,6 +170,15 @@ def test_out_of_memory_sends_the_newest_trial_back_to_wait_and_loses_nothing(eng
         assert close(out[i]["loss"], solo[i]["loss"]) and close(out[i]["val"], solo[i]["val"]), i
 
 
+def test_the_pack_scores_validation_as_the_solo_worker_does(engine, jobs):
+    # the same rows, tokens, masking and token-mean: the base model's loss from the warm pack is the worker's
+    from trial_worker.recipe import evaluate_base
+
+    alone, packed = evaluate_base(jobs["a"]), engine.evaluate(None)
+    assert packed["tokens"] == alone["tokens"] > 0
+    assert math.isclose(packed["val_loss"], alone["val_loss"], rel_tol=1e-5)
+
+
 @pytest.mark.gpu
 def test_packed_equals_alone_on_a_gpu_in_bf16(jobs, tmp_path):
     """On a GPU (bf16 compute, bitsandbytes' CUDA 4-bit path, each trial's effective batch in one pack step):
