@@ -132,9 +132,9 @@ def _say_if_moved(study_name: str, storage_url: str) -> None:
 
     before, now = registered_studies().get(study_name), url_without_password(storage_url)
     if before is not None and before != now:
-        typer.echo(f"sweep: note: study {study_name!r} was registered in {before}; it now points at {now}, so "
-                   f"`sweep status {study_name}` reads this one (the other: `sweep status {study_name} --storage {before}`)",
-                   err=True)
+        typer.echo(f"sweep: note: study {study_name!r} is registered in {before}, and this run uses {now}: once it "
+                   f"starts, `sweep status {study_name}` reads {now} (the other stays: `sweep status {study_name} "
+                   f"--storage {before}`)", err=True)
 
 
 def _sweep(command: str, spec, **kwargs) -> None:

@@ -152,6 +152,21 @@ def test_dropped_rows_are_said_and_validate_can_skip_the_data(tmp_path):
     assert skipped.returncode == 0 and "bad.yaml: ok" in skipped.stdout, skipped.stderr
 
 
+def test_a_study_name_registered_in_another_storage_is_said(tmp_path):
+    env = sweep_env(tmp_path)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "studies.json").write_text(json.dumps({"moved": "sqlite:////elsewhere/moved.db"}))
+    _fake_model(tmp_path / "model")
+    _jsonl(tmp_path / "good.jsonl", [GOOD_ROW] * 20)
+    spec = _spec(tmp_path, "moved", model="./model", data="./good.jsonl")
+    r = sweep_cli("resume", spec.name, cwd=tmp_path, env=env, timeout=120)
+    assert (f"sweep: note: study 'moved' is registered in sqlite:////elsewhere/moved.db, and this run uses "
+            f"sqlite:///{tmp_path / 'moved.db'}") in r.stderr, r.stderr
+    assert "sweep status moved --storage sqlite:////elsewhere/moved.db" in r.stderr
+    assert r.returncode == 2 and "no study 'moved' to resume" in r.stderr  # refused: the registry is as it was
+    assert json.loads((tmp_path / "home" / "studies.json").read_text()) == {"moved": "sqlite:////elsewhere/moved.db"}
+
+
 def test_split_keywords_are_datasets_own():
     from datasets.data_files import SPLIT_KEYWORDS as theirs
 
