@@ -187,6 +187,11 @@ def status(
         typer.echo(to_json(rows, st))
     else:
         render(rows, st)
+    from sweep.resume import stale_running_note
+
+    note = stale_running_note(st)
+    if note:
+        typer.echo(f"sweep status: {note}", err=True)
 
 
 @app.command()

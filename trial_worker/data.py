@@ -272,3 +272,76 @@ def load_splits(cfg: DataConfig, tokenizer=None):
     if len(train) == 0 or len(val) == 0:
         raise DataFormatError(f"{cfg.path!r}: {len(train)} train and {len(val)} validation rows with a response; need >= 1 each")
     return train, val
+
+
+# ---------------------------------------------------------------- batching (padding-free micro-batches)
+
+IGNORE_INDEX = -100
+BUCKETS_PER_OCTAVE = 4  # flattened lengths round up to 4 sizes per doubling: <= 25% padding, ~12% on average
+MIN_BUCKET = 64
+
+
+def bucket_length(n: int) -> int:
+    """`n` rounded up to the next of a few fixed sizes, so the kernels see a handful of shapes.
+
+    Sizes are multiples of `2**(floor(log2 n) - 2)` (four per doubling, never below `MIN_BUCKET`):
+    a micro-batch of rows totalling 900 tokens runs as 1,024, one of 1,100 as 1,280.
+    """
+    if n <= MIN_BUCKET:
+        return MIN_BUCKET
+    step = max(MIN_BUCKET, 1 << (n.bit_length() - 1 - (BUCKETS_PER_OCTAVE.bit_length() - 1)))
+    return -(-n // step) * step
+
+
+class FlatCollator:
+    """Padding-free micro-batches: the rows of a micro-batch concatenated into one sequence.
+
+    Each row keeps its own position ids (0, 1, 2, ... from its first token), so the attention
+    implementation confines every token to its own row: transformers detects the packed layout from
+    the position ids (`masking_utils.find_packed_sequence_indices`; a block-diagonal causal mask for
+    sdpa/eager/flex, sequence boundaries for flash-attention). A row's first label is masked, so no
+    token is trained as the continuation of the row before it. The sequence is then padded up to
+    `bucket_length` with one extra "row" of pad tokens whose labels are ignored, so the kernels see a
+    handful of shapes instead of a new one every step.
+
+    Returns {"input_ids", "labels", "position_ids"} of shape [1, L]; the row boundaries as
+    flash-attention's varlen kernels take them ("cu_seq_lens_q/k", "max_length_q/k", the padding
+    counted as one more row); and "num_tokens", the real (non-padding) tokens of the micro-batch,
+    which the trainer pops before the forward.
+    """
+
+    def __init__(self, pad_token_id: int, *, bucket: bool = True):
+        self.pad_token_id = pad_token_id
+        self.bucket = bucket
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids, labels, positions, starts = [], [], [], [0]
+        for ex in examples:
+            row = list(ex["input_ids"])
+            lab = list(ex["labels"]) if "labels" in ex else list(row)
+            lab[0] = IGNORE_INDEX
+            ids += row
+            labels += lab
+            positions += range(len(row))
+            starts.append(len(ids))
+        n = len(ids)
+        pad = (bucket_length(n) if self.bucket else n) - n
+        ids += [self.pad_token_id] * pad
+        labels += [IGNORE_INDEX] * pad
+        positions += range(pad)
+        if pad:
+            starts.append(n + pad)
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            # Row boundaries for varlen attention kernels, built here on the host: derived from the
+            # position ids on the GPU they would cost a device-to-host sync in every layer.
+            "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32),
+            "cu_seq_lens_k": torch.tensor(starts, dtype=torch.int32),
+            "max_length_q": max(b - a for a, b in zip(starts, starts[1:])),
+            "max_length_k": max(b - a for a, b in zip(starts, starts[1:])),
+            "num_tokens": torch.tensor(n, dtype=torch.long),
+        }

@@ -100,13 +100,17 @@ def test_loss_is_on_response_tokens_only(make_job, tmp_path, row, answer):
     trial = QLoRATrial(job, output_dir=str(tmp_path / "out")).setup()
     tok = trial.trainer.processing_class
     batch = next(iter(trial.trainer.get_train_dataloader()))
-    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
-        ids, labels = ids[mask.bool()], labels[mask.bool()]
+    # A padding-free micro-batch: rows back to back, each starting at position 0, then bucket padding.
+    n = int(batch["num_tokens"])
+    starts = (batch["position_ids"][0, :n] == 0).nonzero().flatten().tolist() + [n]
+    assert len(starts) - 1 == min(job.training.per_device_train_batch_size, len(trial.trainer.train_dataset))
+    for a, b in zip(starts, starts[1:]):
+        ids, labels = batch["input_ids"][0, a:b], batch["labels"][0, a:b]
         trained = labels != -100
         start = int(trained.nonzero()[0])
         assert trained[start:].all() and not trained[:start].any()  # prompt masked, response not
         assert (labels[trained] == ids[trained]).all()
         assert tok.decode(ids[start:]) == answer
     # Padding never counts either.
-    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    assert (batch["labels"][0, n:] == -100).all()
     trial.cleanup()
