@@ -167,6 +167,19 @@ def test_a_study_name_registered_in_another_storage_is_said(tmp_path):
     assert json.loads((tmp_path / "home" / "studies.json").read_text()) == {"moved": "sqlite:////elsewhere/moved.db"}
 
 
+def test_a_study_database_in_a_missing_folder_is_refused(tmp_path):
+    env = sweep_env(tmp_path)
+    _fake_model(tmp_path / "model")
+    _jsonl(tmp_path / "good.jsonl", [GOOD_ROW] * 20)
+    spec = _spec(tmp_path, "nodb", model="./model", data="./good.jsonl")
+    url = f"sqlite:///{tmp_path / 'no-such-folder' / 'nodb.db'}"
+    r = sweep_cli("run", spec.name, "--storage", url, cwd=tmp_path, env=env, timeout=60, probe_imports=True)
+    assert r.returncode == 2, r.stderr
+    assert (f"nodb.yaml: --storage = '{url}': the study database cannot be written: the folder "
+            f"{tmp_path / 'no-such-folder'} does not exist") in r.stderr, r.stderr
+    assert "HEAVY_IMPORTED=\n" in r.stderr + "\n" and not (tmp_path / "no-such-folder").exists()
+
+
 def test_split_keywords_are_datasets_own():
     from datasets.data_files import SPLIT_KEYWORDS as theirs
 
