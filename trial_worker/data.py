@@ -32,7 +32,7 @@ INST_END = "[/INST]"
 DEFAULT_VALIDATION_FRACTION = 0.1
 HOLDOUT_SEED = 0  # fixed, not training.seed: every trial of a sweep must validate on the same rows
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 DOCUMENT_SUFFIXES = (".txt", ".pdf")
 SPECIAL_TOKEN_ROOM = 2  # BOS/EOS the tokenizer adds around each chunk
 
@@ -97,10 +97,45 @@ def normalise_row(row: dict[str, Any], fmt: str, system_prompt: str | None = Non
     raise DataFormatError(f"unknown data format {fmt!r}")
 
 
+# The field of each format, and (chat formats) the speaker/text keys of its turns.
+FORMAT_FIELDS = {"sharegpt": "conversations", "messages": "messages", "instruction": "instruction", "text": "text"}
+TURN_KEYS = {"sharegpt": ("from", "value"), "messages": ("role", "content")}
+
+
+def row_problem(row: dict[str, Any], fmt: str) -> str | None:
+    """Why `normalise_row` cannot take this raw row of format `fmt` (a field missing or of the wrong type);
+    None when it can. Text fields may be null (an empty text)."""
+    field = FORMAT_FIELDS[fmt]
+    if row.get(field) is None and not (fmt == "text" and field in row):
+        return f"has no {field!r} field (format {fmt}); fields: {sorted(row)}"
+    if fmt in TURN_KEYS:
+        who, what = TURN_KEYS[fmt]
+        turns = row[field]
+        if not isinstance(turns, list):
+            return f"{field!r} must be a list of turns, got {type(turns).__name__}"
+        for i, turn in enumerate(turns):
+            if not (isinstance(turn, dict) and isinstance(turn.get(who), str) and what in turn
+                    and isinstance(turn[what], (str, type(None)))):
+                return f"{field}[{i}] must be an object with a string {who!r} and a string {what!r}, got {_short(turn)}"
+            if fmt == "sharegpt" and turn[who].lower() not in SHAREGPT_ROLES:
+                return f"{field}[{i}]: unknown sharegpt speaker {turn[who]!r}; known: {sorted(SHAREGPT_ROLES)}"
+        return None
+    texts = ("instruction", "input", "output", "response") if fmt == "instruction" else ("text",)
+    for key in texts:
+        if not isinstance(row.get(key), (str, type(None))):
+            return f"{key!r} must be a string, got {type(row[key]).__name__}"
+    return None
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
 def document_files(folder: Path) -> list[Path]:
     """The .txt/.pdf files of a folder (recursively, sorted) when it holds no data files, else []."""
     files = sorted(f for f in folder.rglob("*") if f.is_file())
-    if any(f.suffix.lower() in _BUILDERS for f in files):
+    if any(f.suffix.lower() in BUILDERS for f in files):
         return []
     return [f for f in files if f.suffix.lower() in DOCUMENT_SUFFIXES]
 
@@ -144,15 +179,29 @@ def _load(path: str, *, max_seq_length: int = 1024, tokenizer=None):
     if p.is_dir() and (docs := document_files(p)):
         return _load_documents(docs, max_seq_length, tokenizer)
     if p.is_file():
-        builder = _BUILDERS.get(p.suffix.lower())
+        builder = BUILDERS.get(p.suffix.lower())
         if builder is None:
-            raise DataFormatError(f"data.path {path!r}: unsupported file type {p.suffix!r}; use one of {sorted(_BUILDERS)}")
+            raise DataFormatError(f"data.path {path!r}: unsupported file type {p.suffix!r}; use one of {sorted(BUILDERS)}")
         return load_dataset(builder, data_files={"train": str(p)})
     if p.is_dir():
         return load_dataset(str(p))
     if os.path.isabs(path) or path.startswith((".", "~")):
         raise FileNotFoundError(f"data.path {path!r} does not exist")
     return load_dataset(path)  # a hub id
+
+
+def has_response(row: dict[str, Any]) -> bool:
+    """Whether a normalised row has something to learn (rows without are dropped)."""
+    return len(row["completion"]) > 0
+
+
+# Why `normalise_row` gives a row no response, by format: said when rows are dropped.
+DROP_REASONS = {
+    "sharegpt": "no 'gpt' turn after another turn",
+    "messages": "no 'assistant' message after another message",
+    "instruction": "no instruction before the answer",
+    "text": "empty text",
+}
 
 
 def _normalise(ds, cfg: DataConfig):
@@ -164,33 +213,57 @@ def _normalise(ds, cfg: DataConfig):
         keep_in_memory=True,
         desc=None,
     )
-    return out.filter(lambda r: len(r["completion"]) > 0, keep_in_memory=True)
+    return out.filter(has_response, keep_in_memory=True)
+
+
+def split_names(available: list[str], cfg: DataConfig, path: str) -> tuple[str, str | None]:
+    """(split to train on, split to validate on), or None for the second: hold out part of the train split.
+
+    Validation rows: `validation_split` if named; else `validation_fraction` of the train split
+    (fixed seed); else the data's own `validation` split; else 10% of train.
+    """
+    if cfg.split not in available:
+        raise DataFormatError(f"data.split {cfg.split!r} not found in {path!r}; splits: {sorted(available)}")
+    if cfg.validation_split:
+        if cfg.validation_split not in available:
+            raise DataFormatError(
+                f"data.validation_split {cfg.validation_split!r} not found in {path!r}; splits: {sorted(available)}"
+            )
+        return cfg.split, cfg.validation_split
+    if cfg.validation_fraction is None and "validation" in available and cfg.split != "validation":
+        return cfg.split, "validation"
+    return cfg.split, None
+
+
+def holdout(n: int, cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """(train row indices, validation row indices) of a train split of `n` rows when no validation split is used.
+
+    The same rows as `datasets`' `train_test_split(test_size, seed=HOLDOUT_SEED, shuffle=True)` gives
+    (its numpy permutation), computed without `datasets` so a preflight check can use it too.
+    """
+    import math
+
+    import numpy as np
+
+    n_val = math.ceil((cfg.validation_fraction or DEFAULT_VALIDATION_FRACTION) * n)
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(n).tolist()
+    return order[n_val:], order[:n_val]
 
 
 def load_splits(cfg: DataConfig, tokenizer=None):
     """(train, validation) Datasets in prompt-completion form, capped by max_train/eval_samples.
 
     `tokenizer` cuts documents (a folder of .txt/.pdf) into `max_seq_length`-token pieces.
-
-    Validation rows: `validation_split` if named; else `validation_fraction` of the train split
-    (fixed seed); else the data's own `validation` split; else 10% of train.
+    Which rows validate: `split_names`, `holdout`.
     """
     dd = _load(cfg.path, max_seq_length=cfg.max_seq_length, tokenizer=tokenizer)
-    if cfg.split not in dd:
-        raise DataFormatError(f"data.split {cfg.split!r} not found in {cfg.path!r}; splits: {sorted(dd)}")
-    train = dd[cfg.split]
-    if cfg.validation_split:
-        if cfg.validation_split not in dd:
-            raise DataFormatError(
-                f"data.validation_split {cfg.validation_split!r} not found in {cfg.path!r}; splits: {sorted(dd)}"
-            )
-        val = dd[cfg.validation_split]
-    elif cfg.validation_fraction is None and "validation" in dd and cfg.split != "validation":
-        val = dd["validation"]
+    train_name, val_name = split_names(list(dd), cfg, cfg.path)
+    train = dd[train_name]
+    if val_name is not None:
+        val = dd[val_name]
     else:
-        parts = train.train_test_split(test_size=cfg.validation_fraction or DEFAULT_VALIDATION_FRACTION,
-                                       seed=HOLDOUT_SEED, shuffle=True)
-        train, val = parts["train"], parts["test"]
+        train_rows, val_rows = holdout(len(train), cfg)
+        train, val = train.select(train_rows, keep_in_memory=True), train.select(val_rows, keep_in_memory=True)
     train, val = _normalise(train, cfg), _normalise(val, cfg)
     if cfg.max_train_samples:
         train = train.select(range(min(cfg.max_train_samples, len(train))))

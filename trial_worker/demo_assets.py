@@ -217,25 +217,15 @@ def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _resolve(p: str, base_dir: Path) -> Path:
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else (base_dir / q)
-
-
 def prepare_assets(job: JobConfig, base_dir: str | os.PathLike = ".") -> JobConfig:
-    """Write the generated model/data a job asks for (if missing) and return the job with those paths absolute.
+    """Write the generated model/data a job asks for (if missing) and return the job with its paths resolved.
 
-    Relative paths of generated assets are taken relative to `base_dir` (the spec's folder).
+    Relative paths are taken relative to `base_dir` (the spec's folder), by `JobConfig.resolved`.
     Idempotent and safe when several processes call it at once.
     """
-    base_dir = Path(base_dir).resolve()
-    updates: dict = {}
+    job = job.resolved(base_dir)
     if job.model.generate == "tiny-llama":
-        target = _resolve(job.model.name_or_path, base_dir)
-        _write_atomically(target, write_tiny_llama)
-        updates["model"] = job.model.model_copy(update={"name_or_path": str(target)})
+        _write_atomically(Path(job.model.name_or_path), write_tiny_llama)
     if job.data.generate == "arithmetic":
-        target = _resolve(job.data.path, base_dir)
-        _write_atomically(target, write_task_data)
-        updates["data"] = job.data.model_copy(update={"path": str(target)})
-    return job.model_copy(update=updates) if updates else job
+        _write_atomically(Path(job.data.path), write_task_data)
+    return job

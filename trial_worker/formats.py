@@ -161,9 +161,7 @@ def export_formats(job: JobConfig, *, output_dir: str = "./output") -> dict[str,
     Built by the same functions a run uses (`sft_kwargs`, `peft_lora_config`, `bnb_config`),
     for a GPU (`use_cpu` false unless the job says so).
     """
-    from trial_worker.production import production_job
-
-    job = production_job(job)
+    job = job.at_top_rung()  # a production run evaluates once, at the end
     cpu = bool(job.training.use_cpu)
     sft = json.loads(json.dumps(sft_kwargs(job, output_dir, cpu=cpu), default=str))
     lora = peft_lora_config(job.model).to_dict()

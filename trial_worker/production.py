@@ -46,12 +46,6 @@ class ProductionError(Exception):
     """A production run cannot start as asked (existing checkpoints without --resume, ...)."""
 
 
-def production_job(job: JobConfig) -> JobConfig:
-    """The job with its budget ladder reduced to one rung at its top: a production run evaluates once, at the end."""
-    top = job.budget.rungs[-1]
-    return job.model_copy(update={"budget": job.budget.model_copy(update={"min": top, "max": top})})
-
-
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """The `checkpoint-N` folders under `output_dir`, oldest step first."""
     out = Path(output_dir)
@@ -79,7 +73,7 @@ def train(job: JobConfig, output_dir: str | os.PathLike, *, resume: bool = False
     from trial_worker.recipe import QLoRATrial
 
     out = Path(output_dir)
-    job = production_job(job)
+    job = job.at_top_rung()  # a production run evaluates once, at the end
     resume_from = latest_checkpoint(out, log) if resume else None
     if resume and resume_from is None:
         log(f"no intact checkpoint in {out} to resume from: starting from step 0")

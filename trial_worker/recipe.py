@@ -336,7 +336,9 @@ def _lean_trainer_class():
             if pending is not None:
                 self._total_train_tokens += int(pending)
                 self._sweep_tokens = None
-                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+                from trial_worker._compat import set_logged_token_count  # TRL's private store
+
+                set_logged_token_count(self, self._total_train_tokens)
             return super().log(logs, *args, **kwargs)
 
     return LeanSFTTrainer
