@@ -33,6 +33,7 @@ __all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_j
     "serve": "trial_worker.chat",
     "load_splits": "trial_worker.data",
     "check_job": "trial_worker.check_inputs",
+    "trial_plan": "trial_worker.pack.tune",  # packed or one-trial-per-process: the controller's one choice
 })]
 
 
@@ -97,15 +98,9 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None, fin
 
     from trial_worker.recipe import NonFiniteLoss, TrialOOM, run
 
-    context = tune.get_context()
-    if context.get_trial_id() in finished:
+    if tune.get_context().get_trial_id() in finished:
         return
-    if run_dir:  # the run's folder in Tune's storage: the same for every attempt, on any node
-        fatal = Path(run_dir) / FATAL_DIR / f"{context.get_trial_id()}.json"
-    else:
-        fatal = Path(context.get_trial_dir()) / FATAL_DIR / "trial.json"
-    if fatal.exists():
-        raise TrialNotRetried(json.loads(fatal.read_text())["reason"])
+    fatal = fatal_path(run_dir)
     vanished = _VANISHED_CHECKPOINT.pop("path", None)  # see `trainable`
     assigned = ray.get_runtime_context().get_assigned_resources()
     trial = trial_job(config, job, cpus=assigned.get("CPU"), gpus=assigned.get("GPU"))
@@ -142,6 +137,23 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None, fin
         raise DiskFull.writing(e, output_dir=output_dir, **writing) from e
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def fatal_path(run_dir: str | None) -> Path:
+    """Where this Tune trial's deterministic failure is kept (see `run_trial`); raises `TrialNotRetried` when an
+    earlier attempt left one there."""
+    import json
+
+    from ray import tune
+
+    context = tune.get_context()
+    if run_dir:  # the run's folder in Tune's storage: the same for every attempt, on any node
+        fatal = Path(run_dir) / FATAL_DIR / f"{context.get_trial_id()}.json"
+    else:
+        fatal = Path(context.get_trial_dir()) / FATAL_DIR / "trial.json"
+    if fatal.exists():
+        raise TrialNotRetried(json.loads(fatal.read_text())["reason"])
+    return fatal
 
 
 class DiskFull(OSError):
@@ -223,8 +235,9 @@ class TrialNotRetried(RuntimeError):
 _VANISHED_CHECKPOINT: dict[str, str] = {}  # set by `SweepTrial.restore`, taken by the next `run_trial` in this actor
 
 
-def trainable(job: dict, run_dir: str | None = None, finished: frozenset = frozenset()):
-    """The Tune trainable of a sweep: `run_trial` with its job, as a class whose restore survives a deleted checkpoint.
+def trainable(job: dict, run_dir: str | None = None, finished: frozenset = frozenset(), function=None):
+    """The Tune trainable of a sweep: `function` (default `run_trial`; same signature) with its job, as a class
+    whose restore survives a deleted checkpoint.
 
     Tune's own restore refuses a checkpoint folder that no longer exists (and the retry fails);
     here the trial goes on instead, from the newest older checkpoint that verifies, or from step 0,
@@ -233,7 +246,8 @@ def trainable(job: dict, run_dir: str | None = None, finished: frozenset = froze
     from ray import tune
     from ray.tune.trainable import wrap_function
 
-    base = wrap_function(tune.with_parameters(run_trial, job=job, run_dir=run_dir, finished=frozenset(finished)))
+    base = wrap_function(tune.with_parameters(function or run_trial, job=job, run_dir=run_dir,
+                                              finished=frozenset(finished)))
 
     class SweepTrial(base):
         def restore(self, checkpoint_path):
