@@ -42,7 +42,7 @@ tar czf "$OUT/run.tar.gz" -C "$W" best.yaml run/evaluation.md run/evaluation.csv
     run/loss.csv run/metrics.json run/config.yaml run/adapter/adapter_config.json run/adapter/adapter_model.bf16.safetensors \
     run/merged/config.json study.db
 stamp "search-efficiency table"
-$PY benchmarks/search_efficiency.py table $SPEC -o "$OUT/search_table.json" --workers ${WORKERS:-6} --cpus 2 || true
+$PY benchmarks/search_efficiency.py table $SPEC -o "$OUT/search_table.json" --workers ${WORKERS:-12} --cpus 1 || true
 stamp "replay"
 $PY benchmarks/search_efficiency.py replay "$OUT/search_table.json" --seeds 0 1 2 -o "$OUT/search_efficiency.json" \
     --live smollm2_tasks --storage "$DB" || true
