@@ -289,6 +289,12 @@ def write_smollm2(path: str | os.PathLike, *, gguf_file: str | os.PathLike | Non
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # a plain checkpoint: nothing may tell from_pretrained to read GGUF
     config.name_or_path = "SmolLM2-135M-Instruct"
+    # The GGUF's special token ids (in the config) are the truth: transformers 5.17's GGUF tokenizer
+    # reader took <|im_start|> for the EOS, and a trainer then "aligned" the model with it.
+    for name in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(config, f"{name}_token_id", None)
+        if isinstance(token_id, int) and token_id >= 0:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
