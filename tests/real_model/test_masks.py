@@ -57,6 +57,7 @@ def test_chatml_masks_every_assistant_turn_and_nothing_else(smollm2_model):
 
     tok = AutoTokenizer.from_pretrained(smollm2_model)
     assert "{% generation %}" not in tok.chat_template and "<|im_start|>" in tok.chat_template
+    assert tok.eos_token == "<|im_end|>"  # the GGUF's EOS id, which generation stops on
     _check_masks(tok, "<|im_end|>")  # the newline ChatML puts after <|im_end|> is filler: no label
 
 
