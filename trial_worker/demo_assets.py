@@ -323,30 +323,19 @@ def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _resolve(p: str, base_dir: Path) -> Path:
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else (base_dir / q)
-
-
 # The writers behind `model.generate` / `data.generate` (the spec's allowed values).
 MODEL_WRITERS: dict[str, Callable[[Path], object]] = {"tiny-llama": write_tiny_llama, "smollm2-135m": write_smollm2}
 DATA_WRITERS: dict[str, Callable[[Path], object]] = {"arithmetic": write_task_data, "dates": write_date_data}
 
 
 def prepare_assets(job: JobConfig, base_dir: str | os.PathLike = ".") -> JobConfig:
-    """Write the generated model/data a job asks for (if missing) and return the job with those paths absolute.
+    """Write the generated model/data a job asks for (if missing) and return the job with its paths resolved.
 
-    Relative paths of generated assets are taken relative to `base_dir` (the spec's folder).
+    Relative paths are taken relative to `base_dir` (the spec's folder), by `JobConfig.resolved`.
     Idempotent and safe when several processes call it at once.
     """
-    base_dir = Path(base_dir).resolve()
-    updates: dict = {}
-    if job.model.generate:
-        target = _resolve(job.model.name_or_path, base_dir)
-        _write_atomically(target, MODEL_WRITERS[job.model.generate])
-        updates["model"] = job.model.model_copy(update={"name_or_path": str(target)})
-    if job.data.generate:
-        target = _resolve(job.data.path, base_dir)
-        _write_atomically(target, DATA_WRITERS[job.data.generate])
-        updates["data"] = job.data.model_copy(update={"path": str(target)})
-    return job.model_copy(update=updates) if updates else job
+# The writers behind `model.generate` / `data.generate` (the spec's allowed values).
+MODEL_WRITERS: dict[str, Callable[[Path], object]] = {"tiny-llama": write_tiny_llama, "smollm2-135m": write_smollm2}
+DATA_WRITERS: dict[str, Callable[[Path], object]] = {"arithmetic": write_task_data, "dates": write_date_data}
+
+

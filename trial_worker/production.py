@@ -15,7 +15,7 @@ schedule, data, masking and loss are exactly a trial's. On top of a trial it:
 - `merge=True` writes `merged/`: the base in 16 bit with the adapter folded in
   (`merge_and_unload`), loadable with plain `AutoModelForCausalLM.from_pretrained`.
 
-`export_formats(job)` gives the same job as TRL/PEFT/bitsandbytes/Axolotl configs.
+`formats.export_formats(job)` gives the same job as TRL/PEFT/bitsandbytes/Axolotl configs.
 """
 
 from __future__ import annotations
@@ -46,12 +46,6 @@ class ProductionError(Exception):
     """A production run cannot start as asked (existing checkpoints without --resume, ...)."""
 
 
-def production_job(job: JobConfig) -> JobConfig:
-    """The job with its budget ladder reduced to one rung at its top: a production run evaluates once, at the end."""
-    top = job.budget.rungs[-1]
-    return job.model_copy(update={"budget": job.budget.model_copy(update={"min": top, "max": top})})
-
-
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """The `checkpoint-N` folders under `output_dir`, oldest step first."""
     out = Path(output_dir)
@@ -79,7 +73,7 @@ def train(job: JobConfig, output_dir: str | os.PathLike, *, resume: bool = False
     from trial_worker.recipe import QLoRATrial
 
     out = Path(output_dir)
-    job = production_job(job)
+    job = job.at_top_rung()  # a production run evaluates once, at the end
     resume_from = latest_checkpoint(out, log) if resume else None
     if resume and resume_from is None:
         log(f"no intact checkpoint in {out} to resume from: starting from step 0")
@@ -183,82 +177,3 @@ def load_run(run_dir: str | os.PathLike) -> tuple[JobConfig, Path]:
         raise ProductionError(f"{run} is not a finished `sweep train` output (needs {CONFIG_FILE} and "
                               f"{ADAPTER_DIR}/adapter_model.safetensors)")
     return JobConfig.model_validate(yaml.safe_load(cfg.read_text())), adapter
-
-
-# ---------------------------------------------------------------------------- export formats
-
-_AXOLOTL_TYPES = {"messages": "chat_template", "sharegpt": "chat_template", "instruction": "alpaca",
-                  "text": "completion", "auto": "chat_template"}
-
-
-def export_formats(job: JobConfig, *, output_dir: str = "./output") -> dict[str, Any]:
-    """The job as {"sft_config.json": TRL SFTConfig kwargs, "lora_config.json": PEFT LoraConfig,
-    "bnb_config.json": BitsAndBytesConfig, "axolotl.yaml": an Axolotl-style config} (plain data).
-
-    Built by the same functions a run uses (`sft_kwargs`, `peft_lora_config`, `bnb_config`),
-    for a GPU (`use_cpu` false unless the job says so).
-    """
-    from trial_worker.model import bnb_config, peft_lora_config
-    from trial_worker.recipe import sft_kwargs
-
-    job = production_job(job)
-    cpu = bool(job.training.use_cpu)
-    sft = json.loads(json.dumps(sft_kwargs(job, output_dir, cpu=cpu), default=str))
-    lora = peft_lora_config(job.model).to_dict()
-    lora = json.loads(json.dumps(lora, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-    bnb = bnb_config(job.model).to_dict() if job.model.quantization.load_in_4bit else None
-    return {"sft_config.json": sft, "lora_config.json": lora, "bnb_config.json": bnb,
-            "axolotl.yaml": axolotl_config(job, output_dir=output_dir, sft=sft)}
-
-
-def axolotl_config(job: JobConfig, *, output_dir: str, sft: dict) -> dict:
-    m, d, t, q = job.model, job.data, job.training, job.model.quantization
-    out: dict[str, Any] = {
-        "base_model": m.name_or_path,
-        "load_in_4bit": q.load_in_4bit,
-        "adapter": "qlora" if q.load_in_4bit else "lora",
-        "lora_r": m.lora.r,
-        "lora_alpha": m.lora.alpha,
-        "lora_dropout": m.lora.dropout,
-    }
-    if m.lora.target_modules == "all-linear":
-        out["lora_target_linear"] = True
-    else:
-        out["lora_target_modules"] = list(m.lora.target_modules)
-    ds: dict[str, Any] = {"path": d.path, "type": _AXOLOTL_TYPES[d.format], "split": d.split}
-    if d.format in ("messages", "sharegpt"):
-        ds["field_messages"] = "messages" if d.format == "messages" else "conversations"
-    out["datasets"] = [ds]
-    if d.validation_split:
-        out["test_datasets"] = [{**ds, "split": d.validation_split}]
-    else:
-        out["val_set_size"] = d.validation_fraction or 0.1
-    out.update({
-        "sequence_len": d.max_seq_length,
-        "sample_packing": d.packing,
-        "train_on_inputs": False,
-        "micro_batch_size": sft["per_device_train_batch_size"],
-        "gradient_accumulation_steps": sft["gradient_accumulation_steps"],
-        "eval_batch_size": t.per_device_eval_batch_size,
-        "max_steps": sft["max_steps"],
-        "learning_rate": t.learning_rate,
-        "lr_scheduler": t.lr_scheduler_type,
-        "warmup_ratio": t.warmup_ratio,
-        "optimizer": t.optim,
-        "weight_decay": t.weight_decay,
-        "adam_beta1": t.adam_beta1,
-        "adam_beta2": t.adam_beta2,
-        "adam_epsilon": t.adam_epsilon,
-        "max_grad_norm": t.max_grad_norm,
-        "bf16": t.bf16,
-        "fp16": t.fp16,
-        "gradient_checkpointing": t.gradient_checkpointing,
-        "seed": t.seed,
-        "logging_steps": t.logging_steps,
-        "output_dir": output_dir,
-    })
-    if t.save_steps:
-        out["save_steps"] = t.save_steps
-    if t.save_total_limit:
-        out["save_total_limit"] = t.save_total_limit
-    return out

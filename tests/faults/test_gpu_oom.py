@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from trial_worker.config import JobConfig
-from trial_worker.recipe import INJECT_OOM_ENV, QLoRATrial, TrialOOM, run
+from trial_worker.recipe import QLoRATrial, TrialOOM, run
 
 pytestmark = pytest.mark.gpu
 
@@ -115,10 +115,9 @@ def gpu_model(tmp_path_factory, results):
     return {**assets, "loaded": loaded, "p1": p1, "total": total, "root": root}
 
 
-def test_real_cuda_oom_is_retried_with_a_smaller_micro_batch_under_the_cap(gpu_model, results, fault_row, capfd, monkeypatch):
+def test_real_cuda_oom_is_retried_with_a_smaller_micro_batch_under_the_cap(gpu_model, results, fault_row, capfd):
     import torch
 
-    monkeypatch.delenv(INJECT_OOM_ENV, raising=False)  # the real thing only
     fraction = round(2.5 * gpu_model["p1"] / gpu_model["total"], 4)
     cap_gib = fraction * gpu_model["total"] / GiB
     reports = []
@@ -150,10 +149,9 @@ def test_real_cuda_oom_is_retried_with_a_smaller_micro_batch_under_the_cap(gpu_m
               seconds=seconds)
 
 
-def test_real_cuda_oom_at_micro_batch_one_fails_tagged_oom_and_frees_the_gpu(gpu_model, results, fault_row, monkeypatch):
+def test_real_cuda_oom_at_micro_batch_one_fails_tagged_oom_and_frees_the_gpu(gpu_model, results, fault_row):
     import torch
 
-    monkeypatch.delenv(INJECT_OOM_ENV, raising=False)
     loaded, p1, total = gpu_model["loaded"], gpu_model["p1"], gpu_model["total"]
     fraction = round((loaded + p1) / 2 / total, 4)  # above the loaded model, below one row's training step
     cap_gib = fraction * total / GiB
@@ -216,7 +214,6 @@ def test_sweep_run_caps_a_trial_at_its_ray_gpu_share_and_records_the_retry(gpu_m
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, SWEEP_HOME=str(tmp_path / "home"),
                PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
-    env.pop(INJECT_OOM_ENV, None)  # the real thing only
     t0 = time.perf_counter()
     r = sweep_cli("run", path, cwd=tmp_path, env=env, timeout=400)
     seconds = time.perf_counter() - t0

@@ -158,3 +158,13 @@ def test_help_loads_nothing_heavy():
     assert "validate" in r.stdout and "run" in r.stdout
     assert "HEAVY=\n" in r.stdout + "\n" and "HEAVY=," not in r.stdout, r.stdout
     assert r.stdout.strip().endswith("HEAVY="), r.stdout
+
+
+def test_validate_reports_field_and_cross_field_problems_at_once():
+    with pytest.raises(SpecError) as e:
+        spec_with("training: {learning_rate: -1}\n"
+                  "search: {params: {lora_r: {type: int, low: 64, high: 8}, learning_rate: {type: loguniform, low: 0, high: 1}}}")
+    paths = [p.path for p in e.value.problems]
+    assert sorted(paths) == ["search.params.learning_rate.low", "search.params.lora_r.low", "training.learning_rate"], str(e.value)
+    assert "greater than 0" in str(e.value) and "low (64) is greater than high (8)" in str(e.value)
+    assert "log-scale range needs low > 0" in str(e.value)

@@ -101,15 +101,19 @@ def test_loss_is_on_response_tokens_only(make_job, tmp_path, row, answers):
     trial = QLoRATrial(job, output_dir=str(tmp_path / "out")).setup()
     tok = trial.trainer.processing_class
     batch = next(iter(trial.trainer.get_train_dataloader()))
-    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
-        ids, labels = ids[mask.bool()], labels[mask.bool()]
+    # A padding-free micro-batch: rows back to back, each starting at position 0, then bucket padding.
+    n = int(batch["num_tokens"])
+    starts = (batch["position_ids"][0, :n] == 0).nonzero().flatten().tolist() + [n]
+    assert len(starts) - 1 == min(job.training.per_device_train_batch_size, len(trial.trainer.train_dataset))
+    for a, b in zip(starts, starts[1:]):
+        ids, labels = batch["input_ids"][0, a:b], batch["labels"][0, a:b]
         trained = labels != -100
         assert (labels[trained] == ids[trained]).all()
         # The runs of trained tokens are exactly the responses; the last one ends the sequence.
         edges = torch.diff(trained.int(), prepend=torch.tensor([0]), append=torch.tensor([0]))
-        starts, ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
-        assert [tok.decode(ids[a:b]) for a, b in zip(starts, ends)] == answers
-        assert ends[-1] == len(ids)
+        run_starts, run_ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
+        assert [tok.decode(ids[s:e]) for s, e in zip(run_starts, run_ends)] == answers
+        assert run_ends[-1] == len(ids)
     # Padding never counts either.
-    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    assert (batch["labels"][0, n:] == -100).all()
     trial.cleanup()

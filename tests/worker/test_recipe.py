@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from trial_worker.config import REPORT_KEYS, JobConfig
-from trial_worker.recipe import evaluate_base, rung_steps, run, sft_config
+from trial_worker.formats import rung_steps, sft_config
+from trial_worker.recipe import evaluate_base, run
 
 
 def _job(tiny_model, task_data, **training) -> JobConfig:
