@@ -276,6 +276,25 @@ def evaluate(
     typer.echo(f"wrote {out / 'evaluation.md'} and {out / 'evaluation.csv'}")
 
 
+@app.command("export-gguf")
+def export_gguf(
+    run: Path = typer.Argument(..., help="a `sweep train` output folder (its merged/ model; merged now if missing) or a model folder"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="the .gguf file to write (default: RUN/<RUN name>.gguf)"),
+    out_type: str = typer.Option("auto", "--type", help="auto (the checkpoint's own dtype) | f16 | bf16 | f32 | q8_0"),
+) -> None:
+    """Write a merged Llama model as one GGUF file (llama.cpp, Ollama); it loads back in transformers too."""
+    from trial_worker.entry import GGUFExportError, export_run_gguf
+
+    if not run.exists():
+        _fail(f"sweep export-gguf: {run} does not exist")
+    try:
+        export_run_gguf(run, out, out_type=out_type, log=typer.echo)
+    except GGUFExportError as e:
+        _fail(f"sweep export-gguf: {e}")
+    except ImportError as e:
+        _fail(f"sweep export-gguf: {e}; install it with: pip install 'sweep[smollm2]' (or pip install gguf)")
+
+
 @app.command()
 def chat(
     model: Path = typer.Argument(..., help="a merged model folder, or a `sweep train` output folder"),

@@ -32,6 +32,8 @@ __all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_j
     "compare": "trial_worker.generate",
     "serve": "trial_worker.chat",
     "load_splits": "trial_worker.data",
+    "export_run_gguf": "trial_worker.gguf_export",
+    "GGUFExportError": "trial_worker.gguf_export",
     "check_job": "trial_worker.check_inputs",
     "trial_plan": "trial_worker.pack.tune",  # packed or one-trial-per-process: the controller's one choice
 })]
