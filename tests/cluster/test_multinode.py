@@ -35,7 +35,7 @@ from sweep_helpers import LiveCli, kill_processes_with_env, processes_with_env, 
 pytestmark = pytest.mark.faults
 
 RAY = Path(sys.executable).parent / "ray"  # the venv's `ray`, beside its python
-RUNGS = (10, 50)  # reduction factor 5: a few seconds of training between the rungs, for the kill to land in
+RUNGS = (10, 100)  # reduction factor 10: 90 steps (several seconds) between the rungs, for the kill to land in
 NUM_TRIALS = 2
 
 
@@ -84,6 +84,7 @@ class RayNodes:
         self.port, dashboard = next(self.ports), next(self.ports)
         self.address = f"127.0.0.1:{self.port}"
         self.node_manager_ports: dict[str, int] = {}
+        self._raylets: dict[int, str] = {}
         self.workers, self.cpus_per_worker, self.dashboard = workers, cpus_per_worker, dashboard
 
     def start(self) -> None:
@@ -119,26 +120,21 @@ class RayNodes:
             raise AssertionError(f"ray start ({name}) failed:\n{out[-2000:]}\n" + "\n".join(errors)[-3000:])
 
     def raylets(self) -> dict[int, str]:
-        """{pid: node name} of the raylets alive now."""
-        out = {}
-        for name in self.node_manager_ports:
-            try:
-                out[self.raylet(name).pid] = name
-            except LookupError:
-                pass
-        return out
+        """{pid: node name} of the nodes' raylets alive now (found once; a killed one drops out)."""
+        if not self._raylets:
+            for pid in processes_with_env(self.marker):
+                try:
+                    p = psutil.Process(pid)
+                    port = next((a.split("=", 1)[1] for a in p.cmdline() if a.startswith("--node_manager_port=")), None)
+                    if p.name() == "raylet" and port:
+                        self._raylets[pid] = next(n for n, nm in self.node_manager_ports.items() if str(nm) == port)
+                except (psutil.Error, StopIteration):
+                    pass
+        return {pid: name for pid, name in self._raylets.items() if psutil.pid_exists(pid)}
 
     def raylet(self, name: str) -> psutil.Process:
-        """The raylet process of node `name` (found by its node manager port)."""
-        flag = f"--node_manager_port={self.node_manager_ports[name]}"
-        for pid in processes_with_env(self.marker):
-            try:
-                p = psutil.Process(pid)
-                if p.name() == "raylet" and flag in p.cmdline():
-                    return p
-            except psutil.Error:
-                pass
-        raise LookupError(f"no raylet of {name}")
+        """The raylet process of node `name`."""
+        return psutil.Process(next(pid for pid, n in self.raylets().items() if n == name))
 
     def stop(self) -> int:
         """Stop every process of these nodes: SIGTERM first (Ray's own shutdown), then SIGKILL what is left; how many
