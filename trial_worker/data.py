@@ -13,7 +13,12 @@ pre-training: the text of each file (PDF text extracted with `pypdf`) is cut int
 at most `max_seq_length` tokens (words when no tokenizer is given), each a `text` row.
 
 Chat formats become {"prompt": [messages before the last assistant turn], "completion":
-[that turn]}: TRL renders both with the tokenizer's chat template and masks the prompt.
+[that turn]}. Given the tokenizer, `load_splits` also tokenizes them here (`tokenize_chat`):
+the whole conversation rendered with the chat template, and a `completion_mask` that is 1 on
+the tokens of *every* assistant turn (its content and end-of-turn token) and 0 elsewhere —
+system, user, role headers, template filler. It needs no `{% generation %}` markers in the
+template (ChatML and most hub templates have none): each assistant turn's span is found by
+rendering the conversation up to it. TRL builds the labels from that mask.
 `text` rows are split after their last `[/INST]` when they have one; rows without it get an
 empty prompt, so the loss covers the whole text (plain language modelling).
 """
@@ -95,6 +100,61 @@ def normalise_row(row: dict[str, Any], fmt: str, system_prompt: str | None = Non
         cut += len(INST_END)
         return {"prompt": text[:cut], "completion": text[cut:]}
     raise DataFormatError(f"unknown data format {fmt!r}")
+
+
+def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(the conversation rendered by the chat template, [(start, end) character span of each assistant turn]).
+
+    A turn's span starts where the template's own generation prompt ends (rendering the
+    turns before it with `add_generation_prompt=True`) and ends where the rendering up to and
+    including it ends, less trailing whitespace (ChatML's newline after `<|im_end|>` is filler,
+    not something the model should learn to say). That needs the template to render a
+    conversation's start as a prefix of the whole; a template that rewrites earlier turns (e.g.
+    drops past reasoning) fails with a clear error.
+    """
+    text = _render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
+        upto = _render(tokenizer, messages[: i + 1]).rstrip()
+        if not text.startswith(upto) or start > len(upto):
+            raise DataFormatError(
+                f"the chat template does not render assistant turn {i} as a prefix of the whole conversation, so its "
+                "tokens cannot be told apart; use a template that renders turns in order (or one with "
+                "{% generation %} markers and the text format)"
+            )
+        spans.append((start, len(upto)))
+    return text, spans
+
+
+def tokenize_chat(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
+    """{"input_ids", "completion_mask"}: the conversation's tokens, 1 on every assistant turn's tokens."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # A token belongs to the turn its first character is in (a BPE piece straddling a boundary is rare).
+    mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
+    return {"input_ids": list(enc["input_ids"]), "completion_mask": mask}
+
+
+def _tokenize_row(row: dict[str, Any], tokenizer) -> dict[str, list[int]]:
+    return tokenize_chat(tokenizer, list(row["prompt"]) + list(row["completion"]))
+
+
+def tokenize_chats(ds, tokenizer):
+    """Chat prompt-completion rows with `input_ids` and `completion_mask` added (`tokenize_chat`); other rows as they are.
+
+    The prompt/completion columns stay (the evaluation reads its prompts from them); the
+    trainer keeps only the model's inputs.
+    """
+    if len(ds) == 0 or not isinstance(ds[0]["prompt"], list):
+        return ds  # text rows: TRL tokenizes prompt + completion itself
+    return ds.map(_tokenize_row, fn_kwargs={"tokenizer": tokenizer}, keep_in_memory=True, desc=None)
 
 
 # The field of each format, and (chat formats) the speaker/text keys of its turns.
@@ -253,7 +313,8 @@ def holdout(n: int, cfg: DataConfig) -> tuple[list[int], list[int]]:
 def load_splits(cfg: DataConfig, tokenizer=None):
     """(train, validation) Datasets in prompt-completion form, capped by max_train/eval_samples.
 
-    `tokenizer` cuts documents (a folder of .txt/.pdf) into `max_seq_length`-token pieces.
+    `tokenizer` cuts documents (a folder of .txt/.pdf) into `max_seq_length`-token pieces, and
+    tokenizes chat rows with assistant masks (`tokenize_chats`).
     Which rows validate: `split_names`, `holdout`.
     """
     dd = _load(cfg.path, max_seq_length=cfg.max_seq_length, tokenizer=tokenizer)
@@ -271,6 +332,8 @@ def load_splits(cfg: DataConfig, tokenizer=None):
         val = val.select(range(min(cfg.max_eval_samples, len(val))))
     if len(train) == 0 or len(val) == 0:
         raise DataFormatError(f"{cfg.path!r}: {len(train)} train and {len(val)} validation rows with a response; need >= 1 each")
+    if tokenizer is not None:
+        train, val = tokenize_chats(train, tokenizer), tokenize_chats(val, tokenizer)
     return train, val
 
 
@@ -315,33 +378,38 @@ class FlatCollator:
         self.bucket = bucket
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import numpy as np
         import torch
 
-        ids, labels, positions, starts = [], [], [], [0]
-        for ex in examples:
-            row = list(ex["input_ids"])
-            lab = list(ex["labels"]) if "labels" in ex else list(row)
-            lab[0] = IGNORE_INDEX
-            ids += row
-            labels += lab
-            positions += range(len(row))
-            starts.append(len(ids))
-        n = len(ids)
+        # Host time the GPU waits for: rows arrive as Python lists, which numpy converts several times
+        # faster than torch does; a token-by-token build took ~38 ms for 32 rows of 1,024 tokens on
+        # 2 CPU cores, these whole-array operations ~6 ms.
+        ids = [np.asarray(ex["input_ids"], dtype=np.int64) for ex in examples]
+        labels = [np.asarray(ex["labels"] if "labels" in ex else ex["input_ids"], dtype=np.int64) for ex in examples]
+        lengths = [len(r) for r in ids]
+        n = sum(lengths)
         pad = (bucket_length(n) if self.bucket else n) - n
-        ids += [self.pad_token_id] * pad
-        labels += [IGNORE_INDEX] * pad
-        positions += range(pad)
         if pad:
-            starts.append(n + pad)
+            ids.append(np.full(pad, self.pad_token_id, dtype=np.int64))
+            labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
+            lengths.append(pad)
+        starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+        starts[1:] = np.cumsum(lengths)
+        # Position ids restart at 0 at every row (and at the padding, one more "row").
+        positions = np.arange(n + pad, dtype=np.int64) - np.repeat(starts[:-1], lengths)
+        labels = np.concatenate(labels)
+        labels[starts[:-1]] = IGNORE_INDEX  # no row's first token is a target of the row before it
+        longest = max(lengths)
+        cu = torch.from_numpy(starts.astype(np.int32))
         return {
-            "input_ids": torch.tensor([ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "input_ids": torch.from_numpy(np.concatenate(ids))[None],
+            "labels": torch.from_numpy(labels)[None],
+            "position_ids": torch.from_numpy(positions)[None],
             # Row boundaries for varlen attention kernels, built here on the host: derived from the
             # position ids on the GPU they would cost a device-to-host sync in every layer.
-            "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32),
-            "cu_seq_lens_k": torch.tensor(starts, dtype=torch.int32),
-            "max_length_q": max(b - a for a, b in zip(starts, starts[1:])),
-            "max_length_k": max(b - a for a, b in zip(starts, starts[1:])),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu.clone(),
+            "max_length_q": longest,
+            "max_length_k": longest,
             "num_tokens": torch.tensor(n, dtype=torch.long),
         }

@@ -32,6 +32,8 @@ __all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_j
     "compare": "trial_worker.generate",
     "serve": "trial_worker.chat",
     "load_splits": "trial_worker.data",
+    "export_run_gguf": "trial_worker.gguf_export",
+    "GGUFExportError": "trial_worker.gguf_export",
     "check_job": "trial_worker.check_inputs",
     "trial_plan": "trial_worker.pack.tune",  # packed or one-trial-per-process: the controller's one choice
 })]
@@ -80,7 +82,7 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None, fin
     after checking its hashes (`trial_worker.checkpoint`): a checkpoint cut short, corrupted
     or deleted is skipped for the newest older one that verifies, or the trial restarts from
     step 0; the first report after that carries `checkpoint_note` saying which and why.
-    Each report carries `REPORT_KEYS` plus `steps` and `samples`, so ASHA's `time_attr`
+    Each report carries `REPORT_KEYS`, among them `steps` and `samples`, so ASHA's `time_attr`
     can be either budget unit.
 
     A trial that fails deterministically (NaN/inf loss, out of memory at micro-batch 1) leaves
@@ -105,16 +107,16 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None, fin
     assigned = ray.get_runtime_context().get_assigned_resources()
     trial = trial_job(config, job, cpus=assigned.get("CPU"), gpus=assigned.get("GPU"))
     note: list[str] = []
-    writing: dict = {}  # the checkpoint being copied into the run's storage: {"step", "path"}
+    writing: dict = {}  # the checkpoint being copied into the run's storage: {"step", "path", "local"}
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
-        metrics = dict(metrics, steps=metrics["step"])
+        metrics = dict(metrics)
         if note:
             metrics["checkpoint_note"] = note.pop()
         try:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
         except OSError:
-            writing.update(step=metrics["step"], **_storage_checkpoint())
+            writing.update(step=metrics["steps"], **_storage_checkpoint())
             raise
         # Tune has copied the checkpoint into the run's storage; the local copy is dead weight.
         shutil.rmtree(checkpoint_dir, ignore_errors=True)

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from trial_worker.config import DataConfig
 from trial_worker.data import DataFormatError, detect_format, load_splits
@@ -88,13 +89,13 @@ def test_errors_name_the_problem(tmp_path):
         load_splits(DataConfig(path=str(tmp_path / "missing.jsonl")))
 
 
-@pytest.mark.parametrize("row, answer", [
-    (SHAREGPT, "6<|eot_id|>"),            # only the last assistant turn is trained on
-    (MESSAGES, "TIGER<|eot_id|>"),
-    (INSTRUCTION, "12<|eot_id|>"),
-    (TEXT, " enots </s><|eot_id|>"),      # TRL appends the eos to plain-text completions
+@pytest.mark.parametrize("row, answers", [
+    (SHAREGPT, ["4<|eot_id|>", "6<|eot_id|>"]),  # every assistant turn is trained on, nothing between them
+    (MESSAGES, ["TIGER<|eot_id|>"]),
+    (INSTRUCTION, ["12<|eot_id|>"]),
+    (TEXT, [" enots </s><|eot_id|>"]),      # TRL appends the eos to plain-text completions
 ])
-def test_loss_is_on_response_tokens_only(make_job, tmp_path, row, answer):
+def test_loss_is_on_response_tokens_only(make_job, tmp_path, row, answers):
     path = _write(tmp_path / "d.jsonl", row)
     job = make_job(data={"path": path, "validation_fraction": 0.25, "max_seq_length": 256})
     trial = QLoRATrial(job, output_dir=str(tmp_path / "out")).setup()
@@ -107,10 +108,12 @@ def test_loss_is_on_response_tokens_only(make_job, tmp_path, row, answer):
     for a, b in zip(starts, starts[1:]):
         ids, labels = batch["input_ids"][0, a:b], batch["labels"][0, a:b]
         trained = labels != -100
-        start = int(trained.nonzero()[0])
-        assert trained[start:].all() and not trained[:start].any()  # prompt masked, response not
         assert (labels[trained] == ids[trained]).all()
-        assert tok.decode(ids[start:]) == answer
+        # The runs of trained tokens are exactly the responses; the last one ends the sequence.
+        edges = torch.diff(trained.int(), prepend=torch.tensor([0]), append=torch.tensor([0]))
+        run_starts, run_ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
+        assert [tok.decode(ids[s:e]) for s, e in zip(run_starts, run_ends)] == answers
+        assert run_ends[-1] == len(ids)
     # Padding never counts either.
     assert (batch["labels"][0, n:] == -100).all()
     trial.cleanup()
