@@ -98,28 +98,24 @@ def run(
     s = _load(spec)
     if s.search is None:
         _fail(f"{spec}: has no `search` section; to train this config once use `sweep train {spec}`")
-    _preflight(s, spec, storage)
-    _say_if_moved(name or s.name, storage or s.storage or _default_storage(s, spec))
+    _before_start(s, spec, name, storage)
     _sweep("run", s, spec_path=spec, study_name=name, storage=storage, address=address, num_trials=num_trials)
 
 
-def _default_storage(s, spec_path: Path) -> str:
+def _before_start(s, spec_path: Path, name: Optional[str], storage: Optional[str]) -> None:
+    """What `sweep run`/`resume` do before anything is created: the preflight check (`sweep.preflight`; problems
+    end the command with exit 2, warnings are printed), and a note when the study's name is registered elsewhere."""
+    from sweep.preflight import PreflightError, preflight
     from sweep.spec import default_storage
 
-    return default_storage(s, spec_path)
-
-
-def _preflight(s, spec_path: Path, storage: Optional[str]) -> None:
-    """`sweep.preflight` before anything is created: problems end the command (exit 2), warnings are printed."""
-    from sweep.preflight import PreflightError, preflight
-
+    url = storage or s.storage or default_storage(s, spec_path)
     try:
-        notes = preflight(s, spec_path, storage_url=storage or s.storage or _default_storage(s, spec_path),
-                          storage_field="--storage" if storage else "storage")
+        notes = preflight(s, spec_path, storage_url=url, storage_field="--storage" if storage else "storage")
     except PreflightError as e:
         _fail(str(e))
     for note in notes:
         typer.echo(note, err=True)
+    _say_if_moved(name or s.name, url)
 
 
 def _say_if_moved(study_name: str, storage_url: str) -> None:
@@ -132,9 +128,9 @@ def _say_if_moved(study_name: str, storage_url: str) -> None:
 
     before, now = registered_studies().get(study_name), url_without_password(storage_url)
     if before is not None and before != now:
-        typer.echo(f"sweep: note: study {study_name!r} was registered in {before}; it now points at {now}, so "
-                   f"`sweep status {study_name}` reads this one (the other: `sweep status {study_name} --storage {before}`)",
-                   err=True)
+        typer.echo(f"sweep: note: study {study_name!r} is registered in {before}, and this run uses {now}: once it "
+                   f"starts, `sweep status {study_name}` reads {now} (the other stays: `sweep status {study_name} "
+                   f"--storage {before}`)", err=True)
 
 
 def _sweep(command: str, spec, **kwargs) -> None:
@@ -167,8 +163,7 @@ def resume(
     s = _load(spec)
     if s.search is None:
         _fail(f"{spec}: has no `search` section; nothing to resume")
-    _preflight(s, spec, storage)
-    _say_if_moved(name or s.name, storage or s.storage or _default_storage(s, spec))
+    _before_start(s, spec, name, storage)
     _sweep("resume", s, spec_path=spec, study_name=name, storage=storage, address=address, resume=True)
 
 

@@ -87,7 +87,7 @@ def run_sweep(
     prepare_assets(job)
     ray = _start_ray(address or os.environ.get("RAY_ADDRESS"), run_dir, console)
     try:
-        _evaluate_base_once(ray, study, job, spec, console)
+        _evaluate_base_once(ray, study, job, spec, console, run_dir)
         searcher = _searcher(spec, study_name, rstorage)
         callbacks = _callbacks(searcher, spec, study_name, out_dir, console)
         trainable = _trainable(spec, job, run_dir, finished=_finished_ray_trials(study) if restore else frozenset())
@@ -194,17 +194,14 @@ def _start_ray(address: Optional[str], run_dir: Path, console):
     return ray
 
 
-def _evaluate_base_once(ray, study, job, spec: SweepSpec, console) -> None:
+def _evaluate_base_once(ray, study, job, spec: SweepSpec, console, run_dir: Path) -> None:
     """The base model's val loss and perplexity on the validation split, recorded once per study."""
     from sweep.record import record_base_metrics
-    from trial_worker.entry import evaluate_base
 
     if "base_val_loss" in study.user_attrs:
         return
     console.print("evaluating the base model (once per study) ...")
-    res = spec.resources
-    remote = ray.remote(evaluate_base).options(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
-    base = ray.get(remote.remote(job))
+    base = _trial_plan(spec, job, run_dir).evaluate_base(job)
     record_base_metrics(study, base["val_loss"], base["ppl"])
     console.print(f"base model: val_loss {base['val_loss']:.4f}  ppl {base['ppl']:.2f}")
 
@@ -244,13 +241,17 @@ def _finished_ray_trials(study) -> frozenset:
 def _trainable(spec: SweepSpec, job, run_dir: Path, *, finished: frozenset = frozenset()):
     """The one place a trial's trainable is built: the worker's entry point with the sweep's job and resources
     (`finished`: Ray trial ids that return at once, see `trial_worker.entry.run_trial`)."""
-    from ray import tune
+    return _trial_plan(spec, job, run_dir).trainable(finished)
 
-    from trial_worker.entry import trainable
 
-    res = spec.resources
-    return tune.with_resources(trainable(job.model_dump(mode="json"), run_dir=str(run_dir), finished=finished),
-                               {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+def _trial_plan(spec: SweepSpec, job, run_dir: Path):
+    """Packed trials (a warm pack server per GPU, `trial_worker.pack`) or one trial per process, by
+    `resources.packing`: the trainable with its resources, and where the base model is evaluated. The pack
+    servers are named after the run, so asking twice gives the same ones."""
+    from trial_worker.entry import trial_plan
+
+    return trial_plan(job.model_dump(mode="json"), resources=spec.resources.model_dump(), run_dir=str(run_dir),
+                      name=run_dir.name)
 
 
 def _new_tuner(spec: SweepSpec, study_name: str, out_dir: Path, trainable, searcher, callbacks: list, n_trials: int,

@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import yaml
 
-from sweep.spec import Problem, SpecError, SweepSpec, _redact, locate
+from sweep.spec import Problem, SpecError, SweepSpec, locate
 
 
 class PreflightError(SpecError):
@@ -85,25 +85,20 @@ def _locate_fields(problems: list[Problem], root: Optional[yaml.Node]) -> list[P
 
 def _writable(spec: SweepSpec, storage_url: Optional[str], storage_field: str) -> list[Problem]:
     """Problems with where the sweep writes: the SQLite study file and the run folder."""
+    from sweep.record import _sqlite_file, url_without_password
+
     out = []
-    db = _sqlite_file(storage_url)
+    db = _sqlite_file(storage_url) if storage_url else None
     if db is not None:
-        why = _cannot_write(db, file=True)
+        why = _cannot_write(db.resolve(), file=True)
         if why:
-            out.append(Problem(storage_field, f"the study database cannot be written: {why}", _redact(storage_url or "")))
+            out.append(Problem(storage_field, f"the study database cannot be written: {why}",
+                               url_without_password(storage_url)))
     runs = Path(spec.output_dir or "sweep_runs")
     why = _cannot_write(runs.resolve(), file=False)
     if why:
         out.append(Problem("output_dir", f"the run folder cannot be written: {why}", str(runs)))
     return out
-
-
-def _sqlite_file(url: Optional[str]) -> Optional[Path]:
-    """The file of a sqlite:/// URL (None: not SQLite, or in memory)."""
-    if not url or not url.startswith("sqlite") or ":///" not in url:
-        return None
-    path = url.split(":///", 1)[1].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
 
 
 def _cannot_write(path: Path, *, file: bool) -> Optional[str]:

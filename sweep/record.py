@@ -13,9 +13,9 @@ Study user attrs written here:
 
 Trial user attrs (written by `sweep.search.StudySearch`, read by the leaderboard/export):
   ray_trial_id                       Tune's id of the trial (set when the trial is asked)
-  rung_<budget>                      {val_loss, ppl, train_loss, learning_rate, tokens_per_s,
-                                      samples_per_s, peak_mem_gb, wall_s, train_s, step, samples}
-                                      at each rung, keyed by the budget value (rung_10, rung_20, ...)
+  rung_<budget>                      the rung's report (`trial_worker.config.REPORT_KEYS` but `rung`:
+                                      val_loss, ppl, steps, samples, scheduled_lr, ...), keyed by the
+                                      budget value (rung_10, rung_20, ...)
   rung_reached                       rungs reached, 1-based (0: no report)
   budget_reached                     budget value of the last report (steps or samples)
   budget_unit                        "steps" or "samples"

@@ -13,6 +13,15 @@ experiment state, the trials' checkpoints) is how the work goes on. A resume:
    draws made after that save; when Tune saved nothing yet (killed while Ray started, during the base
    evaluation), a fresh Tuner runs the trials the study still lacks;
 3. after the fit, records FAIL whatever stayed RUNNING (`fail_lost_trials`).
+
+Why Tune's restore, corrected from the study, rather than a fresh Tuner seeded from the study: the restore
+keeps each trial's Ray trial id, folder, registered checkpoints and retry count, so everything keyed by them
+(the study's `ray_trial_id`, Tune's per-trial `result.json`, the trial's W&B run) stays one per trial across
+any number of resumes, and a trial continues from the checkpoint Tune verified and registered. What the
+restore gets wrong is only what happened after Tune's last save, and the study has all of it: the searcher
+(above) and ASHA's rungs (`sweep.schedule.StudyASHA`, which Tune never saves) are rebuilt from it. Limit: a
+checkpoint written after that save is not known to Tune; the trial continues from the one before (its steps
+since are trained again; a rung it reported is kept as first recorded).
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ def check_resumable(optuna, rstorage, study_name: str, spec: SweepSpec, spec_pat
             f"sweep resume: {spec_path} was edited since study {study_name!r} started (spec hash {old_hash} -> {new_hash}); "
             "a resumed sweep must search the space it started with. Changed:\n" + ("\n".join(changed) or "  (formatting only)")
             + f"\nUndo the edit, or start a new study: sweep run {spec_path} --name NEW_NAME")
+    _set_aside_unpaired_saves(run_dir)
     if not tune_saved(run_dir):
         return study, False
     problem = run_folder_problem(run_dir)
@@ -65,6 +75,34 @@ def tune_saved(run_dir: Path) -> bool:
     """Whether Tune saved a run in `run_dir` that `Tuner.restore` can continue: its tuner and an experiment
     state (Tune writes the first one once the fit has started; a controller killed before has none)."""
     return (run_dir / "tuner.pkl").exists() and any(run_dir.glob("experiment_state-*.json"))
+
+
+STATE_KINDS = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl")  # one Tune save
+
+
+def _set_aside_unpaired_saves(run_dir: Path) -> None:
+    """Set aside the files of Tune's newest saves that a kill left incomplete.
+
+    Each Tune session saves its experiment state, its search generator's and its searcher's state
+    (`STATE_KINDS`, named by the session's start time) and copies them into the run folder in no set order;
+    `Tuner.restore` takes the newest file of each kind, so a kill during the copy pairs one session's trials
+    with another session's searcher (which then asks for more trials than the sweep has). Files of a session
+    newer than the newest complete one are renamed `.<name>.unpaired`: Tune restores that complete session,
+    and the searcher's reconciliation with the study covers what happened since.
+    """
+    stamps: dict[str, list[Path]] = {}
+    for kind in STATE_KINDS:
+        prefix, suffix = kind.split("{}")
+        for p in run_dir.glob(kind.format("*")):
+            stamps.setdefault(p.name[len(prefix):-len(suffix)], []).append(p)
+    complete = [stamp for stamp, files in stamps.items() if len(files) == len(STATE_KINDS)]
+    for stamp in sorted(stamps):
+        if complete and stamp <= max(complete):
+            continue
+        for p in stamps[stamp]:
+            p.rename(p.with_name(f".{p.name}.unpaired"))
+        print(f"sweep resume: Ray Tune's save {stamp} in {run_dir} was cut short by the kill; "
+              + ("restoring the one before" if complete else "starting its trials anew"), file=sys.stderr, flush=True)
 
 
 def _flat(d: Any, prefix: str = "") -> dict:

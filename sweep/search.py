@@ -183,6 +183,8 @@ class StudySearch(OptunaSearch):
             logger.debug("result of trial %s has no %s/%s; not a rung report", trial_id, self.metric, self._budget_key)
             return
         step = int(budget)
+        if result.get("pack") and ot_trial._cached_frozen_trial.user_attrs.get("pack") != result["pack"]:
+            self._retry("store pack", lambda: ot_trial.set_user_attr("pack", str(result["pack"])))  # trial_worker.pack
         note = result.get("checkpoint_note")
         if note:  # the trial resumed past a checkpoint that failed its hash check: say which and why
             events = [*cached_frozen(ot_trial).user_attrs.get("checkpoint_events", []),

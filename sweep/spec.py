@@ -81,6 +81,10 @@ class ResourcesConfig(Strict):
     cpus_per_trial: float = Field(1.0, gt=0.0, le=1024)
     max_concurrent_trials: Optional[int] = Field(None, gt=0, le=10_000)
     max_failures: int = Field(0, ge=0, le=100, description="Ray retries of a failed trial from its last checkpoint")
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="on: the trials on a GPU (or the CPU) train together in one warm process on one shared base, "
+        "each with its own adapter, optimizer, schedule, batch and data order (trial_worker.pack); off: one trial per "
+        "process; auto: one trial per process for now (trial_worker/pack/tune.py: AUTO_PACKS)")
 
 
 class WandbConfig(Strict):
@@ -158,8 +162,9 @@ class SpecError(Exception):
 
 
 def _short(v: Any) -> str:
+    """A value for a message: whole up to 240 characters (a path or URL stays whole), else cut."""
     s = json.dumps(v, default=str) if not isinstance(v, str) else repr(v)
-    return s if len(s) <= 80 else s[:77] + "..."
+    return s if len(s) <= 240 else s[:237] + "..."
 
 
 def _redact(url: str) -> str:

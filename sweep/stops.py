@@ -25,10 +25,12 @@ class StudyStorageLost(RuntimeError):
 
 
 class QuietStops:
-    """While a sweep may stop for a full disk or a lost study database: drops Tune's tracebacks of a study write
+    """Tune's log while a sweep may stop for a full disk or a lost study database: drops Tune's tracebacks of a study write
     that gave up (the controller reports it once) and Ray's tracebacks of the DiskFull trial errors (the trial's
     FAIL line and the study hold the reason) and Tune's own Ctrl+C messages once the sweep stops (the controller
-    says once what happened and how to continue), and notes whether Tune failed to save its experiment state."""
+    says once what happened and how to continue), and notes whether Tune failed to save its experiment state.
+    Also drops Tune's traceback for a checkpoint it could not delete because it was gone already (a resumed
+    sweep's restored state can list one deleted after its save)."""
 
     def __init__(self, progress):
         from sweep._compat.ray import TUNE_LOGGERS
@@ -45,10 +47,13 @@ class QuietStops:
             logging.getLogger(name).removeFilter(self)
 
     def filter(self, record) -> bool:
-        from sweep._compat.ray import STATE_SAVE_FAILED_MESSAGE, STOP_MESSAGES, TRIAL_FAILED_MESSAGES
+        from sweep._compat.ray import (CHECKPOINT_HANDLING_FAILED, STATE_SAVE_FAILED_MESSAGE, STOP_MESSAGES,
+                                       TRIAL_FAILED_MESSAGES)
 
         text = str(record.msg)
         exc = record.exc_info[1] if record.exc_info else None
+        if text.startswith(CHECKPOINT_HANDLING_FAILED) and isinstance(exc, FileNotFoundError):
+            return False  # after a resume: a checkpoint Tune's older state listed was already deleted; nothing lost
         about = f"{text} {exc!r} {getattr(exc, '__cause__', None)!r}"
         if exc is not None and storage_failure(exc) is not None:
             return False  # a study write that gave up: the controller says it once, without Tune's traceback

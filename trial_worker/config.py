@@ -278,13 +278,13 @@ def apply_params(job: JobConfig, params: dict[str, Any]) -> JobConfig:
 
 # What a trial reports to Tune at each rung (and what the record stores).
 REPORT_KEYS = (
-    "step",            # optimizer steps done
+    "steps",           # optimizer steps done (the budget in steps; ASHA's time_attr with budget.unit steps)
     "samples",         # training examples seen
     "rung",            # index of the rung just reached (0-based)
     "val_loss",        # token-mean loss on the validation split (response tokens only)
     "ppl",             # exp(val_loss)
     "train_loss",      # mean training loss since the previous report
-    "learning_rate",   # LR at this step
+    "scheduled_lr",    # the LR the schedule gives at this step (the searched peak is the param `learning_rate`)
     "tokens_per_s",    # trained (non-padding) tokens per second of training time
     "samples_per_s",
     "peak_mem_gb",     # peak accelerator memory (GPU), or peak RSS on CPU

@@ -39,7 +39,8 @@ LOSS_CSV = "loss.csv"
 LOSS_PNG = "loss.png"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-LOSS_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
+# loss.csv: the Trainer's log history under the names the trials' reports use (`steps`, `scheduled_lr`).
+LOSS_COLUMNS = {"steps": "step", "epoch": "epoch", "loss": "loss", "scheduled_lr": "learning_rate", "grad_norm": "grad_norm"}
 
 
 class ProductionError(Exception):
@@ -102,7 +103,7 @@ def train(job: JobConfig, output_dir: str | os.PathLike, *, resume: bool = False
     finally:
         trial.cleanup()
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    log(f"step {metrics.get('step')}: val_loss {metrics.get('val_loss', float('nan')):.4f}, "
+    log(f"step {metrics.get('steps')}: val_loss {metrics.get('val_loss', float('nan')):.4f}, "
         f"ppl {metrics.get('ppl', float('nan')):.3f}; adapter in {adapter}")
     if merge:
         merged = merge_adapter(job, adapter, out / MERGED_DIR, dtype=merge_dtype)
@@ -112,7 +113,7 @@ def train(job: JobConfig, output_dir: str | os.PathLike, *, resume: bool = False
 
 def write_loss_curve(log_history: list[dict], out: Path) -> int:
     """loss.csv (one row per logged step) and, where matplotlib is installed, loss.png; returns the row count."""
-    rows = [{k: h.get(k, "") for k in LOSS_COLUMNS} for h in log_history if "loss" in h]
+    rows = [{col: h.get(key, "") for col, key in LOSS_COLUMNS.items()} for h in log_history if "loss" in h]
     with open(out / LOSS_CSV, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
         w.writeheader()
@@ -126,7 +127,7 @@ def write_loss_curve(log_history: list[dict], out: Path) -> int:
         print(f"matplotlib is not installed: wrote {LOSS_CSV} but no {LOSS_PNG} (pip install matplotlib)")
         return len(rows)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="training loss")
+    ax.plot([r["steps"] for r in rows], [r["loss"] for r in rows], label="training loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -228,13 +228,13 @@ class QLoRATrial:
         samples = step * self.job.training.effective_batch_size
         wall_s = self.offset["wall_s"] + time.perf_counter() - self.t_start
         metrics = {
-            "step": step,
+            "steps": step,
             "samples": samples,
             "rung": max(i for i, s in enumerate(self.rung_steps) if s == step),
             "val_loss": val["val_loss"],
             "ppl": val["ppl"],
             "train_loss": train_loss,
-            "learning_rate": self.last_lr,
+            "scheduled_lr": self.last_lr,
             "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
             "samples_per_s": (samples - self.start_step * self.job.training.effective_batch_size) / self.train_s
             if self.train_s > 0 else 0.0,
@@ -362,8 +362,8 @@ def run(job: JobConfig, *, report: Optional[Report] = None, resume_from: Optiona
     reported: set[int] = set()
 
     def report_once(metrics: dict, checkpoint_dir: str) -> None:
-        if metrics["step"] not in reported:
-            reported.add(metrics["step"])
+        if metrics["steps"] not in reported:
+            reported.add(metrics["steps"])
             (report or (lambda m, c: None))(metrics, checkpoint_dir)
 
     execution, tried = None, []

@@ -20,6 +20,8 @@ TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray.tune
 TRIAL_FAILED_MESSAGES = ("Trial task failed", "Unhandled error")
 STATE_SAVE_FAILED_MESSAGE = "Saving experiment state to storage"
 STOP_MESSAGES = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
+# Tune could not delete a checkpoint its (restored, older) state still listed: it registered the new one first.
+CHECKPOINT_HANDLING_FAILED = "Trial %s: Error handling checkpoint"
 
 
 def keep_local_ray_on_loopback() -> None:

@@ -43,7 +43,8 @@ def test_tune_loggers_and_messages_the_stop_filter_recognises_exist():
         module = importlib.import_module(name)  # a logger per module: logging.getLogger(__name__)
         assert isinstance(getattr(module, "logger", None), logging.Logger) and module.logger.name == name, name
         sources += inspect.getsource(module)
-    for text in (*compat.TRIAL_FAILED_MESSAGES, compat.STATE_SAVE_FAILED_MESSAGE, *compat.STOP_MESSAGES):
+    for text in (*compat.TRIAL_FAILED_MESSAGES, compat.STATE_SAVE_FAILED_MESSAGE, *compat.STOP_MESSAGES,
+                 compat.CHECKPOINT_HANDLING_FAILED):
         assert text in sources, f"Tune no longer logs {text!r}"
 
 

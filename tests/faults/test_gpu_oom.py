@@ -129,7 +129,7 @@ def test_real_cuda_oom_is_retried_with_a_smaller_micro_batch_under_the_cap(gpu_m
     assert retries and retries[0][:2] == (str(EFF), "1"), retries  # 16 x 1 ran out of memory first
     assert all("CUDA out of memory" in r[2] and "injected" not in r[2] for r in retries), retries
     executed = [(m["micro_batch"], m["accumulation"]) for m in reports]
-    assert [m["step"] for m in reports] == [2, 4], reports  # the trial finished: both rungs reported, once each
+    assert [m["steps"] for m in reports] == [2, 4], reports  # the trial finished: both rungs reported, once each
     assert all(mb * acc == EFF for mb, acc in executed) and executed[-1][0] < EFF, executed  # same effective batch
     assert executed[-1] == (int(retries[-1][3]), int(retries[-1][4])), (executed, retries)  # reported as executed
     assert all(math.isfinite(m["val_loss"]) for m in reports)
@@ -137,7 +137,7 @@ def test_real_cuda_oom_is_retried_with_a_smaller_micro_batch_under_the_cap(gpu_m
     results["retry_fits"] = {
         "gpu_memory_fraction": fraction, "cap_gib": round(cap_gib, 3), "written": f"{EFF}x1",
         "tried": [f"{a}x{b}" for a, b, *_ in retries] + [f"{executed[-1][0]}x{executed[-1][1]}"],
-        "oom_errors": [r[2] for r in retries], "reports": [{k: m[k] for k in ("step", "micro_batch", "accumulation",
+        "oom_errors": [r[2] for r in retries], "reports": [{k: m[k] for k in ("steps", "micro_batch", "accumulation",
                                                                              "peak_mem_gb", "val_loss", "tokens_per_s")}
                                                             for m in reports],
         "seconds": round(seconds, 1), "allocated_after_gib": round(torch.cuda.memory_allocated() / GiB, 3),
@@ -177,7 +177,7 @@ def test_real_cuda_oom_at_micro_batch_one_fails_tagged_oom_and_frees_the_gpu(gpu
     t1 = time.perf_counter()
     run(_job(gpu_model, mb=4, acc=1, steps=(2,)), report=lambda m, d: reports.append(m), output_dir=gpu_model["root"] / "next")
     next_seconds = time.perf_counter() - t1
-    assert [(m["step"], m["micro_batch"], m["accumulation"]) for m in reports] == [(2, 4, 1)], reports
+    assert [(m["steps"], m["micro_batch"], m["accumulation"]) for m in reports] == [(2, 4, 1)], reports
     assert math.isfinite(reports[0]["val_loss"]) and reports[0]["peak_mem_gb"] > cap_gib, (reports, cap_gib)
     results["nothing_fits"] = {
         "gpu_memory_fraction": fraction, "cap_gib": round(cap_gib, 3), "written": "4x1", "message": msg,

@@ -75,6 +75,8 @@ CASES = {
                            ["has no tokenizer files", "tokenizer.json"]),
     "hub_id_offline": ("some-org/not-cached-model", "./good.jsonl", "model.name_or_path", 4,
                        ["not in the Hugging Face cache", "HF_HUB_OFFLINE"]),
+    "hub_data_offline": ("./model", "some-org/not-cached-data", "data.path", 6,
+                         ["not a local file or folder and not in the Hugging Face cache"]),
 }
 
 
@@ -107,7 +109,7 @@ def cli_results(tmp_path_factory):
 def test_bad_input_is_refused_before_anything_starts(cli_results, case):
     _, _, field, line, words = CASES[case]
     for command, (proc, _) in cli_results["out"][case].items():
-        if command == "validate" and case == "hub_id_offline":
+        if command == "validate" and case.startswith("hub_"):
             assert proc.returncode == 0, proc.stderr  # validate checks local paths only
             continue
         err = proc.stderr.split("\nHEAVY_IMPORTED=")[0].strip()
@@ -146,10 +148,41 @@ def test_dropped_rows_are_said_and_validate_can_skip_the_data(tmp_path):
     warned = [ln for ln in ok.stderr.splitlines() if ln.startswith("warning: some.yaml:6: data.path")]
     dropped = sum(int(re.search(r"(\d+) of \d+ (train|validation) rows are dropped", ln)[1]) for ln in warned)
     assert dropped == 10 and all("no 'assistant' message after another message" in ln for ln in warned), ok.stderr
+    (tmp_path / "model" / "tokenizer_config.json").write_text("{}")  # no chat template
+    plain = sweep_cli("validate", spec.name, cwd=tmp_path, env=env, timeout=60)
+    assert plain.returncode == 0 and "the tokenizer has no chat template" in plain.stderr, plain.stderr
     bad = _spec(tmp_path, "bad", model="./model", data="./missing.jsonl")
     assert sweep_cli("validate", bad.name, cwd=tmp_path, env=env, timeout=60).returncode == 2
     skipped = sweep_cli("validate", "--no-data-check", bad.name, cwd=tmp_path, env=env, timeout=60)
     assert skipped.returncode == 0 and "bad.yaml: ok" in skipped.stdout, skipped.stderr
+
+
+def test_a_study_name_registered_in_another_storage_is_said(tmp_path):
+    env = sweep_env(tmp_path)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "studies.json").write_text(json.dumps({"moved": "sqlite:////elsewhere/moved.db"}))
+    _fake_model(tmp_path / "model")
+    _jsonl(tmp_path / "good.jsonl", [GOOD_ROW] * 20)
+    spec = _spec(tmp_path, "moved", model="./model", data="./good.jsonl")
+    r = sweep_cli("resume", spec.name, cwd=tmp_path, env=env, timeout=120)
+    assert (f"sweep: note: study 'moved' is registered in sqlite:////elsewhere/moved.db, and this run uses "
+            f"sqlite:///{tmp_path / 'moved.db'}") in r.stderr, r.stderr
+    assert "sweep status moved --storage sqlite:////elsewhere/moved.db" in r.stderr
+    assert r.returncode == 2 and "no study 'moved' to resume" in r.stderr  # refused: the registry is as it was
+    assert json.loads((tmp_path / "home" / "studies.json").read_text()) == {"moved": "sqlite:////elsewhere/moved.db"}
+
+
+def test_a_study_database_in_a_missing_folder_is_refused(tmp_path):
+    env = sweep_env(tmp_path)
+    _fake_model(tmp_path / "model")
+    _jsonl(tmp_path / "good.jsonl", [GOOD_ROW] * 20)
+    spec = _spec(tmp_path, "nodb", model="./model", data="./good.jsonl")
+    url = f"sqlite:///{tmp_path / 'no-such-folder' / 'nodb.db'}"
+    r = sweep_cli("run", spec.name, "--storage", url, cwd=tmp_path, env=env, timeout=60, probe_imports=True)
+    assert r.returncode == 2, r.stderr
+    assert (f"nodb.yaml: --storage = '{url}': the study database cannot be written: the folder "
+            f"{tmp_path / 'no-such-folder'} does not exist") in r.stderr, r.stderr
+    assert "HEAVY_IMPORTED=\n" in r.stderr + "\n" and not (tmp_path / "no-such-folder").exists()
 
 
 def test_split_keywords_are_datasets_own():

@@ -1,15 +1,12 @@
-"""Padding-free micro-batches: a row in a flattened batch is computed as if alone, and the
-optimizer sees the same loss whether the effective batch runs padded or flattened, in one
-micro-batch or in several."""
+"""Padding-free micro-batches: a row in a flattened batch is computed as if alone, at one of a few
+lengths. (That the optimizer sees the same loss padded or flattened: test_execution.py.)"""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from trial_worker.data import FlatCollator, bucket_length
 from trial_worker.model import load_model
-from trial_worker.recipe import QLoRATrial
 
 
 def test_bucket_lengths_are_few_and_never_short():
@@ -40,35 +37,3 @@ def test_a_row_alone_and_inside_a_flattened_batch_give_the_same_logits(make_job)
     s, row = starts[-1], rows[-1]
     assert not torch.allclose(model(input_ids=torch.tensor([row])).logits[0], leaky[s:s + len(row)], atol=1e-4), \
         "the check must be able to see cross-row attention"
-
-
-def _step_losses(job, out, *, padded: bool) -> list[float]:
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    trial = QLoRATrial(job, output_dir=out).setup()
-    try:
-        if padded:  # the stock right-padded batches, as the worker ran before flattening
-            trial.trainer.data_collator = DataCollatorForLanguageModeling(pad_token_id=trial.trainer.processing_class.pad_token_id)
-        trial.train()
-        return [h["loss"] for h in trial.trainer.state.log_history if "loss" in h]
-    finally:
-        trial.cleanup()
-
-
-def test_flattened_and_padded_batches_train_the_same_model(make_job, tmp_path):
-    """Token-mean over the whole effective batch: per-step losses of 8 steps agree within 1e-4 (fp32)."""
-    common = dict(learning_rate=5e-3, logging_steps=1, execution="as_written", seed=3)
-
-    def job(mb: int):
-        return make_job(lora={"dropout": 0.0}, training=dict(common, per_device_train_batch_size=mb,
-                                                              gradient_accumulation_steps=8 // mb),
-                        budget={"min": 8, "max": 8})
-
-    padded = _step_losses(job(8), tmp_path / "padded", padded=True)
-    flat = _step_losses(job(8), tmp_path / "flat", padded=False)
-    flat_2x4 = _step_losses(job(2), tmp_path / "flat2x4", padded=False)
-    assert len(padded) == len(flat) == len(flat_2x4) == 8
-    assert padded[-1] < padded[0] - 0.1, "the model must actually train for the comparison to mean anything"
-    for step, (a, b, c) in enumerate(zip(padded, flat, flat_2x4), 1):
-        assert b == pytest.approx(a, rel=1e-4), f"step {step}: padded 8x1 loss {a:.6f} vs flattened 8x1 {b:.6f}"
-        assert c == pytest.approx(a, rel=1e-4), f"step {step}: padded 8x1 loss {a:.6f} vs flattened 2x4 {c:.6f}"

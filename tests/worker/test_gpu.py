@@ -28,7 +28,7 @@ def test_qlora_trial_on_gpu_reports_and_resumes(make_job, tmp_path):
 
     reports = []
     run(job, report=lambda m, d: reports.append((m, d)), output_dir=tmp_path / "a")
-    assert [m["step"] for m, _ in reports] == [4, 8]
+    assert [m["steps"] for m, _ in reports] == [4, 8]
     assert all(set(m) == set(REPORT_KEYS) for m, _ in reports)
     assert reports[-1][0]["val_loss"] < reports[0][0]["val_loss"]
     assert 0 < reports[-1][0]["peak_mem_gb"] < 2 and torch.cuda.max_memory_allocated() > 0
@@ -36,8 +36,8 @@ def test_qlora_trial_on_gpu_reports_and_resumes(make_job, tmp_path):
     shutil.copytree(reports[0][1], tmp_path / "rung0")
     resumed = []
     run(job, report=lambda m, d: resumed.append(m), resume_from=str(tmp_path / "rung0"), output_dir=tmp_path / "b")
-    assert [m["step"] for m in resumed] == [8]
-    assert resumed[0]["learning_rate"] == pytest.approx(reports[-1][0]["learning_rate"])
+    assert [m["steps"] for m in resumed] == [8]
+    assert resumed[0]["scheduled_lr"] == pytest.approx(reports[-1][0]["scheduled_lr"])
     assert resumed[0]["val_loss"] == pytest.approx(reports[-1][0]["val_loss"], rel=1e-3)  # GPU kernels: not bitwise
 
 
