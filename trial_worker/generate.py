@@ -125,7 +125,7 @@ def compare(job: JobConfig, adapter_dir: str | os.PathLike, out_dir: str | os.Pa
                 base = trial.evaluate()
             load_adapter_weights(model, adapter_dir)
             tuned = trial.evaluate()
-            rows = []
+            rows: list[dict[str, Any]] = []
             for i, row in enumerate(trial.val_rows.select(range(min(num_prompts, len(trial.val_rows))))):
                 prompt, reference = _prompt_text(row)
                 with model.disable_adapter():
