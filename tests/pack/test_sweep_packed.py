@@ -15,7 +15,7 @@ import optuna
 from sweep_helpers import LiveCli, small_spec, sweep_env
 from trial_worker.config import REPORT_KEYS
 
-RUNGS = (4, 8)
+RUNGS = (4, 8, 16, 32)  # long enough after the first rung that the kill lands mid-training
 
 
 def pack_processes(sweep_home: str) -> list:
