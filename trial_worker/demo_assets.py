@@ -334,8 +334,9 @@ def prepare_assets(job: JobConfig, base_dir: str | os.PathLike = ".") -> JobConf
     Relative paths are taken relative to `base_dir` (the spec's folder), by `JobConfig.resolved`.
     Idempotent and safe when several processes call it at once.
     """
-# The writers behind `model.generate` / `data.generate` (the spec's allowed values).
-MODEL_WRITERS: dict[str, Callable[[Path], object]] = {"tiny-llama": write_tiny_llama, "smollm2-135m": write_smollm2}
-DATA_WRITERS: dict[str, Callable[[Path], object]] = {"arithmetic": write_task_data, "dates": write_date_data}
-
-
+    job = job.resolved(base_dir)
+    if job.model.generate:
+        _write_atomically(Path(job.model.name_or_path), MODEL_WRITERS[job.model.generate])
+    if job.data.generate:
+        _write_atomically(Path(job.data.path), DATA_WRITERS[job.data.generate])
+    return job
