@@ -192,7 +192,7 @@ _SECTION_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     ("tracking",): TrackingConfig,
     ("tracking", "wandb"): WandbConfig,
 }
-_PARAM_MODELS = {"choice": Choice, "uniform": Uniform, "loguniform": LogUniform, "int": IntRange}
+_PARAM_MODELS: dict[str, type[BaseModel]] = {"choice": Choice, "uniform": Uniform, "loguniform": LogUniform, "int": IntRange}
 
 
 def _allowed_keys(loc: tuple) -> Optional[list[str]]:
