@@ -438,9 +438,9 @@ class PackEngine:
         from trial_worker.execution import peak_memory_gb
 
         metrics = {
-            "step": step, "samples": step * eff,
+            "steps": step, "samples": step * eff,
             "rung": max(i for i, s in enumerate(t.rung_steps) if s == step),
-            "val_loss": val["val_loss"], "ppl": val["ppl"], "train_loss": train_loss, "learning_rate": t.last_lr,
+            "val_loss": val["val_loss"], "ppl": val["ppl"], "train_loss": train_loss, "scheduled_lr": t.last_lr,
             "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
             "samples_per_s": (step - t.start_step) * eff / t.train_s if t.train_s > 0 else 0.0,
             "peak_mem_gb": peak_memory_gb(), "wall_s": wall_s, "train_s": train_s,
