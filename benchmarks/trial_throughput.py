@@ -1,18 +1,22 @@
-"""Trial throughput: the seed stack vs sweep's trial worker, same model, same data, same run.
+"""Trial throughput: the seed stack vs sweep's trial worker, same model, same rows, same run.
 
-    python benchmarks/trial_throughput.py                 # on a CUDA GPU (the device tool)
-    python benchmarks/trial_throughput.py --steps 4 --tiny   # a smoke run on the CPU
+    python benchmarks/trial_throughput.py                                  # on a CUDA GPU (the device tool)
+    python benchmarks/trial_throughput.py --tiny --steps 2 --warmup 1      # a smoke run on the CPU
 
 (a) seed stack: transformers `Trainer` + PEFT + bitsandbytes, micro-batch 4, gradient
-    checkpointing, full logits — the set-up the seeds used, as ../shared/DESIGN.md measured it.
+    checkpointing, full logits, right-padded micro-batches — the set-up the seeds used, as
+    ../shared/DESIGN.md measured it.
 (b) sweep: `trial_worker.recipe.QLoRATrial` with the same hyperparameters (effective batch =
     4 x accumulation), executing it as its memory probe decides (micro-batch, checkpointing),
-    TRL's chunked LM-head loss, Liger kernels where installed.
+    padding-free bucketed micro-batches, TRL's chunked LM-head loss, Liger kernels where installed.
 
 Model: Llama-3.2-1B shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192,
 vocab 128256, tied embeddings), random weights, NF4 + double quant, bf16 compute, LoRA r16
-alpha16 on the 7 linear projections. Data: the same 1024-token rows for both sides.
-Each (side, effective batch) runs in its own process so peak memory is its own.
+alpha16 on the 7 linear projections. Rows, the same for both sides, in two length distributions:
+`fixed` (every row 1,024 tokens) and `lognormal` (realistic chat rows: mean ~450 tokens,
+5th-95th percentile ~175-910, capped at 1,024). Tokens/s counts real tokens (what the collator
+received), never padding. Each side runs in its own process, every (distribution, effective
+batch) in turn, memory freed and the peak reset between them.
 Writes benchmarks/results/trial_throughput.json.
 """
 
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
+import math
 import os
 import platform
 import random
@@ -42,14 +48,30 @@ LR = 2e-4
 SEED = 1234
 
 
+LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA = 400.0, 0.5  # mean ~450, p5-p95 ~175-910 tokens
+DISTRIBUTIONS = ("fixed", "lognormal")
+
+
+def row_lengths(dist: str, n: int, seq: int, rng: random.Random) -> list[int]:
+    """Token lengths of `n` rows: all `seq` (fixed), or lognormal like real chat rows, capped at `seq`."""
+    if dist == "fixed":
+        return [seq] * n
+    scale = seq / 1024  # the tiny smoke run keeps the shape of the distribution
+    return [max(16, min(seq, round(rng.lognormvariate(math.log(LOGNORMAL_MEDIAN * scale), LOGNORMAL_SIGMA))))
+            for _ in range(n)]
+
+
 def build_assets(work: Path, *, tiny: bool, seq: int, rows: int) -> dict:
-    """Model folder (random weights, bf16 safetensors), tokenizer, and a JSONL of `text` rows of exactly `seq` tokens."""
+    """Model folder (random weights, bf16 safetensors) with its tokenizer, and one folder of `text` rows
+    (train.jsonl, validation.jsonl) per length distribution."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from trial_worker.demo_assets import build_tokenizer
 
-    model_dir, data_dir = work / "model", work / "data"
+    model_dir = work / "model"
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
     if not (model_dir / "config.json").exists():
         torch.manual_seed(0)
         cfg = LlamaConfig(**(TINY if tiny else LLAMA32_1B), torch_dtype="bfloat16")
@@ -57,52 +79,79 @@ def build_assets(work: Path, *, tiny: bool, seq: int, rows: int) -> dict:
             model = LlamaForCausalLM(cfg).to(torch.bfloat16)
         model.save_pretrained(model_dir)
         del model
-        rng = random.Random(0)
-        words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
         tok = build_tokenizer([" ".join(rng.choices(words, k=200)) for _ in range(200)], vocab_size=1000)
         tok.save_pretrained(model_dir)
-    if not (data_dir / "train.jsonl").exists():
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assets = {"model": str(model_dir)}
+    for dist in DISTRIBUTIONS:
+        data_dir = work / f"data-{dist}"
+        assets[dist] = str(data_dir)
+        if (data_dir / "train.jsonl").exists():
+            continue
         rng = random.Random(1)
-        words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
         data_dir.mkdir(parents=True, exist_ok=True)
         for split, n in (("train", rows), ("validation", 16)):
             with open(data_dir / f"{split}.jsonl", "w") as f:
-                for _ in range(n):
-                    text = " ".join(rng.choices(words, k=seq))  # ~2+ tokens a word: longer than seq, truncated
-                    ids = tok(text, add_special_tokens=False)["input_ids"][: seq - 2]
+                for length in row_lengths(dist, n, seq, rng):
+                    text = " ".join(rng.choices(words, k=length))  # ~2+ tokens a word: longer than needed, cut
+                    ids = tok(text, add_special_tokens=False)["input_ids"][: length - 2]
                     f.write(json.dumps({"text": tok.decode(ids)}) + "\n")
-    return {"model": str(model_dir), "data": str(data_dir)}
+    return assets
 
 
-def _timer_callback(warmup: int):
+class TokenCount:
+    """Wraps a data collator and counts the real tokens it hands out (padding excluded)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+        self.tokens = 0
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        self.tokens += int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
+        return batch
+
+
+def _timer_callback(warmup: int, counter: TokenCount, stop_at: int = 0):
     import torch
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
-        """Steady-state time of the steps after `warmup`, with the GPU synchronised at both ends."""
+        """Steady-state time and real tokens of the steps after `warmup`, the GPU synchronised at both ends.
+
+        The collator has run for a step's micro-batches by its `on_step_end` (the dataloader may fetch
+        one micro-batch ahead: the same lead at both ends), so counter differences are the timed steps' tokens.
+        """
 
         def __init__(self):
-            self.t0 = None
-            self.t1 = None
+            self.t0 = self.t1 = None
+            self.tok0 = self.tok1 = 0
             self.steps = 0
+            self.step_s: list[float] = []
+            self._t = None
 
         def _sync(self):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
 
         def on_step_begin(self, args, state, control, **kw):
+            self._sync()
+            self._t = time.perf_counter()
             if state.global_step == warmup and self.t0 is None:
-                self._sync()
-                self.t0 = time.perf_counter()
+                self.t0 = self._t
 
         def on_step_end(self, args, state, control, **kw):
-            if self.t0 is not None:
-                self._sync()
-                self.t1 = time.perf_counter()
+            self._sync()
+            now = time.perf_counter()
+            self.step_s.append(round(now - self._t, 4))
+            if state.global_step == warmup:
+                self.tok0 = counter.tokens
+            if self.t0 is not None and state.global_step > warmup:
+                self.t1 = now
+                self.tok1 = counter.tokens
                 self.steps = state.global_step - warmup
+            if stop_at and state.global_step >= stop_at:
+                control.should_training_stop = True  # before the worker's rung: no evaluation or checkpoint to wait for
 
     return Timer()
 
@@ -113,8 +162,25 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def run_seed(assets: dict, eff: int, steps: int, warmup: int, seq: int) -> dict:
-    """The seed stack: Trainer + PEFT + bnb, micro-batch 4 (or eff if smaller), gradient checkpointing."""
+def _fresh() -> None:
+    """Free the previous run and start the peak-memory count afresh."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _result(timer, trainer, execution: dict) -> dict:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tokens = timer.tok1 - timer.tok0
+    return {"tokens_per_s": tokens / (timer.t1 - timer.t0), "real_tokens_timed": tokens, "steps_timed": timer.steps,
+            "step_s": timer.step_s, "peak_gib": _peak_gib(), "losses": losses, "execution": execution}
+
+
+def run_seed(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: int) -> dict:
+    """The seed stack: Trainer + PEFT + bnb, micro-batch 4 (or eff if smaller), gradient checkpointing, padded."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -132,7 +198,7 @@ def run_seed(assets: dict, eff: int, steps: int, warmup: int, seq: int) -> dict:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
-    ds = load_dataset("json", data_files=str(Path(assets["data"]) / "train.jsonl"), split="train")
+    ds = load_dataset("json", data_files=str(Path(assets[dist]) / "train.jsonl"), split="train")
     ds = ds.map(lambda r: tok(r["text"], truncation=True, max_length=seq), remove_columns=["text"])
     mb = min(4, eff)
     args = TrainingArguments(
@@ -141,26 +207,16 @@ def run_seed(assets: dict, eff: int, steps: int, warmup: int, seq: int) -> dict:
         lr_scheduler_type="constant", optim="adamw_8bit" if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
         logging_steps=1, save_strategy="no", report_to="none", seed=SEED, disable_tqdm=True,
     )
-    timer = _timer_callback(warmup)
-    trainer = Trainer(model=model, args=args, train_dataset=ds,
-                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[timer])
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    counter = TokenCount(DataCollatorForLanguageModeling(tok, mlm=False))
+    timer = _timer_callback(warmup, counter)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counter, callbacks=[timer])
+    _fresh()
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tokens = timer.steps * eff * seq
-    return {"tokens_per_s": tokens / (timer.t1 - timer.t0), "peak_gib": _peak_gib(), "losses": losses,
-            "execution": {"micro_batch": mb, "accumulation": eff // mb, "gradient_checkpointing": True},
-            "padding_fraction": _padding_fraction(ds, mb, seq)}
+    return _result(timer, trainer, {"micro_batch": mb, "accumulation": eff // mb, "gradient_checkpointing": True,
+                                    "batches": "right-padded"})
 
 
-def _padding_fraction(ds, mb: int, seq: int) -> float:
-    lens = [len(x) for x in ds["input_ids"]]
-    padded = sum(max(lens[i:i + mb]) * len(lens[i:i + mb]) for i in range(0, len(lens), mb))
-    return 1 - sum(lens) / padded if padded else 0.0
-
-
-def run_sweep(assets: dict, eff: int, steps: int, warmup: int, seq: int) -> dict:
+def run_sweep(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: int) -> dict:
     """sweep's trial worker on the same job, executing the effective batch as it chooses."""
     import tempfile
 
@@ -176,29 +232,27 @@ def run_sweep(assets: dict, eff: int, steps: int, warmup: int, seq: int) -> dict
         "model": {"name_or_path": assets["model"],
                   "quantization": {"bnb_4bit_compute_dtype": "bfloat16" if cuda else "float32"},
                   "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": LORA_TARGETS}},
-        "data": {"path": assets["data"], "format": "text", "max_seq_length": seq, "validation_split": "validation"},
+        "data": {"path": assets[dist], "format": "text", "max_seq_length": seq, "validation_split": "validation"},
         "training": {"learning_rate": LR, "lr_scheduler_type": "constant", "per_device_train_batch_size": mb,
                      "gradient_accumulation_steps": eff // mb, "gradient_checkpointing": True, "bf16": cuda,
                      "optim": "adamw_8bit" if cuda else "adamw_torch", "logging_steps": 1, "seed": SEED,
                      "torch_compile": os.environ.get("SWEEP_BENCH_COMPILE") == "1"},
-        "budget": {"min": warmup + steps, "max": warmup + steps},
+        "budget": {"min": warmup + steps + 1, "max": warmup + steps + 1},  # the same constant LR
     })
     trial = QLoRATrial(job, output_dir=tempfile.mkdtemp(prefix="sweep-bench-")).setup()
-    timer = _timer_callback(warmup)
+    counter = TokenCount(trial.trainer.data_collator)
+    trial.trainer.data_collator = counter
+    timer = _timer_callback(warmup, counter, stop_at=warmup + steps)
     trial.trainer.add_callback(timer)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    _fresh()
     trial.train()
-    losses = [h["loss"] for h in trial.trainer.state.log_history if "loss" in h]
-    ds = trial.trainer.train_dataset
-    lens = [len(x) for x in ds["input_ids"]]
-    tokens = timer.steps * eff * seq  # every row is exactly `seq` tokens (row_tokens below shows it)
     ex = trial.execution
-    return {"tokens_per_s": tokens / (timer.t1 - timer.t0), "peak_gib": _peak_gib(), "losses": losses,
-            "execution": {"micro_batch": ex.micro_batch, "accumulation": ex.accumulation,
-                          "gradient_checkpointing": ex.gradient_checkpointing, "source": ex.source,
-                          "liger": bool(trial.trainer.args.use_liger_kernel)},
-            "padding_fraction": _padding_fraction(ds, ex.micro_batch, seq), "row_tokens": sorted(set(lens))[:3]}
+    out = _result(timer, trial.trainer, {"micro_batch": ex.micro_batch, "accumulation": ex.accumulation,
+                                         "gradient_checkpointing": ex.gradient_checkpointing, "source": ex.source,
+                                         "liger": bool(trial.trainer.args.use_liger_kernel),
+                                         "batches": type(counter.collate).__name__})
+    trial.cleanup()
+    return out
 
 
 def versions() -> dict:
@@ -214,24 +268,33 @@ def versions() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=12, help="timed optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--batches", default="8,32", help="effective batch sizes")
+    ap.add_argument("--batches", default="2,4,8,32", help="effective batch sizes")
+    ap.add_argument("--dists", default=",".join(DISTRIBUTIONS), help="row-length distributions")
     ap.add_argument("--sides", default="seed,sweep")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
     ap.add_argument("--work", default="/tmp/sweep-bench")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "trial_throughput.json"))
-    ap.add_argument("--one", nargs=2, metavar=("SIDE", "EFF"), help=argparse.SUPPRESS)
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # one side's runs, in a child process
     a = ap.parse_args()
     work = Path(a.work + ("-tiny" if a.tiny else ""))
     batches = [int(x) for x in a.batches.split(",")]
-    if a.one:
-        side, eff = a.one[0], int(a.one[1])
-        assets = {"model": str(work / "model"), "data": str(work / "data")}
-        fn = run_seed if side == "seed" else run_sweep
-        res = fn(assets, eff, a.steps, a.warmup, a.seq)
-        print("RESULT " + json.dumps(res))
+    dists = a.dists.split(",")
+    if a.side:
+        assets = {"model": str(work / "model"), **{d: str(work / f"data-{d}") for d in DISTRIBUTIONS}}
+        fn = run_seed if a.side == "seed" else run_sweep
+        for dist in dists:
+            for eff in batches:
+                try:
+                    res = fn(assets, dist, eff, a.steps, a.warmup, a.seq)
+                except Exception as e:  # one run's failure (say, memory) must not lose the others
+                    import traceback
+
+                    res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+                print("RESULT " + json.dumps({"dist": dist, "eff": eff, **res}), flush=True)
+                _fresh()
         return
 
     import torch
@@ -247,33 +310,37 @@ def main() -> None:
         "versions": versions(),
         "model": "Llama-3.2-1B shape, random weights" if not a.tiny else "tiny Llama (smoke)",
         "setup": {"seq": a.seq, "steps_timed": a.steps, "warmup_steps": a.warmup, "lr": LR, "lora": "r16 a16 7 proj",
-                  "quant": "NF4 + double quant, bf16 compute", "optim": "adamw_8bit"},
-        "runs": {},
+                  "quant": "NF4 + double quant, bf16 compute", "optim": "adamw_8bit",
+                  "rows": {"fixed": f"{a.seq} tokens", "lognormal": f"median {LOGNORMAL_MEDIAN:g} sigma {LOGNORMAL_SIGMA:g}, "
+                                                                  f"16..{a.seq} tokens"}},
+        "runs": {d: {} for d in dists},
     }
-    for eff in batches:
-        entry = {}
-        for side in a.sides.split(","):
-            cmd = [sys.executable, __file__, "--one", side, str(eff), "--steps", str(a.steps), "--warmup", str(a.warmup),
-                   "--seq", str(a.seq), "--work", a.work] + (["--tiny"] if a.tiny else [])
-            t = time.time()
-            p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if p.returncode != 0 or not line:
-                entry[side] = {"error": (p.stderr or p.stdout)[-3000:]}
-                print(f"eff {eff} {side}: FAILED\n{p.stderr[-3000:]}", flush=True)
+    for side in a.sides.split(","):
+        cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--warmup", str(a.warmup),
+               "--seq", str(a.seq), "--work", a.work, "--batches", a.batches, "--dists", a.dists] + (["--tiny"] if a.tiny else [])
+        t = time.time()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        for line in p.stdout:
+            if not line.startswith("RESULT "):
                 continue
-            res = json.loads(line[-1][len("RESULT "):])
-            res["wall_s"] = round(time.time() - t, 1)
-            entry[side] = res
-            print(f"eff {eff:>3} {side:>5}: {res['tokens_per_s']:>9.0f} tokens/s  peak {res['peak_gib']:.1f} GiB  "
-                  f"loss@{len(res['losses'])} {res['losses'][-1]:.4f}  {res['execution']}", flush=True)
-        if "tokens_per_s" in entry.get("seed", {}) and "tokens_per_s" in entry.get("sweep", {}):
-            s, w = entry["seed"], entry["sweep"]
-            entry["speedup"] = round(w["tokens_per_s"] / s["tokens_per_s"], 3)
-            entry["final_loss_rel_diff"] = round(abs(w["losses"][-1] - s["losses"][-1]) / s["losses"][-1], 5)
-            print(f"eff {eff:>3} speed-up x{entry['speedup']:.2f}, final loss differs by {100 * entry['final_loss_rel_diff']:.2f}%",
-                  flush=True)
-        results["runs"][str(eff)] = entry
+            res = json.loads(line[len("RESULT "):])
+            dist, eff = res.pop("dist"), str(res.pop("eff"))
+            results["runs"][dist].setdefault(eff, {})[side] = res
+            if "error" in res:
+                print(f"{dist:>9} eff {eff:>3} {side:>5}: FAILED {res['error']}", flush=True)
+            else:
+                print(f"{dist:>9} eff {eff:>3} {side:>5}: {res['tokens_per_s']:>9.0f} tokens/s  peak {res['peak_gib']:.1f} GiB  "
+                      f"loss@{len(res['losses'])} {res['losses'][-1]:.4f}  {res['execution']}", flush=True)
+        p.wait()
+        print(f"{side}: {time.time() - t:.0f}s, exit {p.returncode}", flush=True)
+    for dist, runs in results["runs"].items():
+        for eff, entry in runs.items():
+            s, w = entry.get("seed", {}), entry.get("sweep", {})
+            if "tokens_per_s" in s and "tokens_per_s" in w:
+                entry["speedup"] = round(w["tokens_per_s"] / s["tokens_per_s"], 3)
+                entry["final_loss_rel_diff"] = round(abs(w["losses"][-1] - s["losses"][-1]) / s["losses"][-1], 5)
+                print(f"{dist:>9} eff {eff:>3}: x{entry['speedup']:.2f}, final loss differs by "
+                      f"{100 * entry['final_loss_rel_diff']:.2f}%", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -14,6 +14,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: typer's rich panels show a flag such as --json as `--json <bool>`, as if it took a value.
+    rich_markup_mode=None,
 )
 
 # `sweep run`/`resume` exit status when the study database failed mid-sweep (sysexits' EX_TEMPFAIL: try again later).
@@ -29,6 +31,24 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"sweep {version('sweep')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("sweep (not installed: no version)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """Hyperparameter search for QLoRA fine-tuning: YAML spec -> Ray Tune ASHA -> Optuna study -> export."""
+
+
 def _load(path: Path):
     from sweep.spec import SpecError, load_spec
 
@@ -39,18 +59,26 @@ def _load(path: Path):
 
 
 @app.command()
-def validate(spec: list[Path] = typer.Argument(..., help="spec YAML file(s)")) -> None:
-    """Check spec files without running anything; report every problem at once."""
+def validate(
+    spec: list[Path] = typer.Argument(..., help="spec YAML file(s)"),
+    no_data_check: bool = typer.Option(False, "--no-data-check",
+                                       help="check the spec only, not the local data and model it points at"),
+) -> None:
+    """Check spec files without running anything (and the local data and model they name); report every problem at once."""
+    from sweep.preflight import preflight
     from sweep.spec import SpecError, load_spec
 
     bad = 0
     for path in spec:
         try:
             s = load_spec(path)
+            notes = [] if no_data_check else preflight(s, path, prepare=False, local_only=True)
         except SpecError as e:
             typer.echo(str(e), err=True)
             bad += 1
             continue
+        for note in notes:
+            typer.echo(note, err=True)
         kind = f"{s.num_trials} trials ({s.search.sampler})" if s.search else "training config (no search)"
         unit = s.budget.unit
         typer.echo(f"{path}: ok — {s.name}: {kind}, rungs {' -> '.join(map(str, s.budget.rungs))} {unit}")
@@ -70,7 +98,39 @@ def run(
     s = _load(spec)
     if s.search is None:
         _fail(f"{spec}: has no `search` section; to train this config once use `sweep train {spec}`")
+    _before_start(s, spec, name, storage)
     _sweep("run", s, spec_path=spec, study_name=name, storage=storage, address=address, num_trials=num_trials)
+
+
+def _before_start(s, spec_path: Path, name: Optional[str], storage: Optional[str]) -> None:
+    """What `sweep run`/`resume` do before anything is created: the preflight check (`sweep.preflight`; problems
+    end the command with exit 2, warnings are printed), and a note when the study's name is registered elsewhere."""
+    from sweep.preflight import PreflightError, preflight
+    from sweep.spec import default_storage
+
+    url = storage or s.storage or default_storage(s, spec_path)
+    try:
+        notes = preflight(s, spec_path, storage_url=url, storage_field="--storage" if storage else "storage")
+    except PreflightError as e:
+        _fail(str(e))
+    for note in notes:
+        typer.echo(note, err=True)
+    _say_if_moved(name or s.name, url)
+
+
+def _say_if_moved(study_name: str, storage_url: str) -> None:
+    """A study name the registry knows in another storage: say that `sweep status NAME` will now read this one.
+
+    The registry keeps one storage per name (the latest run's); the other study stays in its database,
+    readable with --storage.
+    """
+    from sweep.record import registered_studies, url_without_password
+
+    before, now = registered_studies().get(study_name), url_without_password(storage_url)
+    if before is not None and before != now:
+        typer.echo(f"sweep: note: study {study_name!r} is registered in {before}, and this run uses {now}: once it "
+                   f"starts, `sweep status {study_name}` reads {now} (the other stays: `sweep status {study_name} "
+                   f"--storage {before}`)", err=True)
 
 
 def _sweep(command: str, spec, **kwargs) -> None:
@@ -103,6 +163,7 @@ def resume(
     s = _load(spec)
     if s.search is None:
         _fail(f"{spec}: has no `search` section; nothing to resume")
+    _before_start(s, spec, name, storage)
     _sweep("resume", s, spec_path=spec, study_name=name, storage=storage, address=address, resume=True)
 
 
@@ -121,13 +182,19 @@ def status(
         typer.echo(to_json(rows, st))
     else:
         render(rows, st)
+    from sweep.resume import stale_running_note
+
+    note = stale_running_note(st)
+    if note:
+        typer.echo(f"sweep status: {note}", err=True)
 
 
 @app.command()
 def export(
     study: str = typer.Argument(..., help="study name or spec file"),
     out: str = typer.Option("best.yaml", "-o", "--out",
-                            help="the training config YAML to write; a folder (OUT/) gets TRL/PEFT/bitsandbytes/Axolotl formats too"),
+                            help="the training config to write (.yaml/.yml); a folder (any path without a suffix) gets "
+                                 "TRL/PEFT/bitsandbytes/Axolotl formats too"),
     storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
     steps: Optional[int] = typer.Option(None, "--steps", help="production length in optimizer steps (schedule re-derived)"),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="production length in passes over the train split"),
@@ -207,6 +274,25 @@ def evaluate(
     typer.echo(f"base:  val_loss {b['val_loss']:.4f}  ppl {b['ppl']:.3f}  exact {b['exact']:.2f}  F1 {b['f1']:.2f}")
     typer.echo(f"tuned: val_loss {t['val_loss']:.4f}  ppl {t['ppl']:.3f}  exact {t['exact']:.2f}  F1 {t['f1']:.2f}")
     typer.echo(f"wrote {out / 'evaluation.md'} and {out / 'evaluation.csv'}")
+
+
+@app.command("export-gguf")
+def export_gguf(
+    run: Path = typer.Argument(..., help="a `sweep train` output folder (its merged/ model; merged now if missing) or a model folder"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="the .gguf file to write (default: RUN/<RUN name>.gguf)"),
+    out_type: str = typer.Option("auto", "--type", help="auto (the checkpoint's own dtype) | f16 | bf16 | f32 | q8_0"),
+) -> None:
+    """Write a merged Llama model as one GGUF file (llama.cpp, Ollama); it loads back in transformers too."""
+    from trial_worker.entry import GGUFExportError, export_run_gguf
+
+    if not run.exists():
+        _fail(f"sweep export-gguf: {run} does not exist")
+    try:
+        export_run_gguf(run, out, out_type=out_type, log=typer.echo)
+    except GGUFExportError as e:
+        _fail(f"sweep export-gguf: {e}")
+    except ImportError as e:
+        _fail(f"sweep export-gguf: {e}; install it with: pip install 'sweep[smollm2]' (or pip install gguf)")
 
 
 @app.command()

@@ -69,25 +69,21 @@ def training_config(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dic
             f"study {study.study_name!r} has no recorded spec (user attr 'spec'); "
             "only studies created by `sweep run` can be exported"
         )
-    out = copy.deepcopy(spec)
-    for key in _DROP:
-        out.pop(key, None)
-    job_part = {k: out[k] for k in JobConfig.model_fields if k in out}
+    config = {k: copy.deepcopy(v) for k, v in spec.items() if k not in _DROP}
     try:
-        job = apply_params(JobConfig.model_validate(job_part), dict(trial.params))
+        job = apply_params(JobConfig.of(config), dict(trial.params)).at_top_rung()
     except (KeyError, ValueError) as e:
         raise ExportError(f"trial {trial.number}'s params do not fit the recorded spec: {e}") from None
-    job_dict = job.model_dump(mode="json")
-    top = job.budget.rungs[-1]
-    job_dict["budget"]["min"] = top
-    job_dict["budget"]["max"] = top
-    out.update(job_dict)
-    # Keep the spec's section order: name, model, data, training, budget, then the rest.
-    order = [k for k in JobConfig.model_fields if k in out] + [k for k in out if k not in JobConfig.model_fields]
-    return {k: out[k] for k in order}
+    return with_job(config, job)
 
 
-def production_steps(config: dict, *, steps: Optional[int] = None, epochs: Optional[float] = None) -> Optional[int]:
+def with_job(config: dict, job: JobConfig) -> dict:
+    """`config` with its job sections replaced by `job`'s; the spec's order: name, model, data, training,
+    budget, then the rest."""
+    return {**job.model_dump(mode="json"), **{k: v for k, v in config.items() if k not in JobConfig.model_fields}}
+
+
+def production_steps(job: JobConfig, *, steps: Optional[int] = None, epochs: Optional[float] = None) -> Optional[int]:
     """Optimizer steps of the production run: `steps`, or `epochs` passes over the train split at the effective batch."""
     if steps is not None and epochs is not None:
         raise ExportError("give --steps or --epochs, not both")
@@ -99,7 +95,6 @@ def production_steps(config: dict, *, steps: Optional[int] = None, epochs: Optio
         return None
     if not epochs > 0:
         raise ExportError(f"--epochs is {epochs}, but must be > 0")
-    job = JobConfig.model_validate({k: config[k] for k in JobConfig.model_fields if k in config})
     from trial_worker.entry import load_splits  # datasets: only for --epochs
 
     try:
@@ -107,15 +102,6 @@ def production_steps(config: dict, *, steps: Optional[int] = None, epochs: Optio
     except (OSError, ValueError) as e:
         raise ExportError(f"--epochs needs the training data to count its rows: {e}") from None
     return max(1, math.ceil(epochs * len(train) / job.training.effective_batch_size))
-
-
-def reschedule(config: dict, steps: Optional[int]) -> dict:
-    """The config with its run length set to `steps` optimizer steps (budget in steps, one rung)."""
-    if steps is None:
-        return config
-    out = copy.deepcopy(config)
-    out["budget"] = {**out["budget"], "unit": "steps", "min": steps, "max": steps}
-    return out
 
 
 def _header(study: optuna.Study, trial: optuna.trial.FrozenTrial, out_path: Path) -> str:
@@ -140,54 +126,67 @@ def _header(study: optuna.Study, trial: optuna.trial.FrozenTrial, out_path: Path
     return "\n".join(lines) + "\n"
 
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
 def is_folder_target(out: Union[str, os.PathLike]) -> bool:
-    """`-o OUT/` (a trailing slash, or an existing folder) asks for every format; a file path, for the YAML only."""
+    """`-o best.yaml` (a .yaml/.yml file) asks for the training config only; any other path (`-o export`,
+    `-o export/`, an existing folder) for a folder of every format. Another suffix (`-o best.json`) is refused:
+    the config is YAML, and a folder named like a file would surprise."""
     s = str(out)
-    return s.endswith(("/", os.sep)) or Path(s).is_dir()
+    if s.endswith(("/", os.sep)) or Path(s).is_dir():
+        return True
+    suffix = Path(s).suffix.lower()
+    if suffix in YAML_SUFFIXES:
+        return False
+    if suffix:
+        raise ExportError(f"-o {s}: the training config is YAML: give a file ending in .yaml or .yml, or a folder "
+                          "(no suffix) for it and every other format")
+    return True
 
 
 def export_best(study: optuna.Study, out_path: Union[str, os.PathLike], *, steps: Optional[int] = None,
                 epochs: Optional[float] = None) -> str:
     """Write the best COMPLETE trial of `study` as a training config YAML (or, to a folder, every
     format); return a one-line summary."""
-    if is_folder_target(out_path):
-        return _export_folder(study, Path(out_path), steps=steps, epochs=epochs)
-    out_path = Path(out_path)
+    folder = Path(out_path) if is_folder_target(out_path) else None
+    target = folder / TRAIN_CONFIG if folder else Path(out_path)
     trial = best_complete_trial(study)
     config = training_config(study, trial)
-    n = production_steps(config, steps=steps, epochs=epochs)
-    config = reschedule(config, n)
-    text = _header(study, trial, out_path) + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    n = production_steps(JobConfig.of(config), steps=steps, epochs=epochs)
+    if n is not None:
+        config = with_job(config, JobConfig.of(config).for_steps(n))
+    text = _header(study, trial, target) + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
     # The file must load as a spec exactly as `sweep validate` / `sweep train` will load it.
     from sweep.spec import SpecError, parse_spec
 
     try:
-        parsed = parse_spec(text, str(out_path))
+        spec = parse_spec(text, str(target))
     except SpecError as e:
         raise ExportError(f"the exported config does not validate (the recorded spec may be from an older sweep):\n{e}") from None
-    if parsed.search is not None:
+    if spec.search is not None:
         raise ExportError("internal: the exported config still has a search section")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     tmp.write_text(text)
-    os.replace(tmp, out_path)
-    return f"trial {trial.number}, val_loss {trial.value:.4f}" + (f", {n} steps" if n is not None else "")
+    os.replace(tmp, target)
+    info = f"trial {trial.number}, val_loss {trial.value:.4f}" + (f", {n} steps" if n is not None else "")
+    if folder is not None:
+        info += _write_formats(study, trial, folder, spec.job())
+    return info
 
 
 TRAIN_CONFIG = "train.yaml"
 
 
-def _export_folder(study: optuna.Study, folder: Path, *, steps: Optional[int], epochs: Optional[float]) -> str:
+def _write_formats(study: optuna.Study, trial: optuna.trial.FrozenTrial, folder: Path, job: JobConfig) -> str:
+    """The job in TRL/PEFT/bitsandbytes/Axolotl terms, and EXPORT.md, beside `train.yaml` in `folder`."""
     import json
 
     from trial_worker.entry import export_formats
 
-    info = export_best(study, folder / TRAIN_CONFIG, steps=steps, epochs=epochs)
-    trial = best_complete_trial(study)
-    config = yaml.safe_load((folder / TRAIN_CONFIG).read_text())
-    job = JobConfig.model_validate({k: config[k] for k in JobConfig.model_fields if k in config})
     formats = export_formats(job)
     header = _header(study, trial, folder / TRAIN_CONFIG)
     for name, data in formats.items():
@@ -212,4 +211,4 @@ def _export_folder(study: optuna.Study, folder: Path, *, steps: Optional[int], e
            if formats["bnb_config.json"] is not None else "")
         + "| `axolotl.yaml` | an Axolotl-style config of the same job |\n"
     )
-    return info + f"; wrote {', '.join(n for n, d in formats.items() if d is not None)}, EXPORT.md"
+    return f"; wrote {', '.join(n for n, d in formats.items() if d is not None)}, EXPORT.md"

@@ -13,9 +13,9 @@ Study user attrs written here:
 
 Trial user attrs (written by `sweep.search.StudySearch`, read by the leaderboard/export):
   ray_trial_id                       Tune's id of the trial (set when the trial is asked)
-  rung_<budget>                      {val_loss, ppl, train_loss, learning_rate, tokens_per_s,
-                                      samples_per_s, peak_mem_gb, wall_s, train_s, step, samples}
-                                      at each rung, keyed by the budget value (rung_10, rung_20, ...)
+  rung_<budget>                      the rung's report (`trial_worker.config.REPORT_KEYS` but `rung`:
+                                      val_loss, ppl, steps, samples, scheduled_lr, ...), keyed by the
+                                      budget value (rung_10, rung_20, ...)
   rung_reached                       rungs reached, 1-based (0: no report)
   budget_reached                     budget value of the last report (steps or samples)
   budget_unit                        "steps" or "samples"
@@ -196,38 +196,29 @@ def set_trial_user_attr_any_state(storage: optuna.storages.BaseStorage, trial_id
 
     Optuna refuses to change a finished trial, but Ray tells the searcher that a trial
     failed *before* its error callbacks run, so the error text arrives after the trial
-    is already FAIL. This writes the attribute row directly (RDB storages only).
+    is already FAIL. RDB storages only (see `sweep._compat.optuna`).
     """
-    from optuna.storages._cached_storage import _CachedStorage
+    from sweep._compat.optuna import set_user_attr_of_finished_trial
 
-    if isinstance(storage, _CachedStorage):
-        storage = storage._backend
-    if not isinstance(storage, optuna.storages.RDBStorage):
-        raise TypeError(f"annotating a finished trial needs an RDBStorage, got {type(storage).__name__}")
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(storage.scoped_session, True) as session:
-        trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
-        attr = models.TrialUserAttributeModel.find_by_trial_and_key(trial, key, session)
-        if attr is None:
-            session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value)))
-        else:
-            attr.value_json = json.dumps(value)
+    set_user_attr_of_finished_trial(storage, trial_id, key, value)
 
 
-def fail_running_trials(study: optuna.Study, reason: str, *, keep: frozenset[int] = frozenset()) -> list[int]:
-    """Mark the study's RUNNING trials FAIL (numbers in `keep` excepted); return their numbers.
+def fail_running_trials(study: optuna.Study, reason: str, *, keep: frozenset[int] = frozenset(),
+                        only: Optional[set[int]] = None) -> list[int]:
+    """Mark the study's RUNNING trials FAIL with `reason` (user attr `fail_reason`); return their numbers.
 
-    For a fresh (not resumed) run on an existing study: trials a crashed controller left
-    RUNNING would otherwise stay RUNNING forever. Do not call it while another controller
-    works on the same study.
+    `keep`: trial numbers left alone; `only`: if given, the storage trial ids to consider (one
+    controller's own trials, so another controller's running trials are left alone). After a fit
+    nothing may stay RUNNING; do not call it while another controller works on the same trials.
     """
+    from sweep._compat.optuna import study_storage
+    from sweep._compat.optuna import trial_id as storage_id
+
     failed = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.number in keep:
+        if t.number in keep or (only is not None and storage_id(t) not in only):
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        set_trial_user_attr_any_state(study_storage(study), storage_id(t), "fail_reason", reason)
         study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         failed.append(t.number)
     return failed

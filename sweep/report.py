@@ -17,8 +17,10 @@ from typing import Optional
 
 import optuna
 from optuna.trial import TrialState
+from pydantic import ValidationError
 
 from sweep.leaderboard import base_metrics, leaderboard
+from trial_worker.config import BudgetConfig
 
 STATE_COLORS = {"COMPLETE": "#2a9d8f", "PRUNED": "#e9a23b", "FAIL": "#d62828", "RUNNING": "#457b9d", "WAITING": "#999999"}
 
@@ -32,16 +34,12 @@ def _need_plotly():
 
 
 def _rungs(study: optuna.Study) -> list[int]:
-    spec = study.user_attrs.get("spec") or {}
-    b = spec.get("budget") or {}
-    if b.get("min") and b.get("max") and b.get("reduction_factor"):
-        rungs, r = [], int(b["min"])
-        while r < int(b["max"]):
-            rungs.append(r)
-            r *= int(b["reduction_factor"])
-        return rungs + [int(b["max"])]
-    steps = sorted({s for t in study.trials for s in t.intermediate_values})
-    return steps
+    """The rungs of the study's recorded spec (`BudgetConfig.rungs`); else the budget values trials reported at."""
+    budget = (study.user_attrs.get("spec") or {}).get("budget")
+    try:
+        return BudgetConfig.model_validate(budget).rungs
+    except ValidationError:  # no recorded spec (a study not made by `sweep run`), or one from an older sweep
+        return sorted({s for t in study.trials for s in t.intermediate_values})
 
 
 def curves_figure(study: optuna.Study, unit: str):

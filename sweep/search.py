@@ -28,6 +28,9 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from sweep._compat.optuna import cached_frozen, study_storage
+from sweep._compat.optuna import trial_id as storage_id
+from sweep._compat.ray import completed_trials, pop_searcher_trials, searcher_trials, set_searcher_trials
 from sweep.record import FAIL_REASON_MAX_CHARS, finite_or_none, set_trial_user_attr_any_state
 from trial_worker.config import REPORT_KEYS
 
@@ -115,6 +118,8 @@ class StudySearch(OptunaSearch):
         self._last_results: dict[str, dict] = {}   # ray trial id -> last result seen
         self._final_states: dict[str, str] = {}    # ray trial id -> COMPLETE/PRUNED/FAIL
         self._fail_reasons: dict[str, str] = {}
+        self._finished_before: set[str] = set()    # ray trial ids the study had finished when this searcher was restored
+        self._pending: list[int] = []              # storage ids of study trials to hand out again (see `_reconcile`)
         super().__init__(space, metric=metric, mode=mode, sampler=sampler, study_name=study_name, storage=storage)
 
     # ------------------------------------------------------------ retries
@@ -124,6 +129,11 @@ class StudySearch(OptunaSearch):
         for attempt in range(1, self._retries + 1):
             try:
                 return fn()
+            except optuna.exceptions.UpdateFinishedTrialError as e:
+                # The study already holds this trial's end (a resumed sweep meets trials a killed controller had
+                # finished): the study is the record, so the write is dropped, never fatal to the sweep.
+                logger.debug("study %s: %s skipped, the trial has finished: %s", self._study_name, what, e)
+                return None
             except transient as e:
                 if attempt == self._retries:
                     logger.error("study %s: %s failed %d times, giving up: %s", self._study_name, what, attempt,
@@ -139,7 +149,10 @@ class StudySearch(OptunaSearch):
 
     # ------------------------------------------------------------ Searcher API
     def suggest(self, trial_id: str) -> Optional[Dict]:
-        new = trial_id not in self._ot_trials
+        trials = searcher_trials(self)
+        if trial_id not in trials and self._pending:
+            return self._continue_pending(trial_id)
+        new = trial_id not in trials
 
         def ask():
             try:
@@ -149,16 +162,16 @@ class StudySearch(OptunaSearch):
                 raise
 
         config = self._retry("ask", ask)
-        if new and trial_id in self._ot_trials:
-            ot_trial = self._ot_trials[trial_id]
+        if new and trial_id in trials:
+            ot_trial = trials[trial_id]
             self._retry("set ray_trial_id", lambda: ot_trial.set_user_attr("ray_trial_id", trial_id))
         return config
 
     def on_trial_result(self, trial_id: str, result: Dict) -> None:
-        if trial_id in self._completed_trials:
-            logger.warning("Received a result for trial %s after it finished; ignored: %s", trial_id, result)
+        if trial_id in completed_trials(self):
+            logger.debug("Received a result for trial %s after it finished; ignored: %s", trial_id, result)
             return
-        ot_trial = self._ot_trials.get(trial_id)
+        ot_trial = searcher_trials(self).get(trial_id)
         if ot_trial is None:
             logger.error("Received a result for trial %s that this searcher did not suggest; ignored", trial_id)
             return
@@ -170,9 +183,11 @@ class StudySearch(OptunaSearch):
             logger.debug("result of trial %s has no %s/%s; not a rung report", trial_id, self.metric, self._budget_key)
             return
         step = int(budget)
+        if result.get("pack") and ot_trial._cached_frozen_trial.user_attrs.get("pack") != result["pack"]:
+            self._retry("store pack", lambda: ot_trial.set_user_attr("pack", str(result["pack"])))  # trial_worker.pack
         note = result.get("checkpoint_note")
         if note:  # the trial resumed past a checkpoint that failed its hash check: say which and why
-            events = [*ot_trial._cached_frozen_trial.user_attrs.get("checkpoint_events", []),
+            events = [*cached_frozen(ot_trial).user_attrs.get("checkpoint_events", []),
                       {"reported_at": step, "note": str(note)[:FAIL_REASON_MAX_CHARS]}]
             self._retry("store checkpoint event", lambda: ot_trial.set_user_attr("checkpoint_events", events))
         prev = self._last_results.get(trial_id)
@@ -180,17 +195,17 @@ class StudySearch(OptunaSearch):
             # Only what the record needs: the searcher's checkpoint stays small and picklable.
             keep = {*RUNG_KEYS, self.metric, self._budget_key}
             self._last_results[trial_id] = {k: result[k] for k in keep if k in result}
-        if step in ot_trial._cached_frozen_trial.intermediate_values:
+        if step in cached_frozen(ot_trial).intermediate_values:
             return  # a rung reported again after a restart from its checkpoint: the first report stands
         rung = {k: _num(result.get(k)) for k in RUNG_KEYS if k in result}
         self._retry("store rung metrics", lambda: ot_trial.set_user_attr(f"rung_{step}", rung))
         self._retry("report", lambda: ot_trial.report(float(value), step))
 
     def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
-            logger.warning("Received a second completion for trial %s; ignored", trial_id)
+        if trial_id in completed_trials(self):
+            logger.debug("Received a second completion for trial %s; ignored", trial_id)
             return
-        ot_trial = self._ot_trials.get(trial_id)
+        ot_trial = searcher_trials(self).get(trial_id)
         if ot_trial is None:
             logger.error("Completion of trial %s that this searcher did not suggest; nothing recorded", trial_id)
             return
@@ -213,7 +228,7 @@ class StudySearch(OptunaSearch):
         else:
             state, told = TrialState.PRUNED, None  # ASHA stopped it below the top rung
 
-        frozen = ot_trial._cached_frozen_trial
+        frozen = cached_frozen(ot_trial)
         attrs = {
             "rung_reached": len(frozen.intermediate_values),
             "budget_reached": int(budget) if budget is not None else 0,
@@ -233,7 +248,7 @@ class StudySearch(OptunaSearch):
             return self._ot_study.tell(ot_trial, told, state=state, skip_if_finished=True)
 
         self._retry("tell", tell)
-        self._completed_trials.add(trial_id)
+        completed_trials(self).add(trial_id)
         self._final_states[trial_id] = state.name
         self._last_results.pop(trial_id, None)
         logger.debug("trial %s (number %d) -> %s at %s %s", trial_id, frozen.number, state.name, self._budget_key, budget)
@@ -244,11 +259,11 @@ class StudySearch(OptunaSearch):
         Every trial this searcher asks for gets `ray_trial_id` at once; a RUNNING trial
         without it, unknown to this searcher, is such an orphan.
         """
-        known = {t._trial_id for t in self._ot_trials.values()}
+        known = self.storage_trial_ids()
         try:
             for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if t._trial_id not in known and "ray_trial_id" not in t.user_attrs:
-                    self._ot_study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"ask failed: {error}")
+                if storage_id(t) not in known and "ray_trial_id" not in t.user_attrs:
+                    study_storage(self._ot_study).set_trial_user_attr(storage_id(t), "fail_reason", f"ask failed: {error}")
                     self._ot_study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         except Exception as e:  # the storage is still failing: the next try cleans up
             logger.debug("could not clean up after a failed ask: %s", e)
@@ -262,33 +277,42 @@ class StudySearch(OptunaSearch):
         """
         reason = (reason or "trial failed")[-FAIL_REASON_MAX_CHARS:]
         self._fail_reasons[trial_id] = reason
-        ot_trial = self._ot_trials.get(trial_id)
+        ot_trial = searcher_trials(self).get(trial_id)
         if ot_trial is None:
             return
-        storage = self._ot_study._storage
-        if trial_id in self._completed_trials:
-            self._retry("record failure", lambda: set_trial_user_attr_any_state(storage, ot_trial._trial_id, "fail_reason", reason))
+        storage = study_storage(self._ot_study)
+        if trial_id in completed_trials(self):
+            self._retry("record failure", lambda: set_trial_user_attr_any_state(storage, storage_id(ot_trial), "fail_reason", reason))
         else:
             self._retry("record failure", lambda: ot_trial.set_user_attr("fail_reason", reason))
 
     def record_retry(self, trial_id: str, error: str, resumes_from: int) -> None:
         """Note a Ray retry (`max_failures`) of an unfinished trial (user attr `retries`): why the attempt
         ended, and the budget value of the checkpoint the next attempt goes on from (0: the start)."""
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials:
+        ot_trial = searcher_trials(self).get(trial_id)
+        if ot_trial is None or trial_id in completed_trials(self):
             return
-        retries = [*ot_trial._cached_frozen_trial.user_attrs.get("retries", []),
+        retries = [*cached_frozen(ot_trial).user_attrs.get("retries", []),
                    {"error": error[:FAIL_REASON_MAX_CHARS], "resumes_from": int(resumes_from), "unit": self._budget_key}]
         self._retry("record retry", lambda: ot_trial.set_user_attr("retries", retries))
 
     def trial_number(self, trial_id: str) -> Optional[int]:
         """The Optuna trial number of a Ray trial (None if unknown)."""
-        t = self._ot_trials.get(trial_id)
+        t = searcher_trials(self).get(trial_id)
         return t.number if t is not None else None
 
     def final_state(self, trial_id: str) -> Optional[str]:
         """"COMPLETE", "PRUNED" or "FAIL" once the trial has finished, else None."""
         return self._final_states.get(trial_id)
+
+    def finished_before(self, trial_id: str) -> bool:
+        """Whether the study had already finished this Ray trial when this searcher was restored (`sweep resume`):
+        Tune may start it again from its older saved state, but it is neither trained nor recorded again."""
+        return trial_id in self._finished_before
+
+    def storage_trial_ids(self) -> set[int]:
+        """The storage ids of the study trials this searcher asked for (or continued)."""
+        return {storage_id(t) for t in searcher_trials(self).values()}
 
     @property
     def study(self) -> optuna.Study:
@@ -300,24 +324,70 @@ class StudySearch(OptunaSearch):
     # rebuild the study and the unfinished trials from the storage on restore.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_ot_trials"] = {rid: t._trial_id for rid, t in self._ot_trials.items()}
+        pop_searcher_trials(state)
+        state["study_trial_ids"] = {rid: storage_id(t) for rid, t in searcher_trials(self).items()}
         state["_ot_study"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
-        trial_ids = state.pop("_ot_trials", {}) or {}
+        trial_ids = state.pop("study_trial_ids", None) or pop_searcher_trials(state)
         state.pop("_ot_study", None)
+        state.setdefault("_finished_before", set())
+        state.setdefault("_pending", [])
         self.__dict__.update(state)
-        self._ot_trials = {}
+        set_searcher_trials(self, {})
         self._ot_study = None
         if not self._space:
             return
         self._setup_study(self._mode)
+        self._retry("read the study", lambda: self._reconcile(trial_ids))
+
+    def _reconcile(self, trial_ids: dict) -> None:
+        """Make this searcher, unpickled from Tune's last save, agree with the study (the record).
+
+        Tune saves its searcher every few seconds; the controller may have died after it. So: a Ray trial that
+        the study has finished since is marked told (`finished_before`: Tune may run it again from its older
+        state, but `sweep.controller` has its trainable return at once, and nothing is recorded twice); a study
+        trial still RUNNING that this save never heard of (asked for after it) is handed out again, with its
+        recorded params, by the next `suggest` (never sampled anew); and the sampler's random state, saved
+        before the draws made after that save, is drawn afresh so it cannot repeat them.
+        """
+        study_trials = {storage_id(t): t for t in self._ot_study.get_trials(deepcopy=False)}
+        trials, told = {}, completed_trials(self)
         for rid, tid in trial_ids.items():
-            if isinstance(tid, int):
-                self._ot_trials[rid] = optuna.trial.Trial(self._ot_study, tid)
-            else:  # a Trial pickled by an older checkpoint
-                self._ot_trials[rid] = tid
+            if not isinstance(tid, int):  # a Trial pickled by an older checkpoint
+                tid = storage_id(tid)
+            trials[rid] = optuna.trial.Trial(self._ot_study, tid)
+            t = study_trials.get(tid)
+            if t is not None and t.state.is_finished():
+                self._finished_before.add(rid)
+                told.add(rid)
+                self._final_states.setdefault(rid, t.state.name)
+        set_searcher_trials(self, trials)
+        known = set(trial_ids.values())
+        self._pending = sorted((tid for tid, t in study_trials.items()
+                                if t.state == TrialState.RUNNING and tid not in known),
+                               key=lambda tid: study_trials[tid].number)
+        self._ot_study.sampler.reseed_rng()
+
+    def continue_running_trials(self) -> int:
+        """Hand the study's RUNNING trials out first, with their recorded params (a resume with no Tune state to
+        restore); returns how many finished trials the study holds."""
+        trials = self._ot_study.get_trials(deepcopy=False)
+        self._pending = [storage_id(t) for t in sorted(trials, key=lambda t: t.number) if t.state == TrialState.RUNNING]
+        self._ot_study.sampler.reseed_rng()  # the seeded sampler would repeat the first trials' draws
+        return sum(1 for t in trials if t.state.is_finished())
+
+    def _continue_pending(self, trial_id: str) -> Dict:
+        """Hand a study trial the controller asked for before a kill (but Tune never saved) to Ray trial `trial_id`,
+        with its recorded params: it runs from step 0, in the same study trial."""
+        tid = self._pending.pop(0)
+        ot_trial = optuna.trial.Trial(self._ot_study, tid)
+        searcher_trials(self)[trial_id] = ot_trial
+        self._retry("set ray_trial_id", lambda: ot_trial.set_user_attr("ray_trial_id", trial_id))
+        logger.info("trial %d (asked for before the controller was killed) runs again from step 0 as %s",
+                    ot_trial.number, trial_id)
+        return dict(cached_frozen(ot_trial).params)
 
     def _setup_study(self, mode):
         # No warm-start points here; the stock set-up creates or loads the study.

@@ -10,11 +10,11 @@ value, and what is allowed. Nothing here imports torch, transformers, ray or opt
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -81,6 +81,10 @@ class ResourcesConfig(Strict):
     cpus_per_trial: float = Field(1.0, gt=0.0, le=1024)
     max_concurrent_trials: Optional[int] = Field(None, gt=0, le=10_000)
     max_failures: int = Field(0, ge=0, le=100, description="Ray retries of a failed trial from its last checkpoint")
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="on: the trials on a GPU (or the CPU) train together in one warm process on one shared base, "
+        "each with its own adapter, optimizer, schedule, batch and data order (trial_worker.pack); off: one trial per "
+        "process; auto: one trial per process for now (trial_worker/pack/tune.py: AUTO_PACKS)")
 
 
 class WandbConfig(Strict):
@@ -112,7 +116,7 @@ class SweepSpec(JobConfig):
 
     def job(self) -> JobConfig:
         """The job part of the spec (what a trial worker receives)."""
-        return JobConfig.model_validate(self.model_dump(include=set(JobConfig.model_fields)))
+        return JobConfig.of(self.model_dump())
 
     @property
     def num_trials(self) -> int:
@@ -146,18 +150,21 @@ class Problem:
 class SpecError(Exception):
     """Everything wrong with one spec file, reported at once."""
 
+    headline = "the spec is not valid"
+
     def __init__(self, file: str, problems: list[Problem]):
         self.file = file
         self.problems = problems
         n = len(problems)
-        lines = [f"{file}: the spec is not valid, found {n} problem{'s' if n != 1 else ''}:"]
+        lines = [f"{file}: {self.headline}, found {n} problem{'s' if n != 1 else ''}:"]
         lines += ["  " + p.render(file) for p in problems]
         super().__init__("\n".join(lines))
 
 
 def _short(v: Any) -> str:
+    """A value for a message: whole up to 240 characters (a path or URL stays whole), else cut."""
     s = json.dumps(v, default=str) if not isinstance(v, str) else repr(v)
-    return s if len(s) <= 80 else s[:77] + "..."
+    return s if len(s) <= 240 else s[:237] + "..."
 
 
 def _redact(url: str) -> str:
@@ -319,14 +326,64 @@ def parse_spec(text: str, file: str = "<spec>", *, default_name: Optional[str] =
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
-        problems = _pydantic_problems(e)
+        problems = _pydantic_problems(e) + _rules_despite(data, e)
     else:
         problems = check_rules(spec)
-    if problems:
-        for p in problems:
-            p.line = _line_of(root, p.path)
-        raise SpecError(file, problems)
+    if problems:  # in the file's order
+        raise SpecError(file, sorted(locate(problems, root), key=lambda p: p.line or 0))
     return spec
+
+
+def _rules_despite(data: dict, error: ValidationError) -> list[Problem]:
+    """The cross-field rules (`check_rules`) on what did validate, so that one report holds every problem.
+
+    Each field pydantic refused is taken out (its default stands in) and the rest validated again; the
+    rules' problems on other fields are kept. None when a field that has no default is missing or refused.
+    """
+    pruned, refused = copy.deepcopy(data), []
+    for _ in range(8):  # each round takes out what the previous one refused (a section's own rule, ...)
+        errors = error.errors()
+        if any(e["type"] == "missing" for e in errors):
+            return []
+        taken = [loc for e in errors if (loc := _take_out(pruned, e["loc"]))]
+        if not taken:
+            return []
+        refused += taken
+        try:
+            spec = SweepSpec.model_validate(pruned)
+        except ValidationError as again:
+            error = again
+            continue
+        return [p for p in check_rules(spec)
+                if not any(p.path == r or p.path.startswith(r + ".") or r.startswith(p.path + ".") for r in refused)]
+    return []
+
+
+def _take_out(data: Any, loc: tuple) -> Optional[str]:
+    """Remove the value at pydantic's `loc` from `data` (a union's tag in the path is skipped); its dotted path,
+    or None when there is nothing to remove."""
+    node, path = data, []
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part in node:
+            if last:
+                del node[part]
+                return ".".join(map(str, path + [part]))
+            node, path = node[part], path + [part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            if last:
+                return None  # an item of a list: its field cannot fall back to a default
+            node, path = node[part], path + [part]
+        elif not (isinstance(part, str) and part in _PARAM_MODELS):
+            return None
+    return None
+
+
+def locate(problems: list[Problem], root: Optional[yaml.Node]) -> list[Problem]:
+    """`problems` with the line of their field in the spec's YAML (`root`: `yaml.compose` of its text)."""
+    for p in problems:
+        p.line = _line_of(root, p.path)
+    return problems
 
 
 def load_spec(path: Union[str, Path]) -> SweepSpec:
@@ -343,22 +400,8 @@ def load_spec(path: Union[str, Path]) -> SweepSpec:
 
 
 def resolve_paths(spec: SweepSpec, base_dir: Union[str, Path]) -> SweepSpec:
-    """Local model/data paths made absolute against the spec's folder (hub ids are left alone)."""
-    base = Path(base_dir).resolve()
-
-    def local(p: str, generated: bool) -> str:
-        if os.path.isabs(p) or p.startswith("hf://"):
-            return p
-        cand = base / p
-        # A generated asset, an existing file or an explicit ./ or ../ path is local; else a hub id.
-        if generated or cand.exists() or p.startswith((".", "~")):
-            return str(cand.expanduser().resolve())
-        return p
-
-    d = spec.model_dump()
-    d["model"]["name_or_path"] = local(spec.model.name_or_path, spec.model.generate is not None)
-    d["data"]["path"] = local(spec.data.path, spec.data.generate is not None)
-    return SweepSpec.model_validate(d)
+    """The spec with its local model/data paths absolute against its folder (`JobConfig.resolved`)."""
+    return spec.resolved(base_dir)
 
 
 def default_storage(spec: SweepSpec, spec_path: Union[str, Path]) -> str:

@@ -33,7 +33,7 @@ from typing import Any, Optional
 logger = logging.getLogger(__name__)
 
 # Metrics logged at each rung (keys of the worker's report).
-LOGGED_KEYS = ("val_loss", "ppl", "train_loss", "learning_rate", "tokens_per_s", "samples_per_s",
+LOGGED_KEYS = ("val_loss", "ppl", "train_loss", "scheduled_lr", "tokens_per_s", "samples_per_s",
                "peak_mem_gb", "wall_s", "samples", "rung")
 DEFAULT_PROJECT = "sweep"
 

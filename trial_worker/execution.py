@@ -11,6 +11,10 @@ micro-batch for each candidate, fastest first, keeping the first whose peak memo
 under a share of the card. Results are cached per (model, sequence length, LoRA set-up,
 quantization, GPU) in `$SWEEP_HOME/execution_plans.json`, so a sweep probes once.
 On the CPU the job runs as written.
+
+The memory side of running a trial lives here too: the per-process GPU cap
+(`cap_gpu_memory`), the peak-memory count (`reset_peak_memory`, `peak_memory_gb`) and the
+figures an out-of-memory failure reports (`memory_figures`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -157,3 +163,70 @@ def probe_gpu(model, job: JobConfig, *, vocab_size: int, limit_share: float = ME
     plan = choose(job.training.effective_batch_size, measure, limit_share * share * props.total_memory)
     remember(key, plan)
     return plan
+
+
+# ---------------------------------------------------------------- memory
+
+def reset_peak_memory() -> None:
+    """Start this trial's peak-memory count afresh (Tune reuses worker processes across trials)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: "5" resets the process's peak RSS (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+_gpu_cap: Optional[float] = None  # the fraction this process's CUDA allocator is capped at (None: no cap)
+
+
+def cap_gpu_memory(fraction: Optional[float], *, cpu: bool) -> None:
+    """Cap this process's CUDA caching allocator at `fraction` of the GPU's memory (None: lift any cap).
+
+    `training.gpu_memory_fraction`, by default the GPU share Ray gave the trial when trials share a GPU:
+    a trial going over its share then gets a real `torch.OutOfMemoryError` (and `run`'s smaller
+    micro-batch) instead of taking the memory of the trials beside it. The cap
+    (`torch.cuda.set_per_process_memory_fraction`: total memory x fraction) is per process and stays
+    set, so each trial sets its own (Tune reuses worker processes). It bounds what PyTorch's allocator
+    reserves, not the CUDA context or memory allocated outside PyTorch.
+    """
+    global _gpu_cap
+    import torch
+
+    if cpu or not torch.cuda.is_available() or (fraction is None and _gpu_cap is None):
+        return
+    torch.cuda.set_per_process_memory_fraction(1.0 if fraction is None else fraction)
+    _gpu_cap = fraction
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by this trial, or the process's peak RSS on CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # KiB
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 2**20 if sys.platform != "darwin" else kb / 2**30  # Linux reports KiB, macOS bytes
+
+
+def memory_figures(peak_gb: float) -> str:
+    """Peak of the failed attempt, and the accelerator's state once its memory was freed."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        free, total = torch.cuda.mem_get_info()
+        cap = "" if _gpu_cap is None else (f"; this trial capped at {_gpu_cap:g} of the GPU = {_gpu_cap * total / 2**30:.2f} GiB "
+                                           "(training.gpu_memory_fraction)")
+        return (f"peak {peak_gb:.2f} GiB allocated; after freeing: {torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved, "
+                f"{free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB on {torch.cuda.get_device_name()}{cap}")
+    return f"peak {peak_gb:.2f} GiB process RSS (CPU)"

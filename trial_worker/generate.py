@@ -7,7 +7,11 @@ perplexities differ only by the adapter.
 
 Then `num_prompts` held-out prompts are answered by both (greedy), side by side, with
 automatic scores against the reference answer (exact match, token F1) and an empty 0-5
-grade column for a person; written as `evaluation.md` and `evaluation.csv`.
+grade column for a person; written as `evaluation.md` and `evaluation.csv`. A prompt is
+shown whole: every turn of a multi-turn conversation, system prompt included, since the
+answer depends on all of them. Beside them, `loss_curves.png`: the run's training loss
+(its `loss.csv`, when the adapter comes from a `sweep train` folder) with the held-out loss
+of the base and of the tuned model.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import string
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from trial_worker.config import JobConfig
+from trial_worker.production import LOSS_CSV
 
 DEFAULT_PROMPTS = 10
 DEFAULT_MAX_NEW_TOKENS = 48
+LOSS_CURVES_PNG = "loss_curves.png"
 CSV_COLUMNS = ("id", "prompt", "reference", "base", "tuned", "base_exact", "tuned_exact",
                "base_f1", "tuned_f1", "base_grade_0_5", "tuned_grade_0_5")
 
@@ -119,15 +125,14 @@ def compare(job: JobConfig, adapter_dir: str | os.PathLike, out_dir: str | os.Pa
                 base = trial.evaluate()
             load_adapter_weights(model, adapter_dir)
             tuned = trial.evaluate()
-            rows = []
+            rows: list[dict[str, Any]] = []
             for i, row in enumerate(trial.val_rows.select(range(min(num_prompts, len(trial.val_rows))))):
                 prompt, reference = _prompt_text(row)
                 with model.disable_adapter():
                     base_answer = generate(model, tok, prompt, max_new_tokens=max_new_tokens)
                 tuned_answer = generate(model, tok, prompt, max_new_tokens=max_new_tokens)
-                shown = prompt[-1]["content"] if isinstance(prompt, list) else prompt
                 rows.append({
-                    "id": i, "prompt": shown, "reference": reference, "base": base_answer, "tuned": tuned_answer,
+                    "id": i, "prompt": conversation_text(prompt), "reference": reference, "base": base_answer, "tuned": tuned_answer,
                     "base_exact": exact_match(base_answer, reference), "tuned_exact": exact_match(tuned_answer, reference),
                     "base_f1": token_f1(base_answer, reference), "tuned_f1": token_f1(tuned_answer, reference),
                     "base_grade_0_5": "", "tuned_grade_0_5": "",
@@ -145,8 +150,48 @@ def compare(job: JobConfig, adapter_dir: str | os.PathLike, out_dir: str | os.Pa
         "rows": rows,
     }
     _write_csv(rows, out / "evaluation.csv")
+    summary["plot"] = plot_loss_curves(Path(adapter_dir).parent / LOSS_CSV, base["val_loss"], tuned["val_loss"],
+                                       out / LOSS_CURVES_PNG)
     (out / "evaluation.md").write_text(render_markdown(job, adapter_dir, summary))
     return summary
+
+
+def conversation_text(prompt: Any) -> str:
+    """A prompt as a person reads it: each turn of a conversation on its own line as `role: content`."""
+    if not isinstance(prompt, list):
+        return str(prompt)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def plot_loss_curves(loss_csv: Path, base_val: float, tuned_val: float, out_png: Path) -> Optional[Path]:
+    """`out_png`: the training loss of `loss_csv` (if it exists) and the held-out loss before/after; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps, losses = [], []
+    if loss_csv.exists():
+        with open(loss_csv, newline="") as f:
+            for r in csv.DictReader(f):
+                if r.get("loss") not in (None, ""):
+                    steps.append(float(r["step"]))
+                    losses.append(float(r["loss"]))
+    last = steps[-1] if steps else 1.0
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if steps:
+        ax.plot(steps, losses, label="training loss (tuned run)")
+    ax.plot([0, last], [base_val, tuned_val], "o--", color="tab:red", label="held-out loss: base -> tuned")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
@@ -158,7 +203,9 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _cell(s: Any) -> str:
-    return re.sub(r"\s+", " ", str(s)).replace("|", "\\|") or " "
+    """One markdown table cell: lines kept apart with <br>, other whitespace folded, pipes escaped."""
+    lines = (re.sub(r"\s+", " ", line).replace("|", "\\|") for line in str(s).splitlines())
+    return "<br>".join(line for line in lines if line.strip()) or " "
 
 
 def render_markdown(job: JobConfig, adapter_dir: str | os.PathLike, summary: dict) -> str:
@@ -174,7 +221,13 @@ def render_markdown(job: JobConfig, adapter_dir: str | os.PathLike, summary: dic
         f"| base | {b['val_loss']:.4f} | {b['ppl']:.3f} | {b['exact']:.2f} | {b['f1']:.2f} |",
         f"| tuned | {t['val_loss']:.4f} | {t['ppl']:.3f} | {t['exact']:.2f} | {t['f1']:.2f} |",
         "",
+    ]
+    if summary.get("plot"):
+        lines += [f"![training loss and held-out loss, base vs tuned]({Path(summary['plot']).name})", ""]
+    lines += [
         f"## {summary['prompts']} held-out prompts (greedy; grade 0-5 by a person)",
+        "",
+        "Each prompt is the whole conversation the models answered, one turn per line.",
         "",
         "| # | prompt | reference | base | tuned | EM base/tuned | F1 base/tuned | grade base | grade tuned |",
         "|---|---|---|---|---|---|---|---|---|",

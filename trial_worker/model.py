@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from trial_worker.config import ModelConfig, TrainingConfig
+from trial_worker.formats import bnb_config, peft_lora_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -29,6 +30,62 @@ def use_cpu(training: TrainingConfig) -> bool:
     if training.use_cpu is not None:
         return training.use_cpu
     return not torch.cuda.is_available()
+
+
+# Our attention implementation (registered with transformers by `register_attention`): sdpa, except
+# that a padding-free micro-batch (data.FlatCollator) on a CUDA GPU runs flash-attention's varlen
+# kernel from torch itself (`torch.nn.attention.varlen`), so each row attends only to itself at a cost
+# that grows with the sum of the squared row lengths, not with the square of the whole micro-batch.
+FLAT_ATTENTION = "sdpa_varlen"
+
+
+def _varlen_kernel():
+    """torch's flash-attention varlen kernel (torch >= 2.10, CUDA), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def flat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: varlen flash attention over a padding-free micro-batch, else sdpa.
+
+    query/key/value arrive as [batch, heads, tokens, head_dim]. A padding-free micro-batch is one
+    sequence (batch 1) with `cu_seq_lens_q` (row boundaries, from the collator); the kernel takes
+    [tokens, heads, head_dim] and, for grouped-query attention, as many key/value heads as query heads.
+    Everything else (padded validation batches, generation, the CPU) goes to transformers' sdpa,
+    which keeps packed rows apart with the block-diagonal mask built from the position ids. cuDNN's
+    sdpa is left out there: it builds a graph per new shape, milliseconds of host time per layer.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    varlen = _varlen_kernel()
+    if cu is not None and varlen is not None and query.is_cuda and query.shape[0] == 1 and dropout == 0.0:
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        longest = int(kwargs["max_length_q"])
+        out = varlen(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0))  # (-1, 0): causal
+        return out[None], None
+    if query.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                          **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def register_attention() -> None:
+    """Make `FLAT_ATTENTION` an attention implementation transformers knows (masks built as for sdpa)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FLAT_ATTENTION, flat_attention)
+    AttentionMaskInterface.register(FLAT_ATTENTION, sdpa_mask)
 
 
 def dtype_of(name: str) -> "torch.dtype":
@@ -64,8 +121,8 @@ def load_base(cfg: ModelConfig, *, cpu: bool):
         dtype=compute_dtype,
         device_map={"": "cpu"} if cpu else {"": torch.cuda.current_device()},
     )
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    register_attention()
+    kwargs["attn_implementation"] = cfg.attn_implementation or FLAT_ATTENTION
     if q.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(cfg)
     model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
@@ -73,34 +130,6 @@ def load_base(cfg: ModelConfig, *, cpu: bool):
     if cpu and q.load_in_4bit:
         keep_cpu_4bit_trainable(model)
     return model
-
-
-def bnb_config(cfg: ModelConfig):
-    """The job's 4-bit quantization as transformers' `BitsAndBytesConfig`."""
-    from transformers import BitsAndBytesConfig
-
-    q = cfg.quantization
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=dtype_of(q.bnb_4bit_compute_dtype),
-    )
-
-
-def peft_lora_config(cfg: ModelConfig):
-    """The job's LoRA section as PEFT's `LoraConfig`."""
-    from peft import LoraConfig
-
-    lora = cfg.lora
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        bias=lora.bias,
-        task_type="CAUSAL_LM",
-    )
 
 
 def keep_cpu_4bit_trainable(model) -> None:

@@ -15,7 +15,7 @@ schedule, data, masking and loss are exactly a trial's. On top of a trial it:
 - `merge=True` writes `merged/`: the base in 16 bit with the adapter folded in
   (`merge_and_unload`), loadable with plain `AutoModelForCausalLM.from_pretrained`.
 
-`export_formats(job)` gives the same job as TRL/PEFT/bitsandbytes/Axolotl configs.
+`formats.export_formats(job)` gives the same job as TRL/PEFT/bitsandbytes/Axolotl configs.
 """
 
 from __future__ import annotations
@@ -39,17 +39,12 @@ LOSS_CSV = "loss.csv"
 LOSS_PNG = "loss.png"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-LOSS_COLUMNS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
+# loss.csv: the Trainer's log history under the names the trials' reports use (`steps`, `scheduled_lr`).
+LOSS_COLUMNS = {"steps": "step", "epoch": "epoch", "loss": "loss", "scheduled_lr": "learning_rate", "grad_norm": "grad_norm"}
 
 
 class ProductionError(Exception):
     """A production run cannot start as asked (existing checkpoints without --resume, ...)."""
-
-
-def production_job(job: JobConfig) -> JobConfig:
-    """The job with its budget ladder reduced to one rung at its top: a production run evaluates once, at the end."""
-    top = job.budget.rungs[-1]
-    return job.model_copy(update={"budget": job.budget.model_copy(update={"min": top, "max": top})})
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -79,7 +74,7 @@ def train(job: JobConfig, output_dir: str | os.PathLike, *, resume: bool = False
     from trial_worker.recipe import QLoRATrial
 
     out = Path(output_dir)
-    job = production_job(job)
+    job = job.at_top_rung()  # a production run evaluates once, at the end
     resume_from = latest_checkpoint(out, log) if resume else None
     if resume and resume_from is None:
         log(f"no intact checkpoint in {out} to resume from: starting from step 0")
@@ -108,7 +103,7 @@ def train(job: JobConfig, output_dir: str | os.PathLike, *, resume: bool = False
     finally:
         trial.cleanup()
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    log(f"step {metrics.get('step')}: val_loss {metrics.get('val_loss', float('nan')):.4f}, "
+    log(f"step {metrics.get('steps')}: val_loss {metrics.get('val_loss', float('nan')):.4f}, "
         f"ppl {metrics.get('ppl', float('nan')):.3f}; adapter in {adapter}")
     if merge:
         merged = merge_adapter(job, adapter, out / MERGED_DIR, dtype=merge_dtype)
@@ -118,7 +113,7 @@ def train(job: JobConfig, output_dir: str | os.PathLike, *, resume: bool = False
 
 def write_loss_curve(log_history: list[dict], out: Path) -> int:
     """loss.csv (one row per logged step) and, where matplotlib is installed, loss.png; returns the row count."""
-    rows = [{k: h.get(k, "") for k in LOSS_COLUMNS} for h in log_history if "loss" in h]
+    rows = [{col: h.get(key, "") for col, key in LOSS_COLUMNS.items()} for h in log_history if "loss" in h]
     with open(out / LOSS_CSV, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
         w.writeheader()
@@ -132,7 +127,7 @@ def write_loss_curve(log_history: list[dict], out: Path) -> int:
         print(f"matplotlib is not installed: wrote {LOSS_CSV} but no {LOSS_PNG} (pip install matplotlib)")
         return len(rows)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="training loss")
+    ax.plot([r["steps"] for r in rows], [r["loss"] for r in rows], label="training loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -183,82 +178,3 @@ def load_run(run_dir: str | os.PathLike) -> tuple[JobConfig, Path]:
         raise ProductionError(f"{run} is not a finished `sweep train` output (needs {CONFIG_FILE} and "
                               f"{ADAPTER_DIR}/adapter_model.safetensors)")
     return JobConfig.model_validate(yaml.safe_load(cfg.read_text())), adapter
-
-
-# ---------------------------------------------------------------------------- export formats
-
-_AXOLOTL_TYPES = {"messages": "chat_template", "sharegpt": "chat_template", "instruction": "alpaca",
-                  "text": "completion", "auto": "chat_template"}
-
-
-def export_formats(job: JobConfig, *, output_dir: str = "./output") -> dict[str, Any]:
-    """The job as {"sft_config.json": TRL SFTConfig kwargs, "lora_config.json": PEFT LoraConfig,
-    "bnb_config.json": BitsAndBytesConfig, "axolotl.yaml": an Axolotl-style config} (plain data).
-
-    Built by the same functions a run uses (`sft_kwargs`, `peft_lora_config`, `bnb_config`),
-    for a GPU (`use_cpu` false unless the job says so).
-    """
-    from trial_worker.model import bnb_config, peft_lora_config
-    from trial_worker.recipe import sft_kwargs
-
-    job = production_job(job)
-    cpu = bool(job.training.use_cpu)
-    sft = json.loads(json.dumps(sft_kwargs(job, output_dir, cpu=cpu), default=str))
-    lora = peft_lora_config(job.model).to_dict()
-    lora = json.loads(json.dumps(lora, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-    bnb = bnb_config(job.model).to_dict() if job.model.quantization.load_in_4bit else None
-    return {"sft_config.json": sft, "lora_config.json": lora, "bnb_config.json": bnb,
-            "axolotl.yaml": axolotl_config(job, output_dir=output_dir, sft=sft)}
-
-
-def axolotl_config(job: JobConfig, *, output_dir: str, sft: dict) -> dict:
-    m, d, t, q = job.model, job.data, job.training, job.model.quantization
-    out: dict[str, Any] = {
-        "base_model": m.name_or_path,
-        "load_in_4bit": q.load_in_4bit,
-        "adapter": "qlora" if q.load_in_4bit else "lora",
-        "lora_r": m.lora.r,
-        "lora_alpha": m.lora.alpha,
-        "lora_dropout": m.lora.dropout,
-    }
-    if m.lora.target_modules == "all-linear":
-        out["lora_target_linear"] = True
-    else:
-        out["lora_target_modules"] = list(m.lora.target_modules)
-    ds: dict[str, Any] = {"path": d.path, "type": _AXOLOTL_TYPES[d.format], "split": d.split}
-    if d.format in ("messages", "sharegpt"):
-        ds["field_messages"] = "messages" if d.format == "messages" else "conversations"
-    out["datasets"] = [ds]
-    if d.validation_split:
-        out["test_datasets"] = [{**ds, "split": d.validation_split}]
-    else:
-        out["val_set_size"] = d.validation_fraction or 0.1
-    out.update({
-        "sequence_len": d.max_seq_length,
-        "sample_packing": d.packing,
-        "train_on_inputs": False,
-        "micro_batch_size": sft["per_device_train_batch_size"],
-        "gradient_accumulation_steps": sft["gradient_accumulation_steps"],
-        "eval_batch_size": t.per_device_eval_batch_size,
-        "max_steps": sft["max_steps"],
-        "learning_rate": t.learning_rate,
-        "lr_scheduler": t.lr_scheduler_type,
-        "warmup_ratio": t.warmup_ratio,
-        "optimizer": t.optim,
-        "weight_decay": t.weight_decay,
-        "adam_beta1": t.adam_beta1,
-        "adam_beta2": t.adam_beta2,
-        "adam_epsilon": t.adam_epsilon,
-        "max_grad_norm": t.max_grad_norm,
-        "bf16": t.bf16,
-        "fp16": t.fp16,
-        "gradient_checkpointing": t.gradient_checkpointing,
-        "seed": t.seed,
-        "logging_steps": t.logging_steps,
-        "output_dir": output_dir,
-    })
-    if t.save_steps:
-        out["save_steps"] = t.save_steps
-    if t.save_total_limit:
-        out["save_total_limit"] = t.save_total_limit
-    return out

@@ -1,11 +1,13 @@
-"""The QLoRA trial, top to bottom: setup -> train (reporting at every rung) -> cleanup.
+"""The QLoRA trial, top to bottom: setup -> _setup_model -> _setup_data -> train -> cleanup.
 
-One trial is one TRL `SFTTrainer` run of a job:
+One trial is one TRL `SFTTrainer` run of a job (the shape of a torchtune recipe):
 
-- setup: tokenizer + 4-bit base + LoRA (`model.py`), prompt-completion data (`data.py`),
-  and an `SFTConfig` carrying every knob of `TrainingConfig`. The LR schedule's horizon is
-  the top rung (`budget.max`), so a trial promoted by ASHA continues its schedule instead of
-  restarting it.
+- setup: the process (threads, GPU memory cap, seed), then `_setup_model`: tokenizer + 4-bit
+  base + LoRA (`model.py`) and the execution of the effective batch (`execution.py`); then
+  `_setup_data`: prompt-completion rows (`data.py`); then the trainer, over an `SFTConfig`
+  carrying every knob of `TrainingConfig` (`formats.py`) and padding-free micro-batches
+  (`data.FlatCollator`). The LR schedule's horizon is the top rung (`budget.max`), so a trial
+  promoted by ASHA continues its schedule instead of restarting it.
 - train: `SFTTrainer.train`; a callback stops at each rung (`budget.rungs`, in optimizer
   steps), has the Trainer save a full checkpoint (adapter, optimizer, scheduler, RNG, data
   position), scores the validation split as a token-mean (`evaluate.py`) and calls
@@ -19,22 +21,22 @@ base on the same validation tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from trial_worker.checkpoint import write_manifest
 from trial_worker.config import REPORT_KEYS, JobConfig
-from trial_worker.data import load_splits
+from trial_worker.data import FlatCollator, load_splits
 from trial_worker.evaluate import validation_loss
-from trial_worker.execution import Execution, as_written, probe_gpu, smaller
+from trial_worker.execution import (Execution, as_written, cap_gpu_memory, memory_figures, peak_memory_gb, probe_gpu,
+                                    reset_peak_memory, smaller)
+from trial_worker.formats import rung_steps, sft_config
 from trial_worker.model import load_model, use_cpu
 
 Report = Callable[[dict, str], None]
@@ -56,162 +58,7 @@ class TrialOOM(MemoryError):
     """
 
 
-# Test hook (CPU has no OOM to provoke): when set to N, a training step whose micro-batch is above N
-# raises a real `torch.OutOfMemoryError`, as CUDA would. Never set it outside tests.
-INJECT_OOM_ENV = "SWEEP_INJECT_OOM_ABOVE_MICRO_BATCH"
 TRIAL_STATE_FILE = "sweep_trial_state.json"  # our own counters, saved beside the Trainer's checkpoint files
-WSD_DECAY_FRACTION = 0.2
-COSINE_MIN_LR_RATE = 0.1
-
-
-def rung_steps(job: JobConfig) -> list[int]:
-    """Optimizer steps at which this job reaches each rung of its budget ladder."""
-    eff = job.training.effective_batch_size
-    return [job.budget.steps_for(r, eff) for r in job.budget.rungs]
-
-
-def reset_peak_memory() -> None:
-    """Start this trial's peak-memory count afresh (Tune reuses worker processes across trials)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:  # Linux: "5" resets the process's peak RSS (VmHWM)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-_gpu_cap: Optional[float] = None  # the fraction this process's CUDA allocator is capped at (None: no cap)
-
-
-def cap_gpu_memory(fraction: Optional[float], *, cpu: bool) -> None:
-    """Cap this process's CUDA caching allocator at `fraction` of the GPU's memory (None: lift any cap).
-
-    `training.gpu_memory_fraction`, by default the GPU share Ray gave the trial when trials share a GPU:
-    a trial going over its share then gets a real `torch.OutOfMemoryError` (and `run`'s smaller
-    micro-batch) instead of taking the memory of the trials beside it. The cap
-    (`torch.cuda.set_per_process_memory_fraction`: total memory x fraction) is per process and stays
-    set, so each trial sets its own (Tune reuses worker processes). It bounds what PyTorch's allocator
-    reserves, not the CUDA context or memory allocated outside PyTorch.
-    """
-    global _gpu_cap
-    import torch
-
-    if cpu or not torch.cuda.is_available() or (fraction is None and _gpu_cap is None):
-        return
-    torch.cuda.set_per_process_memory_fraction(1.0 if fraction is None else fraction)
-    _gpu_cap = fraction
-
-
-def peak_memory_gb() -> float:
-    """Peak GPU memory allocated by this trial, or the process's peak RSS on CPU."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20  # KiB
-    except OSError:
-        pass
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 2**20 if sys.platform != "darwin" else kb / 2**30  # Linux reports KiB, macOS bytes
-
-
-def liger_wanted(job: JobConfig, *, cpu: bool) -> bool:
-    """Liger's kernels when asked for, or by default on a GPU where liger-kernel is installed."""
-    import importlib.util
-
-    if job.training.use_liger_kernel is not None:
-        return job.training.use_liger_kernel
-    return not cpu and importlib.util.find_spec("liger_kernel") is not None
-
-
-def sft_config(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optional[Execution] = None):
-    """The job's `TrainingConfig` as TRL's `SFTConfig`, with the top rung as the schedule horizon.
-
-    `execution` (default: as written) sets micro-batch, accumulation and checkpointing; the
-    effective batch, and so the optimisation, is the job's whatever the execution.
-    """
-    from trl import SFTConfig
-
-    return SFTConfig(**sft_kwargs(job, output_dir, cpu=cpu, execution=execution))
-
-
-def sft_kwargs(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optional[Execution] = None) -> dict[str, Any]:
-    """`sft_config`'s keyword arguments as plain data (what `sweep export` writes as SFTConfig JSON)."""
-    from trl import SFTConfig
-
-    t, d = job.training, job.data
-    execution = execution or as_written(job)
-    if execution.effective_batch != t.effective_batch_size:
-        raise ValueError(f"execution {execution} changes the effective batch {t.effective_batch_size}")
-    max_steps = rung_steps(job)[-1]
-    scheduler_kwargs: dict[str, Any] = {}
-    if t.lr_scheduler_type == "cosine_with_min_lr":
-        scheduler_kwargs["min_lr_rate"] = COSINE_MIN_LR_RATE
-    elif t.lr_scheduler_type == "warmup_stable_decay":
-        scheduler_kwargs["num_decay_steps"] = max(1, round(WSD_DECAY_FRACTION * max_steps))
-    kwargs: dict[str, Any] = dict(
-        output_dir=output_dir,
-        max_steps=max_steps,
-        per_device_train_batch_size=execution.micro_batch,
-        gradient_accumulation_steps=execution.accumulation,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        learning_rate=t.learning_rate,
-        optim=t.optim,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_epsilon=t.adam_epsilon,
-        max_grad_norm=t.max_grad_norm,
-        # An int, not warmup_ratio: the ratio field left TrainingArguments in transformers 5.
-        warmup_steps=math.ceil(t.warmup_ratio * max_steps),
-        lr_scheduler_type=t.lr_scheduler_type,
-        lr_scheduler_kwargs=scheduler_kwargs,
-        gradient_checkpointing=execution.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=t.bf16,
-        fp16=t.fp16,
-        logging_steps=t.logging_steps,
-        seed=t.seed,
-        dataloader_num_workers=t.dataloader_num_workers,
-        dataloader_pin_memory=not cpu,
-        use_cpu=cpu,
-        # SFT data: prompt-completion rows -> loss on the completion tokens only.
-        max_length=d.max_seq_length,
-        packing=d.packing,
-        eval_packing=False,  # validation rows stay whole, so val_loss does not depend on packing
-        completion_only_loss=True,
-        dataset_num_proc=None,
-        # Rungs decide when to save and evaluate (the callback below); `sweep train` also saves every save_steps.
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
-        eval_strategy="no",
-        save_only_model=False,
-        use_liger_kernel=liger_wanted(job, cpu=cpu),
-        torch_compile=t.torch_compile,
-        report_to="none",
-        # A NaN/inf check per micro-step is a host sync; NaN shows in the logged loss anyway.
-        logging_nan_inf_filter=False,
-        disable_tqdm=True,
-        log_level="warning",
-    )
-    fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    if "activation_checkpointing" in fields:  # the new name (transformers >= 5.2x); same switch
-        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
-        kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
-    if t.group_by_length:  # renamed in transformers 5 (train_sampling_strategy)
-        if "train_sampling_strategy" in fields:
-            kwargs["train_sampling_strategy"] = "group_by_length"
-        else:
-            kwargs["group_by_length"] = True
-    return kwargs
 
 
 def quiet_libraries() -> None:
@@ -244,33 +91,59 @@ class QLoRATrial:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "QLoRATrial":
+        """Model, data and trainer of the trial, on its device, ready to `train`."""
+        self._setup_process()
+        tokenizer, model = self._setup_model()
+        train_ds, val_ds = self._setup_data(tokenizer)
+        self._setup_trainer(model, tokenizer, train_ds, val_ds)
+        return self
+
+    def _setup_process(self) -> None:
+        """This process, for this trial: threads, the GPU memory cap, a fresh peak count, the seed."""
         import torch
         from transformers import set_seed
+
         quiet_libraries()
         t = self.job.training
         if t.torch_threads:
             torch.set_num_threads(t.torch_threads)
-        cpu = use_cpu(t)
-        cap_gpu_memory(t.gpu_memory_fraction, cpu=cpu)  # before anything of the trial is on the GPU
+        self.cpu = use_cpu(t)
+        cap_gpu_memory(t.gpu_memory_fraction, cpu=self.cpu)  # before anything of the trial is on the GPU
         reset_peak_memory()
         set_seed(t.seed)  # before the LoRA weights are drawn: same params + seed -> same trial
+
+    def _setup_model(self):
+        """(tokenizer, the 4-bit base with LoRA adapters), and how the effective batch will execute."""
+        t = self.job.training
         tokenizer, model = load_model(self.job.model, t)
-        train_ds, val_ds = load_splits(self.job.data, tokenizer=tokenizer)
-        self.val_rows = val_ds  # prompt-completion rows, before tokenizing (evaluation prompts)
         # The effective batch is the hyperparameter; how it runs is chosen for speed (execution.py).
         if self.forced_execution is not None:
             self.execution = self.forced_execution
-        elif cpu or t.execution == "as_written":
+        elif self.cpu or t.execution == "as_written":
             self.execution = as_written(self.job)
         else:
             self.execution = probe_gpu(model, self.job, vocab_size=model.config.vocab_size)
-        args = sft_config(self.job, self.output_dir, cpu=cpu, execution=self.execution)
+        return tokenizer, model
+
+    def _setup_data(self, tokenizer):
+        """(train, validation) prompt-completion rows; the trainer tokenises them."""
+        train_ds, val_ds = load_splits(self.job.data, tokenizer=tokenizer)
+        self.val_rows = val_ds  # prompt-completion rows, before tokenizing (evaluation prompts)
+        return train_ds, val_ds
+
+    def _setup_trainer(self, model, tokenizer, train_ds, val_ds) -> None:
+        """TRL's SFTTrainer over the job's `SFTConfig`, with padding-free micro-batches and the rung callback."""
+        import torch
+        from transformers.trainer_callback import PrinterCallback
+
         self.trainer = _lean_trainer_class()(
             model=model,
-            args=args,
+            args=sft_config(self.job, self.output_dir, cpu=self.cpu, execution=self.execution),
             train_dataset=train_ds,
             eval_dataset=val_ds,
             processing_class=tokenizer,
+            # Padding-free, bucketed micro-batches (data.FlatCollator); TRL's own packing is padding-free already.
+            data_collator=None if self.job.data.packing else FlatCollator(tokenizer.pad_token_id),
             callbacks=[_RungCallback(self)],
         )
         # TRL casts a quantized model's adapters to bf16; keep them fp32 (PEFT's own default). In bf16,
@@ -287,17 +160,20 @@ class QLoRATrial:
                     f"{self.job.data.max_seq_length} (TRL drops rows whose prompt fills the whole sequence); "
                     "raise data.max_seq_length"
                 )
-        from transformers.trainer_callback import PrinterCallback
-
         self.trainer.remove_callback(PrinterCallback)  # the rung reports are the output
-        return self
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self) -> dict[str, float]:
         """Token-mean loss of the current model over the validation split: {val_loss, ppl, tokens}."""
+        from torch.utils.data import DataLoader
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
         tr = self.trainer
-        return validation_loss(tr.model, tr.get_eval_dataloader(), device=tr.args.device,
-                               autocast=tr.autocast_smart_context_manager)
+        # Validation rows stay padded, one row each, whatever the training batches look like: the
+        # scorer bounds its fp32 logits row by row, and val_loss must not depend on the batching.
+        batches = DataLoader(tr.eval_dataset, batch_size=tr.args.per_device_eval_batch_size,
+                             collate_fn=DataCollatorForLanguageModeling(pad_token_id=tr.processing_class.pad_token_id))
+        return validation_loss(tr.model, batches, device=tr.args.device, autocast=tr.autocast_smart_context_manager)
 
     # ------------------------------------------------------------------ train
     def train(self, resume_from: Optional[str] = None) -> Optional[dict]:
@@ -352,13 +228,13 @@ class QLoRATrial:
         samples = step * self.job.training.effective_batch_size
         wall_s = self.offset["wall_s"] + time.perf_counter() - self.t_start
         metrics = {
-            "step": step,
+            "steps": step,
             "samples": samples,
             "rung": max(i for i, s in enumerate(self.rung_steps) if s == step),
             "val_loss": val["val_loss"],
             "ppl": val["ppl"],
             "train_loss": train_loss,
-            "learning_rate": self.last_lr,
+            "scheduled_lr": self.last_lr,
             "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
             "samples_per_s": (samples - self.start_step * self.job.training.effective_batch_size) / self.train_s
             if self.train_s > 0 else 0.0,
@@ -438,6 +314,7 @@ def _lean_trainer_class():
                     and self.accelerator.num_processes == 1)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            real_tokens = inputs.pop("num_tokens", None)  # FlatCollator: tokens before the bucket padding
             if return_outputs or not self._lean():
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
@@ -446,25 +323,22 @@ def _lean_trainer_class():
             n = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = -outputs.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
             mask = inputs.get("attention_mask")
-            tokens = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))
+            if real_tokens is not None:
+                tokens = real_tokens
+            else:
+                tokens = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))
             pending = getattr(self, "_sweep_tokens", None)
             self._sweep_tokens = tokens.detach() if pending is None else pending + tokens.detach()
             return loss
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            limit = os.environ.get(INJECT_OOM_ENV)
-            if limit is not None and self.args.per_device_train_batch_size > int(limit):
-                raise torch.OutOfMemoryError(
-                    f"CUDA out of memory (injected by {INJECT_OOM_ENV}={limit}: micro-batch "
-                    f"{self.args.per_device_train_batch_size} > {limit})")
-            return super().training_step(model, inputs, *args, **kwargs)
 
         def log(self, logs, *args, **kwargs):
             pending = getattr(self, "_sweep_tokens", None)
             if pending is not None:
                 self._total_train_tokens += int(pending)
                 self._sweep_tokens = None
-                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+                from trial_worker._compat import set_logged_token_count  # TRL's private store
+
+                set_logged_token_count(self, self._total_train_tokens)
             return super().log(logs, *args, **kwargs)
 
     return LeanSFTTrainer
@@ -488,8 +362,8 @@ def run(job: JobConfig, *, report: Optional[Report] = None, resume_from: Optiona
     reported: set[int] = set()
 
     def report_once(metrics: dict, checkpoint_dir: str) -> None:
-        if metrics["step"] not in reported:
-            reported.add(metrics["step"])
+        if metrics["steps"] not in reported:
+            reported.add(metrics["steps"])
             (report or (lambda m, c: None))(metrics, checkpoint_dir)
 
     execution, tried = None, []
@@ -512,19 +386,6 @@ def run(job: JobConfig, *, report: Optional[Report] = None, resume_from: Optiona
                            f"{tried[-1].effective_batch} (tried {plans}); {memory_figures(peak)}; last error: {error}")
         print(f"sweep: out of memory at micro-batch {tried[-1].micro_batch}x{tried[-1].accumulation} ({error}); "
               f"retrying as {execution.micro_batch}x{execution.accumulation}", file=sys.stderr, flush=True)
-
-
-def memory_figures(peak_gb: float) -> str:
-    """Peak of the failed attempt, and the accelerator's state once its memory was freed."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        free, total = torch.cuda.mem_get_info()
-        cap = "" if _gpu_cap is None else (f"; this trial capped at {_gpu_cap:g} of the GPU = {_gpu_cap * total / 2**30:.2f} GiB "
-                                           "(training.gpu_memory_fraction)")
-        return (f"peak {peak_gb:.2f} GiB allocated; after freeing: {torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved, "
-                f"{free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB on {torch.cuda.get_device_name()}{cap}")
-    return f"peak {peak_gb:.2f} GiB process RSS (CPU)"
 
 
 def evaluate_base(job: JobConfig, *, output_dir: Optional[str | os.PathLike] = None) -> dict[str, float]:

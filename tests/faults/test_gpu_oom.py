@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from trial_worker.config import JobConfig
-from trial_worker.recipe import INJECT_OOM_ENV, QLoRATrial, TrialOOM, run
+from trial_worker.recipe import QLoRATrial, TrialOOM, run
 
 pytestmark = pytest.mark.gpu
 
@@ -115,10 +115,9 @@ def gpu_model(tmp_path_factory, results):
     return {**assets, "loaded": loaded, "p1": p1, "total": total, "root": root}
 
 
-def test_real_cuda_oom_is_retried_with_a_smaller_micro_batch_under_the_cap(gpu_model, results, fault_row, capfd, monkeypatch):
+def test_real_cuda_oom_is_retried_with_a_smaller_micro_batch_under_the_cap(gpu_model, results, fault_row, capfd):
     import torch
 
-    monkeypatch.delenv(INJECT_OOM_ENV, raising=False)  # the real thing only
     fraction = round(2.5 * gpu_model["p1"] / gpu_model["total"], 4)
     cap_gib = fraction * gpu_model["total"] / GiB
     reports = []
@@ -130,7 +129,7 @@ def test_real_cuda_oom_is_retried_with_a_smaller_micro_batch_under_the_cap(gpu_m
     assert retries and retries[0][:2] == (str(EFF), "1"), retries  # 16 x 1 ran out of memory first
     assert all("CUDA out of memory" in r[2] and "injected" not in r[2] for r in retries), retries
     executed = [(m["micro_batch"], m["accumulation"]) for m in reports]
-    assert [m["step"] for m in reports] == [2, 4], reports  # the trial finished: both rungs reported, once each
+    assert [m["steps"] for m in reports] == [2, 4], reports  # the trial finished: both rungs reported, once each
     assert all(mb * acc == EFF for mb, acc in executed) and executed[-1][0] < EFF, executed  # same effective batch
     assert executed[-1] == (int(retries[-1][3]), int(retries[-1][4])), (executed, retries)  # reported as executed
     assert all(math.isfinite(m["val_loss"]) for m in reports)
@@ -138,7 +137,7 @@ def test_real_cuda_oom_is_retried_with_a_smaller_micro_batch_under_the_cap(gpu_m
     results["retry_fits"] = {
         "gpu_memory_fraction": fraction, "cap_gib": round(cap_gib, 3), "written": f"{EFF}x1",
         "tried": [f"{a}x{b}" for a, b, *_ in retries] + [f"{executed[-1][0]}x{executed[-1][1]}"],
-        "oom_errors": [r[2] for r in retries], "reports": [{k: m[k] for k in ("step", "micro_batch", "accumulation",
+        "oom_errors": [r[2] for r in retries], "reports": [{k: m[k] for k in ("steps", "micro_batch", "accumulation",
                                                                              "peak_mem_gb", "val_loss", "tokens_per_s")}
                                                             for m in reports],
         "seconds": round(seconds, 1), "allocated_after_gib": round(torch.cuda.memory_allocated() / GiB, 3),
@@ -150,10 +149,9 @@ def test_real_cuda_oom_is_retried_with_a_smaller_micro_batch_under_the_cap(gpu_m
               seconds=seconds)
 
 
-def test_real_cuda_oom_at_micro_batch_one_fails_tagged_oom_and_frees_the_gpu(gpu_model, results, fault_row, monkeypatch):
+def test_real_cuda_oom_at_micro_batch_one_fails_tagged_oom_and_frees_the_gpu(gpu_model, results, fault_row):
     import torch
 
-    monkeypatch.delenv(INJECT_OOM_ENV, raising=False)
     loaded, p1, total = gpu_model["loaded"], gpu_model["p1"], gpu_model["total"]
     fraction = round((loaded + p1) / 2 / total, 4)  # above the loaded model, below one row's training step
     cap_gib = fraction * total / GiB
@@ -179,7 +177,7 @@ def test_real_cuda_oom_at_micro_batch_one_fails_tagged_oom_and_frees_the_gpu(gpu
     t1 = time.perf_counter()
     run(_job(gpu_model, mb=4, acc=1, steps=(2,)), report=lambda m, d: reports.append(m), output_dir=gpu_model["root"] / "next")
     next_seconds = time.perf_counter() - t1
-    assert [(m["step"], m["micro_batch"], m["accumulation"]) for m in reports] == [(2, 4, 1)], reports
+    assert [(m["steps"], m["micro_batch"], m["accumulation"]) for m in reports] == [(2, 4, 1)], reports
     assert math.isfinite(reports[0]["val_loss"]) and reports[0]["peak_mem_gb"] > cap_gib, (reports, cap_gib)
     results["nothing_fits"] = {
         "gpu_memory_fraction": fraction, "cap_gib": round(cap_gib, 3), "written": "4x1", "message": msg,
@@ -216,7 +214,6 @@ def test_sweep_run_caps_a_trial_at_its_ray_gpu_share_and_records_the_retry(gpu_m
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, SWEEP_HOME=str(tmp_path / "home"),
                PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
-    env.pop(INJECT_OOM_ENV, None)  # the real thing only
     t0 = time.perf_counter()
     r = sweep_cli("run", path, cwd=tmp_path, env=env, timeout=400)
     seconds = time.perf_counter() - t0

@@ -73,4 +73,4 @@ def test_a_production_run_trains_on_documents(docs, make_job, tmp_path):
     job = make_job(data={"path": str(docs), "validation_split": None, "validation_fraction": 0.2},
                    budget={"min": 4, "max": 4})
     metrics = production.train(job, tmp_path / "run")
-    assert metrics["step"] == 4 and metrics["val_loss"] > 0
+    assert metrics["steps"] == 4 and metrics["val_loss"] > 0

@@ -101,6 +101,18 @@ def test_export_to_a_folder_writes_every_format_and_they_load(study, tmp_path):
     assert ax["datasets"][0]["type"] == "chat_template"
 
 
+def test_export_to_a_path_without_a_suffix_is_a_folder(study, tmp_path):
+    out = tmp_path / "export"  # `sweep export NAME -o export`: no suffix, no slash
+    export_best(study, str(out))
+    assert out.is_dir() and {"train.yaml", "sft_config.json", "EXPORT.md"} <= {p.name for p in out.iterdir()}
+    assert load_spec(out / "train.yaml").budget.rungs == [20]
+    from sweep.export import ExportError
+
+    with pytest.raises(ExportError, match=r"-o .*best\.json: the training config is YAML: give a file ending in \.yaml"):
+        export_best(study, str(tmp_path / "best.json"))
+    assert not (tmp_path / "best.json").exists()
+
+
 def test_export_epochs_counts_the_train_split(study, tmp_path):
     out = tmp_path / "e.yaml"
     export_best(study, out, epochs=2)

@@ -61,12 +61,12 @@ def resumed(job, tmp_path_factory):
 
 def test_output_folder_holds_config_curve_metrics_and_a_safetensors_adapter(uninterrupted, job):
     out, metrics = uninterrupted
-    assert metrics["step"] == 12
+    assert metrics["steps"] == 12
     assert {"config.yaml", "loss.csv", "loss.png", "metrics.json", "adapter"} <= {p.name for p in out.iterdir()}
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(open(out / "loss.csv")))
-    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    assert [int(r["steps"]) for r in rows] == list(range(1, 13))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["val_loss"] == pytest.approx(metrics["val_loss"]) and saved["ppl"] > 1
@@ -83,11 +83,11 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(uninterrupted
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     assert m_res["val_loss"] == pytest.approx(m_full["val_loss"], rel=1e-5)
-    assert m_res["learning_rate"] == pytest.approx(m_full["learning_rate"], abs=1e-12)
+    assert m_res["scheduled_lr"] == pytest.approx(m_full["scheduled_lr"], abs=1e-12)
     # the curve is whole across the crash: steps 1-4 from before it, 5-12 after
     full_rows = list(csv.DictReader(open(full / "loss.csv")))
     res_rows = list(csv.DictReader(open(res / "loss.csv")))
-    assert [r["step"] for r in res_rows] == [r["step"] for r in full_rows]
+    assert [r["steps"] for r in res_rows] == [r["steps"] for r in full_rows]
     assert [float(r["loss"]) for r in res_rows] == pytest.approx([float(r["loss"]) for r in full_rows], rel=1e-5)
 
 
@@ -137,5 +137,5 @@ def test_resume_skips_a_corrupted_newest_checkpoint_for_the_older_one_and_ends_t
     metrics = production.train(job, out, resume=True, log=said.append)
     assert "checkpoint checkpoint-8 rejected: optimizer.pt fails its SHA-256 check (corrupted)" in said
     assert "falling back to checkpoint-4" in said and f"resuming from {out / 'checkpoint-4'}" in said
-    assert metrics["step"] == 12
+    assert metrics["steps"] == 12
     assert metrics["val_loss"] == pytest.approx(uninterrupted[1]["val_loss"], rel=1e-5)

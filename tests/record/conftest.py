@@ -38,14 +38,13 @@ def make_search(storage, name="s", **kw):
 def result(steps: int, val_loss: float, i: int = 0) -> dict:
     """A rung report as the trial worker sends it (REPORT_KEYS + steps), plus Tune's own keys."""
     return {
-        "step": steps,
         "steps": steps,
         "samples": steps * 8,
         "rung": RUNGS.index(steps) if steps in RUNGS else -1,
         "val_loss": val_loss,
         "ppl": math.exp(val_loss),
         "train_loss": val_loss + 0.1,
-        "learning_rate": 1e-4,
+        "scheduled_lr": 1e-4,
         "tokens_per_s": 1000.0 + i,
         "samples_per_s": 10.0 + i,
         "peak_mem_gb": 1.5,

@@ -237,3 +237,52 @@ def test_a_stop_result_also_sent_to_on_trial_result_is_recorded_once(storage_url
     search.on_trial_complete("t1", result=drive.result(40, 1.2, 2))
     t = load_study(storage_url, "s").trials[0]
     assert t.state == TrialState.COMPLETE and t.intermediate_values == {10: 2.0, 20: 1.5, 40: 1.2}
+
+
+def test_a_searcher_restored_from_an_older_save_agrees_with_the_study(storage_url, drive, tmp_path):
+    """Tune saves its searcher every few seconds; a controller killed after a save restores an older searcher.
+    The study is the record: a trial it finished since is not recorded again, a trial asked for after the save
+    is run again with its recorded params (not sampled anew), and no later trial repeats its params."""
+    storage = open_storage(storage_url)
+    search = drive.make_search(storage)
+    search.suggest("t1")
+    search.on_trial_result("t1", drive.result(10, 2.0))
+    search.save(str(tmp_path / "searcher.pkl"))  # Tune's last save before the kill
+    search.on_trial_result("t1", drive.result(20, 1.5, 1))
+    search.on_trial_complete("t1", result=drive.result(40, 1.2, 2))
+    lost = search.suggest("t2")  # asked for after the save: the saved searcher never heard of it
+    search.on_trial_result("t2", drive.result(10, 3.0))
+    before = {t.number: (t.state, t.value, dict(t.intermediate_values)) for t in load_study(storage_url, "s").trials}
+
+    restored = drive.make_search(open_storage(storage_url))
+    restored.restore(str(tmp_path / "searcher.pkl"))  # as Tune.restore does
+    assert restored.finished_before("t1") and restored.final_state("t1") == "COMPLETE"
+    # Tune restarts t1 from its older state: its reports and its end change nothing.
+    restored.on_trial_result("t1", drive.result(20, 9.0, 1))
+    restored.on_trial_complete("t1", result=drive.result(40, 9.0, 2))
+    # The next trial Tune asks for is the lost one, with its recorded params, in the same study trial.
+    assert restored.suggest("t3") == lost and restored.trial_number("t3") == 1
+    drive_rest = [drive.result(10, 2.5), drive.result(20, 2.4, 1)]
+    restored.on_trial_result("t3", drive_rest[0])  # its rung 10 again: the first report stands
+    restored.on_trial_complete("t3", result=drive_rest[1])
+    fresh = restored.suggest("t4")
+    study = load_study(storage_url, "s")
+    after = {t.number: (t.state, t.value, dict(t.intermediate_values)) for t in study.trials}
+    assert after[0] == before[0]  # finished before the kill: unchanged
+    assert after[1][0] == TrialState.PRUNED and after[1][2] == {10: 3.0, 20: 2.4}
+    assert len(study.trials) == 3  # the lost trial was not asked for again
+    assert fresh != lost and fresh != study.trials[0].params  # the sampler's draws after the save are not repeated
+
+
+def test_a_write_to_a_trial_the_study_has_finished_is_skipped_not_fatal(storage_url, drive):
+    from sweep.record import fail_running_trials
+
+    search = drive.make_search(open_storage(storage_url))
+    search.suggest("t1")
+    study = load_study(storage_url, "s")
+    assert fail_running_trials(study, "ended elsewhere") == [0]  # e.g. by another resume
+    search.on_trial_result("t1", drive.result(10, 2.0))
+    search.on_trial_complete("t1", result=drive.result(20, 1.9, 1))
+    search.record_retry("t1", "worker died", 10)
+    t = load_study(storage_url, "s").trials[0]
+    assert t.state == TrialState.FAIL and t.intermediate_values == {} and t.user_attrs["fail_reason"] == "ended elsewhere"

@@ -21,7 +21,7 @@ def _trainable(config):
     loss = 3.0
     for i, steps in enumerate(RUNGS):
         loss -= config["learning_rate"] * 100 / (i + 1)
-        tune.report({"steps": steps, "step": steps, "val_loss": loss, "ppl": 2.718 ** loss,
+        tune.report({"steps": steps, "val_loss": loss, "ppl": 2.718 ** loss,
                      "tokens_per_s": 100.0, "samples_per_s": 1.0, "peak_mem_gb": 0.1, "wall_s": 1.0})
 
 

@@ -158,3 +158,38 @@ def test_help_loads_nothing_heavy():
     assert "validate" in r.stdout and "run" in r.stdout
     assert "HEAVY=\n" in r.stdout + "\n" and "HEAVY=," not in r.stdout, r.stdout
     assert r.stdout.strip().endswith("HEAVY="), r.stdout
+
+
+def test_validate_reports_field_and_cross_field_problems_at_once():
+    with pytest.raises(SpecError) as e:
+        spec_with("training: {learning_rate: -1}\n"
+                  "search: {params: {lora_r: {type: int, low: 64, high: 8}, learning_rate: {type: loguniform, low: 0, high: 1}}}")
+    paths = [p.path for p in e.value.problems]
+    assert sorted(paths) == ["search.params.learning_rate.low", "search.params.lora_r.low", "training.learning_rate"], str(e.value)
+    assert "greater than 0" in str(e.value) and "low (64) is greater than high (8)" in str(e.value)
+    assert "log-scale range needs low > 0" in str(e.value)
+
+
+def test_one_path_resolver_for_specs_and_generated_assets(tmp_path, monkeypatch):
+    from trial_worker.config import resolve_path
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_path("data", tmp_path) == str(tmp_path / "data")                 # exists under the spec's folder
+    assert resolve_path("./nope", tmp_path) == str(tmp_path / "nope")               # ./ is always local
+    assert resolve_path("~/data", tmp_path / "elsewhere") == str(tmp_path / "data")  # ~ is the home folder
+    assert resolve_path("org/model", tmp_path) == "org/model"                        # a hub id stays
+    assert resolve_path("org/model", tmp_path, generated=True) == str(tmp_path / "org" / "model")
+    assert resolve_path("hf://datasets/x/y", tmp_path) == "hf://datasets/x/y"
+
+
+def test_job_operations_live_on_the_job():
+    from trial_worker.config import JobConfig
+
+    spec = spec_with("budget: {min: 10, max: 100, reduction_factor: 3}")
+    job = JobConfig.of(spec.model_dump())
+    assert type(job) is JobConfig and job == spec.job()
+    assert job.budget.rungs == [10, 30, 90, 100]
+    top = job.at_top_rung()
+    assert top.budget.rungs == [100] and top.training == job.training
+    assert job.for_steps(7).budget.model_dump() == {"unit": "steps", "min": 7, "max": 7, "reduction_factor": 3}

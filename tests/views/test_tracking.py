@@ -22,8 +22,8 @@ def _trainable(config):
     loss = 3.0
     for i, steps in enumerate(RUNGS):
         loss -= config["learning_rate"] * 50 / (i + 1)
-        tune.report({"steps": steps, "step": steps, "samples": steps * 8, "val_loss": loss, "ppl": 2.718 ** loss,
-                     "train_loss": loss + 0.1, "learning_rate": config["learning_rate"], "tokens_per_s": 1000.0 + i,
+        tune.report({"steps": steps, "samples": steps * 8, "val_loss": loss, "ppl": 2.718 ** loss,
+                     "train_loss": loss + 0.1, "scheduled_lr": config["learning_rate"], "tokens_per_s": 1000.0 + i,
                      "samples_per_s": 10.0 + i, "peak_mem_gb": 0.25, "wall_s": 1.0})
 
 
@@ -133,7 +133,7 @@ def test_history_is_logged_at_the_budget_steps_and_matches_the_study(tracked):
         for h in hist:
             assert h["val_loss"] == pytest.approx(t.intermediate_values[h["_step"]])
             assert h["rung"] == RUNGS.index(h["_step"]) + 1
-            for k in ("train_loss", "ppl", "learning_rate", "tokens_per_s", "samples_per_s", "peak_mem_gb"):
+            for k in ("train_loss", "ppl", "scheduled_lr", "tokens_per_s", "samples_per_s", "peak_mem_gb"):
                 assert k in h, k
 
 

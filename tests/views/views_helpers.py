@@ -56,7 +56,7 @@ def build_study(storage_url: str, name: str = "views", n: int = 8, seed: int = 0
             t.report(loss, step)
             t.set_user_attr(f"rung_{step}", {"val_loss": loss, "ppl": math.exp(loss), "train_loss": loss + 0.1,
                                              "samples_per_s": 20 + 10 * r / 16, "tokens_per_s": 1000 + 400 * r / 16,
-                                             "peak_mem_gb": 0.5 + r / 32, "step": step})
+                                             "peak_mem_gb": 0.5 + r / 32, "steps": step})
         t.set_user_attr("rung_reached", reach)
         t.set_user_attr("budget_reached", RUNGS[reach - 1])
         t.set_user_attr("budget_unit", "steps")

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from trial_worker.config import DataConfig
 from trial_worker.data import DataFormatError, detect_format, load_splits
@@ -88,25 +89,31 @@ def test_errors_name_the_problem(tmp_path):
         load_splits(DataConfig(path=str(tmp_path / "missing.jsonl")))
 
 
-@pytest.mark.parametrize("row, answer", [
-    (SHAREGPT, "6<|eot_id|>"),            # only the last assistant turn is trained on
-    (MESSAGES, "TIGER<|eot_id|>"),
-    (INSTRUCTION, "12<|eot_id|>"),
-    (TEXT, " enots </s><|eot_id|>"),      # TRL appends the eos to plain-text completions
+@pytest.mark.parametrize("row, answers", [
+    (SHAREGPT, ["4<|eot_id|>", "6<|eot_id|>"]),  # every assistant turn is trained on, nothing between them
+    (MESSAGES, ["TIGER<|eot_id|>"]),
+    (INSTRUCTION, ["12<|eot_id|>"]),
+    (TEXT, [" enots </s><|eot_id|>"]),      # TRL appends the eos to plain-text completions
 ])
-def test_loss_is_on_response_tokens_only(make_job, tmp_path, row, answer):
+def test_loss_is_on_response_tokens_only(make_job, tmp_path, row, answers):
     path = _write(tmp_path / "d.jsonl", row)
     job = make_job(data={"path": path, "validation_fraction": 0.25, "max_seq_length": 256})
     trial = QLoRATrial(job, output_dir=str(tmp_path / "out")).setup()
     tok = trial.trainer.processing_class
     batch = next(iter(trial.trainer.get_train_dataloader()))
-    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
-        ids, labels = ids[mask.bool()], labels[mask.bool()]
+    # A padding-free micro-batch: rows back to back, each starting at position 0, then bucket padding.
+    n = int(batch["num_tokens"])
+    starts = (batch["position_ids"][0, :n] == 0).nonzero().flatten().tolist() + [n]
+    assert len(starts) - 1 == min(job.training.per_device_train_batch_size, len(trial.trainer.train_dataset))
+    for a, b in zip(starts, starts[1:]):
+        ids, labels = batch["input_ids"][0, a:b], batch["labels"][0, a:b]
         trained = labels != -100
-        start = int(trained.nonzero()[0])
-        assert trained[start:].all() and not trained[:start].any()  # prompt masked, response not
         assert (labels[trained] == ids[trained]).all()
-        assert tok.decode(ids[start:]) == answer
+        # The runs of trained tokens are exactly the responses; the last one ends the sequence.
+        edges = torch.diff(trained.int(), prepend=torch.tensor([0]), append=torch.tensor([0]))
+        run_starts, run_ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
+        assert [tok.decode(ids[s:e]) for s, e in zip(run_starts, run_ends)] == answers
+        assert run_ends[-1] == len(ids)
     # Padding never counts either.
-    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    assert (batch["labels"][0, n:] == -100).all()
     trial.cleanup()

@@ -10,9 +10,14 @@ from trial_worker.recipe import QLoRATrial
 GiB = 2**30
 
 
-def _losses(job, tmp_path) -> list[float]:
+def _losses(job, tmp_path, *, padded: bool = False) -> list[float]:
+    """Per-step training losses of `job`; `padded`: the stock right-padded micro-batches instead of flattened ones."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     trial = QLoRATrial(job, output_dir=tmp_path).setup()
     try:
+        if padded:
+            trial.trainer.data_collator = DataCollatorForLanguageModeling(pad_token_id=trial.trainer.processing_class.pad_token_id)
         trial.train()
         return [h["loss"] for h in trial.trainer.state.log_history if "loss" in h]
     finally:
@@ -31,6 +36,25 @@ def test_8x1_and_2x4_train_the_same_model(make_job, tmp_path):
     assert one[-1] < one[0] - 0.3, "the model must actually train for the comparison to mean anything"
     for step, (a, b) in enumerate(zip(one, four), 1):
         assert b == pytest.approx(a, rel=0.01), f"step {step}: 8x1 loss {a:.5f} vs 2x4 loss {b:.5f}"
+
+
+def test_flattened_and_padded_batches_train_the_same_model(make_job, tmp_path):
+    """Token-mean over the whole effective batch: per-step losses of 8 steps agree within 1e-4 (fp32)."""
+    common = dict(learning_rate=5e-3, logging_steps=1, execution="as_written", seed=3)
+
+    def job(mb: int):
+        return make_job(lora={"dropout": 0.0}, training=dict(common, per_device_train_batch_size=mb,
+                                                              gradient_accumulation_steps=8 // mb),
+                        budget={"min": 8, "max": 8})
+
+    padded = _losses(job(8), tmp_path / "padded", padded=True)
+    flat = _losses(job(8), tmp_path / "flat")
+    flat_2x4 = _losses(job(2), tmp_path / "flat2x4")
+    assert len(padded) == len(flat) == len(flat_2x4) == 8
+    assert padded[-1] < padded[0] - 0.1, "the model must actually train for the comparison to mean anything"
+    for step, (a, b, c) in enumerate(zip(padded, flat, flat_2x4), 1):
+        assert b == pytest.approx(a, rel=1e-4), f"step {step}: padded 8x1 loss {a:.6f} vs flattened 8x1 {b:.6f}"
+        assert c == pytest.approx(a, rel=1e-4), f"step {step}: padded 8x1 loss {a:.6f} vs flattened 2x4 {c:.6f}"
 
 
 def test_candidates_try_big_micro_batches_without_checkpointing_first():

@@ -28,7 +28,7 @@ def test_qlora_trial_on_gpu_reports_and_resumes(make_job, tmp_path):
 
     reports = []
     run(job, report=lambda m, d: reports.append((m, d)), output_dir=tmp_path / "a")
-    assert [m["step"] for m, _ in reports] == [4, 8]
+    assert [m["steps"] for m, _ in reports] == [4, 8]
     assert all(set(m) == set(REPORT_KEYS) for m, _ in reports)
     assert reports[-1][0]["val_loss"] < reports[0][0]["val_loss"]
     assert 0 < reports[-1][0]["peak_mem_gb"] < 2 and torch.cuda.max_memory_allocated() > 0
@@ -36,6 +36,36 @@ def test_qlora_trial_on_gpu_reports_and_resumes(make_job, tmp_path):
     shutil.copytree(reports[0][1], tmp_path / "rung0")
     resumed = []
     run(job, report=lambda m, d: resumed.append(m), resume_from=str(tmp_path / "rung0"), output_dir=tmp_path / "b")
-    assert [m["step"] for m in resumed] == [8]
-    assert resumed[0]["learning_rate"] == pytest.approx(reports[-1][0]["learning_rate"])
+    assert [m["steps"] for m in resumed] == [8]
+    assert resumed[0]["scheduled_lr"] == pytest.approx(reports[-1][0]["scheduled_lr"])
     assert resumed[0]["val_loss"] == pytest.approx(reports[-1][0]["val_loss"], rel=1e-3)  # GPU kernels: not bitwise
+
+
+def test_flattened_rows_attend_only_to_themselves_on_gpu(make_job):
+    """On CUDA a padding-free micro-batch runs torch's varlen flash-attention kernel: same logits as each row alone."""
+    import torch
+
+    from trial_worker.data import FlatCollator
+    from trial_worker.model import _varlen_kernel, load_model
+
+    assert _varlen_kernel() is not None, f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    job = make_job(model={"quantization": {"bnb_4bit_compute_dtype": "bfloat16"}}, training={"use_cpu": None, "bf16": True})
+    tok, model = load_model(job.model, job.training)
+    model.eval()
+    rows = [tok(t)["input_ids"] for t in ("What is 12 + 30? 42", "Reverse abc: cba", "Sort 3 1 2: 1 2 3 and more")]
+    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in FlatCollator(tok.pad_token_id)([{"input_ids": r} for r in rows]).items()}
+    batch.pop("num_tokens"), batch.pop("labels")
+    with torch.no_grad():
+        flat = model(**batch).logits[0].float()
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                      cu_seq_lens_q=batch["cu_seq_lens_q"][[0, -1]], cu_seq_lens_k=batch["cu_seq_lens_k"][[0, -1]],
+                      max_length_q=batch["input_ids"].shape[1], max_length_k=batch["input_ids"].shape[1]).logits[0].float()
+        s, worst = 0, 0.0
+        for row in rows:
+            alone = model(input_ids=torch.tensor([row], device="cuda")).logits[0].float()
+            worst = max(worst, float((alone - flat[s:s + len(row)]).abs().max()))
+            s += len(row)
+    s, row = s - len(rows[-1]), rows[-1]
+    leak = float((leaky[s:s + len(row)] - flat[s:s + len(row)]).abs().max())
+    assert worst < 2e-2, f"a row inside the flattened batch differs from the row alone by {worst}"
+    assert leak > 4 * worst, f"one boundary for all rows must show as cross-row attention ({leak} vs {worst})"

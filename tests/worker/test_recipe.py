@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from trial_worker.config import REPORT_KEYS, JobConfig
-from trial_worker.recipe import evaluate_base, rung_steps, run, sft_config
+from trial_worker.formats import rung_steps, sft_config
+from trial_worker.recipe import evaluate_base, run
 
 
 def _job(tiny_model, task_data, **training) -> JobConfig:
@@ -32,7 +33,7 @@ def full_run(tiny_model, task_data, tmp_path_factory):
 
 def test_reports_at_every_rung_with_a_resumable_checkpoint(full_run):
     job, reports, _ = full_run
-    assert [m["step"] for m, _ in reports] == [5, 10, 20]
+    assert [m["steps"] for m, _ in reports] == [5, 10, 20]
     assert [m["rung"] for m, _ in reports] == [0, 1, 2]
     assert [m["samples"] for m, _ in reports] == [20, 40, 80]
     for metrics, ckpt in reports:
@@ -52,7 +53,7 @@ def test_lr_schedule_spans_the_top_rung(full_run):
     job, reports, _ = full_run
     lr = job.training.learning_rate
     expected = [lr * (20 - (s - 1)) / 20 for s in (5, 10, 20)]
-    assert [m["learning_rate"] for m, _ in reports] == pytest.approx(expected, abs=1e-9)
+    assert [m["scheduled_lr"] for m, _ in reports] == pytest.approx(expected, abs=1e-9)
 
 
 def test_training_lowers_the_loss(full_run):
@@ -72,9 +73,9 @@ def test_resume_from_a_rung_checkpoint_continues_the_same_run(full_run, tmp_path
     resumed = []
     run(job, report=lambda m, d: resumed.append(m), resume_from=str(saved), output_dir=tmp_path / "out")
 
-    assert [m["step"] for m in resumed] == [20]  # continues at step 10, next rung 20
+    assert [m["steps"] for m in resumed] == [20]  # continues at step 10, next rung 20
     r = resumed[0]
-    assert r["learning_rate"] == pytest.approx(m20["learning_rate"], abs=1e-12)
+    assert r["scheduled_lr"] == pytest.approx(m20["scheduled_lr"], abs=1e-12)
     assert r["val_loss"] == pytest.approx(m20["val_loss"], rel=1e-6)
     assert r["train_loss"] == pytest.approx(m20["train_loss"], rel=1e-6)
     assert r["train_s"] > m10["train_s"]  # time counters carry over
@@ -111,7 +112,7 @@ def test_packing_trains(tiny_model, task_data, tmp_path):
     })
     reports = []
     run(job, report=lambda m, d: reports.append(m), output_dir=tmp_path)
-    assert [m["step"] for m in reports] == [3] and math.isfinite(reports[0]["val_loss"])
+    assert [m["steps"] for m in reports] == [3] and math.isfinite(reports[0]["val_loss"])
 
 
 def test_same_params_and_seed_give_the_same_trial(tiny_model, task_data, tmp_path):

@@ -1,0 +1,132 @@
+"""Ray / Ray Tune internals used by the controller (tested: tests/compat/test_compat.py; ray <2.61).
+
+Importing this module does not import Ray: each function imports what it touches.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+# Loggers whose records the controller filters while a sweep may stop (sweep.stops.QuietStops):
+# Tune's driver loop, its experiment-state saver, and Ray's worker module that prints actors' errors.
+TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state",
+                "ray._private.worker")
+# The first words of Tune's own log messages that the controller recognises (they are not an API).
+TRIAL_FAILED_MESSAGES = ("Trial task failed", "Unhandled error")
+STATE_SAVE_FAILED_MESSAGE = "Saving experiment state to storage"
+STOP_MESSAGES = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
+# Tune could not delete a checkpoint its (restored, older) state still listed: it registered the new one first.
+CHECKPOINT_HANDLING_FAILED = "Trial %s: Error handling checkpoint"
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Bind a local Ray's servers to 127.0.0.1 only.
+
+    Ray 2.60 turns `_node_ip_address="127.0.0.1"` back into the node's routable IP and binds its
+    gRPC servers to all interfaces; its single-machine mode (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`,
+    read when ray is imported into `ray._private.ray_constants.ENABLE_RAY_CLUSTER`) keeps the node
+    IP at 127.0.0.1. The constant is set too, in case ray was imported before the variable was.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true"):
+        return  # the user asked for the node to be exposed
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def interrupt_tune(fallback: BaseException) -> None:
+    """End `Tuner.fit` the way Ctrl+C does: Tune stops starting trials, saves its experiment state one last
+    time with the running trials unfinished, stops their actors and returns. Tune handles SIGUSR1 like SIGINT
+    while it runs in the main thread (its private `ray.tune.tune._setup_signal_catching`); elsewhere
+    `fallback` is raised from the callback, which ends the fit too."""
+    if threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGUSR1)):
+        signal.raise_signal(signal.SIGUSR1)
+    else:
+        raise fallback
+
+
+def ray_temp_dir() -> Path:
+    """Where Ray keeps its session folders on this machine (as `ray._common.utils.get_default_ray_temp_dir`)."""
+    base = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    return Path(base or "/tmp") / "ray"
+
+
+def staged_experiment_dirs(run_dir: Path) -> list[Path]:
+    """Folders where Ray may keep its own copies of Tune's experiment state for `run_dir`, newest first.
+
+    Tune writes its experiment state in the Ray session folder of the driver
+    (`session_*/artifacts/<time>/<experiment>/driver_artifacts`) and copies it into the run folder.
+    Resolved: `session_latest` links to one of them.
+    """
+    staged = {d.resolve() for d in ray_temp_dir().glob(f"session_*/artifacts/*/{run_dir.name}/driver_artifacts")
+              if d.is_dir()}
+    return sorted(staged, key=lambda d: d.stat().st_mtime, reverse=True)
+
+
+def state_names_run_folder(state_file: Path, run_dir: Path) -> bool:
+    """Whether a Tune experiment state is `run_dir`'s: Tune pickles each trial's storage context (storage
+    path included) into it, as hex."""
+    try:
+        return str(run_dir.parent).encode().hex() in state_file.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def session_dir_of(pid: int) -> str | None:
+    """The Ray session folder a Ray process of this machine belongs to (its `--session-dir=`/`--temp-dir`
+    arguments name it: the raylet, GCS, dashboard agent and runtime-env agent all get it), or None."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for a in args:
+        for flag in (b"--session-dir=", b"--session_dir="):
+            if a.startswith(flag):
+                return a[len(flag):].decode(errors="replace")
+    return None
+
+
+# ------------------------------------------------------------------ Ray Tune's OptunaSearch
+# `sweep.search.StudySearch` extends Tune's OptunaSearch, whose state lives in private attributes:
+# `_ot_trials` (Ray trial id -> optuna.trial.Trial) and `_completed_trials` (Ray trial ids told).
+
+def searcher_trials(searcher: Any) -> dict:
+    """OptunaSearch's Ray trial id -> `optuna.trial.Trial` map (the trials it asked for)."""
+    return searcher._ot_trials
+
+
+def set_searcher_trials(searcher: Any, trials: dict) -> None:
+    searcher._ot_trials = trials
+
+
+def completed_trials(searcher: Any) -> set:
+    """OptunaSearch's set of Ray trial ids it has told the study about (it ignores their later results)."""
+    return searcher._completed_trials
+
+
+def restored_callbacks(tuner: Any) -> list:
+    """The callbacks `Tuner.restore` unpickled from the run folder (it takes no RunConfig, and keeps them on its
+    private `_local_tuner`): the controller needs its own progress callback back to see a disk-full stop."""
+    return list(tuner._local_tuner.get_run_config().callbacks or [])
+
+
+def pop_searcher_trials(state: dict) -> dict:
+    """Take OptunaSearch's trial map out of a searcher's pickled `__dict__` (Trial objects hold a storage
+    cache with a lock and cannot be pickled; `StudySearch` keeps their storage ids instead)."""
+    return state.pop("_ot_trials", None) or {}
+
+
+def asha_rungs(scheduler: Any) -> list:
+    """ASHAScheduler's rungs, every bracket's: (milestone, {Ray trial id: metric_op * value}) pairs, in the private
+    `_brackets[i]._rungs` lists that its decisions read; `metric_op` (`_metric_op`) is -1 for "min", 1 for "max"."""
+    return [rung for bracket in scheduler._brackets for rung in bracket._rungs]
+
+
+def asha_metric_op(scheduler: Any) -> float:
+    return scheduler._metric_op

@@ -1,0 +1,181 @@
+"""The private corners of Ray, Optuna and TRL that `sweep/_compat/` and `trial_worker/_compat.py` rely on:
+each still exists and behaves as the code assumes, for the installed versions (pyproject.toml pins the range).
+Fast: no Ray cluster, no model."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_switch_keeps_a_local_ray_on_loopback():
+    # In a fresh interpreter, as the controller does it before `import ray`.
+    code = ("from sweep._compat.ray import keep_local_ray_on_loopback; keep_local_ray_on_loopback(); "
+            "import ray._private.ray_constants as c; print(c.ENABLE_RAY_CLUSTER)")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+    # The variable is what Ray itself reads when imported.
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+    code = "import ray._private.ray_constants as c; print(c.ENABLE_RAY_CLUSTER)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr
+
+
+def test_tune_loggers_and_messages_the_stop_filter_recognises_exist():
+    from sweep._compat import ray as compat
+
+    sources = ""
+    for name in compat.TUNE_LOGGERS:
+        module = importlib.import_module(name)  # a logger per module: logging.getLogger(__name__)
+        assert isinstance(getattr(module, "logger", None), logging.Logger) and module.logger.name == name, name
+        sources += inspect.getsource(module)
+    for text in (*compat.TRIAL_FAILED_MESSAGES, compat.STATE_SAVE_FAILED_MESSAGE, *compat.STOP_MESSAGES,
+                 compat.CHECKPOINT_HANDLING_FAILED):
+        assert text in sources, f"Tune no longer logs {text!r}"
+
+
+def test_sigusr1_ends_a_tune_run_like_ctrl_c():
+    from ray.tune import tune as tune_module
+
+    from sweep._compat.ray import interrupt_tune
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        interrupted = tune_module._setup_signal_catching()
+        interrupt_tune(RuntimeError("not in the main thread"))
+        assert interrupted.wait(5), "Tune's handler did not take SIGUSR1"
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def test_ray_folders_are_where_the_controller_looks():
+    from ray._common.utils import get_default_ray_temp_dir
+    from ray._private import services
+    from ray.train._internal import storage
+
+    from sweep._compat.ray import ray_temp_dir
+
+    assert str(ray_temp_dir()) == get_default_ray_temp_dir()
+    assert "driver_artifacts" in inspect.getsource(storage.StorageContext)  # session_*/artifacts/*/<exp>/driver_artifacts
+    assert "--session-dir=" in inspect.getsource(services)  # how `session_dir_of` tells Ray processes' sessions
+
+
+def test_session_dir_of_reads_a_ray_processes_arguments(tmp_path):
+    from sweep._compat.ray import session_dir_of
+
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "--session-dir=/tmp/ray/session_x"])
+    try:
+        for _ in range(100):
+            if session_dir_of(p.pid):
+                break
+            time.sleep(0.05)
+        assert session_dir_of(p.pid) == "/tmp/ray/session_x"
+        assert session_dir_of(os.getpid()) is None
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_optuna_search_keeps_its_trials_where_study_search_reads_them(tmp_path):
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweep._compat.ray import completed_trials, pop_searcher_trials, searcher_trials, set_searcher_trials
+
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    s = OptunaSearch(space, metric="loss", mode="min", storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/s.db"),
+                     study_name="s")
+    config = s.suggest("t1")
+    assert isinstance(searcher_trials(s)["t1"], optuna.trial.Trial) and searcher_trials(s)["t1"].params == config
+    s.on_trial_complete("t1", {"loss": 0.5})
+    assert "t1" in completed_trials(s)
+    state = dict(s.__dict__)
+    assert set(pop_searcher_trials(state)) == {"t1"} and "_ot_trials" not in state
+    set_searcher_trials(s, {})
+    assert searcher_trials(s) == {}
+
+
+def test_a_restored_tuner_keeps_its_callbacks_where_the_controller_finds_them(tmp_path):
+    from ray import tune
+
+    from sweep._compat.ray import restored_callbacks
+
+    class Mark(tune.Callback):
+        pass
+
+    mark = Mark()
+    tuner = tune.Tuner(lambda config: None, run_config=tune.RunConfig(storage_path=str(tmp_path), callbacks=[mark]))
+    assert restored_callbacks(tuner) == [mark]
+
+
+def test_asha_keeps_its_rungs_where_the_scheduler_rebuilds_them():
+    from ray.tune.schedulers import ASHAScheduler
+
+    from sweep._compat.ray import asha_metric_op, asha_rungs
+
+    asha = ASHAScheduler(metric="val_loss", mode="min", time_attr="steps", max_t=8, grace_period=2, reduction_factor=2)
+    assert asha_metric_op(asha) == -1.0
+    rungs = asha_rungs(asha)
+    assert sorted(m for m, _ in rungs) == [2, 4, 8]  # milestones min * rf**k up to max
+    recorded = dict(rungs)[4]
+    recorded.update({"a": -1.0, "b": -2.0})  # values as ASHA keeps them: metric_op * val_loss
+
+    class Trial:
+        trial_id = "c"
+
+    # A worse trial than both recorded ones reaching rung 4 is stopped by the rebuilt cutoff.
+    assert asha._brackets[0].on_result(Trial(), 4, -3.0) == "STOP"
+
+
+def test_optuna_internals_the_record_uses(tmp_path):
+    from sweep._compat.optuna import cached_frozen, set_user_attr_of_finished_trial, study_storage, trial_id
+
+    url = f"sqlite:///{tmp_path}/o.db"
+    study = optuna.create_study(storage=url, study_name="o")
+    trial = study.ask()
+    trial.report(1.5, 10)
+    assert cached_frozen(trial).intermediate_values == {10: 1.5}
+    frozen = study.trials[0]
+    assert trial_id(frozen) == trial_id(trial) and study_storage(study).get_trial(trial_id(trial)).number == 0
+    study.tell(trial, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # what the searcher skips on a resume
+        study_storage(study).set_trial_user_attr(trial_id(trial), "k", 1)
+    set_user_attr_of_finished_trial(study_storage(study), trial_id(trial), "fail_reason", "why")  # a cached storage
+    set_user_attr_of_finished_trial(optuna.storages.RDBStorage(url), trial_id(trial), "fail_reason", "why 2")
+    assert optuna.load_study(study_name="o", storage=url).trials[0].user_attrs["fail_reason"] == "why 2"
+
+
+def test_worker_internals_ray_train_session_and_trl_metrics():
+    from ray.train._internal import session, storage
+    from trl import SFTTrainer
+
+    from trial_worker._compat import set_logged_token_count, storage_checkpoint
+
+    assert callable(session.get_storage)
+    assert {"checkpoint_fs_path", "storage_filesystem"} <= set(dir(storage.StorageContext)) | set(
+        inspect.signature(storage.StorageContext.__init__).parameters) | set(inspect.getsource(storage.StorageContext).split())
+    with pytest.raises(Exception):
+        storage_checkpoint()  # outside a Tune session: the worker says "the run's storage" instead
+    # SFTTrainer keeps its logged metrics in `_metrics[mode][name]` lists and averages them in `log`.
+    assert 'self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}' in inspect.getsource(SFTTrainer.__init__)
+    assert "self._metrics[mode]" in inspect.getsource(SFTTrainer.log)
+
+    class Trainer:
+        _metrics = {"train": {}}
+
+    set_logged_token_count(Trainer, 123)
+    assert Trainer._metrics["train"]["num_tokens"] == [123]

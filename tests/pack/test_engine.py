@@ -1,0 +1,166 @@
+"""Packed training is each trial's solo training: K trials on one base give each the losses it gets alone.
+
+All on the tiny Llama, 4-bit base with fp32 compute, the real bitsandbytes layers. "Alone" is the same engine
+holding that one trial; "packed" holds several at once, with different learning rates, schedulers, optimizers,
+batch sizes, accumulation, LoRA ranks and dropout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from trial_worker.config import JobConfig
+
+torch = pytest.importorskip("torch")
+
+REL = 1e-3
+# Different everything that makes a trial that trial.
+TRIALS = {
+    "a": {},
+    "b": {"training": {"learning_rate": 1e-3, "lr_scheduler_type": "cosine", "per_device_train_batch_size": 2,
+                       "gradient_accumulation_steps": 3, "seed": 7, "warmup_ratio": 0.2},
+          "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
+    "c": {"training": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "optim": "sgd",
+                       "learning_rate": 0.05, "seed": 3}, "lora": {"r": 16, "target_modules": ["q_proj", "v_proj"]}},
+}
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory) -> dict[str, JobConfig]:
+    from trial_worker.demo_assets import write_task_data, write_tiny_llama
+
+    root = tmp_path_factory.mktemp("pack")
+    model, data = write_tiny_llama(root / "tiny"), write_task_data(root / "tasks", n_train=120, n_val=24)
+
+    def job(training=None, lora=None) -> JobConfig:
+        return JobConfig.model_validate({
+            "model": {"name_or_path": str(model), "quantization": {"bnb_4bit_compute_dtype": "float32"},
+                      "lora": {"r": 8, "alpha": 16, **(lora or {})}},
+            "data": {"path": str(data), "max_seq_length": 64},
+            "training": {"learning_rate": 5e-3, "per_device_train_batch_size": 4, "use_cpu": True, "torch_threads": 2,
+                         **(training or {})},
+            "budget": {"min": 2, "max": 4},
+        })
+
+    return {k: job(**v) for k, v in TRIALS.items()}
+
+
+@pytest.fixture(scope="module")
+def engine(jobs, tmp_path_factory):
+    from trial_worker.pack.engine import PackEngine
+
+    return PackEngine(jobs["a"], output_dir=str(tmp_path_factory.mktemp("out")))
+
+
+def drive(engine, jobs, *, join: dict | None = None, leave: dict | None = None, ids=None, resume: dict | None = None,
+          poison: dict | None = None):
+    """Train `ids` to the end in `engine`: {id: (per-step losses, rung val losses, checkpoints, error)}.
+
+    `join`/`leave`: {id: pack step at which it joins / is taken out}; `poison`: {id: pack step at which its
+    adapter turns NaN}; `resume`: {id: checkpoint to start from}."""
+    ids = list(ids or jobs)
+    join, leave, poison, resume = join or {}, leave or {}, poison or {}, resume or {}
+    out = {i: {"val": [], "ckpt": [], "error": None} for i in ids}
+    trials, n = {}, 0
+    while True:
+        for i in ids:
+            if i not in trials and join.get(i, 0) <= n:
+                trials[i] = engine.add(i, jobs[i], lambda m, d, i=i: (out[i]["val"].append(m["val_loss"]),
+                                                                      out[i]["ckpt"].append(d)),
+                                       resume_from=resume.get(i))
+            if i in leave and leave[i] == n:
+                engine.remove(i)
+            if i in poison and poison[i] == n:
+                with torch.no_grad():
+                    next(iter(trials[i].named_params.values())).fill_(float("nan"))
+        for t in engine.trials.values():
+            if t.state == "parked":
+                t.state = "running"
+        for t in [t for t in engine.trials.values() if t.state == "done"]:
+            engine.remove(t.id)
+        if not engine.step() and all(i in trials for i in ids):
+            break
+        n += 1
+    for t in engine.failed:
+        out[t.id]["error"] = t.error
+    engine.failed.clear()
+    for i in ids:
+        out[i]["loss"] = [loss for _, loss in trials[i].history]
+    return out
+
+
+def close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=REL) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def solo(engine, jobs, tmp_path_factory):
+    import shutil
+
+    out = {}
+    for i in jobs:
+        out[i] = drive(engine, jobs, ids=[i])[i]
+        # the first rung's checkpoint, kept apart (later runs of the same trial id write the same folder names)
+        out[i]["rung1"] = str(shutil.copytree(out[i]["ckpt"][0], tmp_path_factory.mktemp("kept") / i))
+    return out
+
+
+def test_packed_trials_train_as_they_would_alone(engine, jobs, solo):
+    packed = drive(engine, jobs)
+    for i in jobs:
+        assert len(solo[i]["loss"]) == 4 and len(solo[i]["val"]) == 2  # rungs at steps 2 and 4
+        assert close(packed[i]["loss"], solo[i]["loss"]), (i, packed[i]["loss"], solo[i]["loss"])
+        assert close(packed[i]["val"], solo[i]["val"]), (i, packed[i]["val"], solo[i]["val"])
+    # the trials did learn, each differently (so equality above is not the same numbers three times)
+    assert len({round(solo[i]["loss"][-1], 6) for i in jobs}) == 3
+    assert all(solo[i]["val"][-1] < solo[i]["val"][0] or i == "c" for i in jobs)
+
+
+def test_joining_and_leaving_leaves_the_others_unchanged(engine, jobs, solo):
+    # b joins late, c is taken out midway (as ASHA prunes): a's and b's numbers are their solo ones
+    moved = drive(engine, jobs, join={"b": 3}, leave={"c": 2})
+    assert close(moved["a"]["loss"], solo["a"]["loss"])
+    assert close(moved["b"]["loss"], solo["b"]["loss"]) and close(moved["b"]["val"], solo["b"]["val"])
+    assert len(moved["c"]["loss"]) < 4
+
+
+def test_a_trial_gone_nan_fails_alone(engine, jobs, solo):
+    from trial_worker.recipe import NonFiniteLoss
+
+    hit = drive(engine, jobs, poison={"b": 2})
+    assert isinstance(hit["b"]["error"], NonFiniteLoss) and "diverged" in str(hit["b"]["error"])
+    assert hit["a"]["error"] is None and hit["c"]["error"] is None
+    assert close(hit["a"]["loss"], solo["a"]["loss"]) and close(hit["a"]["val"], solo["a"]["val"])
+    assert close(hit["c"]["loss"], solo["c"]["loss"]) and close(hit["c"]["val"], solo["c"]["val"])
+
+
+def test_resumed_from_a_rung_checkpoint_continues_as_if_never_stopped(engine, jobs, solo):
+    from trial_worker.checkpoint import verify
+
+    assert verify(solo["b"]["rung1"]) is None  # hashed manifest, as the solo worker's checkpoints
+    # b comes back from its first rung (as a Tune retry after its pack was killed) into a pack with a
+    again = drive(engine, {"b": jobs["b"], "a": jobs["a"]}, ids=["b", "a"], resume={"b": solo["b"]["rung1"]})
+    assert close(again["b"]["loss"], solo["b"]["loss"][2:])  # steps 3-4 only, the same numbers
+    assert close(again["b"]["val"], solo["b"]["val"][1:])
+
+
+@pytest.mark.gpu
+def test_packed_equals_alone_on_a_gpu_in_bf16(jobs, tmp_path):
+    """On a GPU (bf16 compute, bitsandbytes' CUDA 4-bit path, each trial's effective batch in one pack step):
+    packed and alone within 1% at every rung."""
+    from trial_worker.pack.engine import PackEngine
+
+    gpu = {}
+    for i, j in jobs.items():
+        data = j.model_dump()
+        data["model"]["quantization"]["bnb_4bit_compute_dtype"] = "bfloat16"
+        data["training"].update(use_cpu=False, bf16=True)
+        gpu[i] = JobConfig.model_validate(data)
+    engine = PackEngine(gpu["a"], output_dir=str(tmp_path))
+    alone = {i: drive(engine, gpu, ids=[i])[i] for i in gpu}
+    packed = drive(engine, gpu)
+    for i in gpu:
+        assert all(math.isclose(x, y, rel_tol=0.01) for x, y in zip(packed[i]["val"], alone[i]["val"])), i
+        assert len(packed[i]["val"]) == len(alone[i]["val"]) == 2

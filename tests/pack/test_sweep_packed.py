@@ -1,0 +1,85 @@
+"""A real `sweep run` in packed mode on the CPU: one pack server trains every trial; its process is killed
+with `kill -9` mid-sweep, and each trial goes on from its own last rung checkpoint (Tune's max_failures).
+The study keeps its form: one Optuna trial per Tune trial, intermediate values at the budget steps,
+PRUNED/COMPLETE, per-rung attrs, plus the pack each trial ran in."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import optuna
+
+from sweep_helpers import LiveCli, small_spec, sweep_env
+from trial_worker.config import REPORT_KEYS
+
+RUNGS = (4, 8)
+
+
+def pack_processes(sweep_home: str) -> list:
+    """The run's pack server processes (Ray gives the actor's process the title ray::PackServer...)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if " ".join(p.cmdline()).startswith("ray::PackServer") and p.environ().get("SWEEP_HOME") == sweep_home:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_packed_sweep_survives_its_pack_killed_and_keeps_the_record(tmp_path):
+    name = "packed"
+    spec = small_spec(tmp_path, None, name=name, rungs=RUNGS, resources={
+        "gpus_per_trial": 0, "cpus_per_trial": 1, "max_concurrent_trials": 4, "max_failures": 1, "packing": "on"},
+        params={"learning_rate": {"type": "choice", "values": [0.02, 0.005]},
+                "per_device_train_batch_size": {"type": "choice", "values": [2, 4]}})
+    env = sweep_env(tmp_path)
+    run = LiveCli("run", spec, cwd=tmp_path, env=env)
+    killed = []
+    try:
+        assert run.wait_for(" rung 1/", 300), "no trial reached its first rung:\n" + run.tail()
+        deadline = time.time() + 60  # Tune has registered a checkpoint: a retry can go on from it
+        while time.time() < deadline and not any(
+                f.stat().st_size > 0 and list(f.parent.glob("checkpoint_*")) for f in (tmp_path / "runs").rglob("result.json")):
+            time.sleep(0.05)
+        packs = pack_processes(env["SWEEP_HOME"])
+        assert len(packs) == 1, packs  # one pack for the CPU, holding every trial
+        os.kill(packs[0].pid, signal.SIGKILL)
+        killed.append(packs[0].pid)
+    finally:
+        returncode = run.finish()
+    assert returncode == 0, run.tail()
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / f'{name}.db'}")
+    trials = study.trials
+    assert len(trials) == 4 and len({t.user_attrs["ray_trial_id"] for t in trials}) == 4
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
+    assert "COMPLETE" in {t.state.name for t in trials}
+    assert study.user_attrs["base_val_loss"] > 0
+    for t in trials:
+        assert t.user_attrs["pack"] == f"sweep-pack-{name}-0"
+        assert set(t.intermediate_values) <= set(RUNGS) and RUNGS[0] in t.intermediate_values
+        rung = t.user_attrs[f"rung_{RUNGS[0]}"]
+        assert set(REPORT_KEYS) - {"rung"} <= set(rung), rung
+        assert rung["micro_batch"] * rung["accumulation"] == t.params["per_device_train_batch_size"]
+    # The kill was survived by Tune's retries, each from the trial's own last rung checkpoint or step 0,
+    # and no life of a trial reported a rung twice.
+    retries = [e for t in trials for e in t.user_attrs.get("retries", [])]
+    assert retries, "no trial was retried after its pack was killed"
+    assert all(e["resumes_from"] in (0, *RUNGS) for e in retries), retries
+    for rj in (tmp_path / "runs").rglob("result.json"):
+        rows = [json.loads(x) for x in rj.read_text().splitlines() if x.strip()]
+        lives = [[]]
+        for r in rows:
+            if r["training_iteration"] == 1 and lives[-1]:
+                lives.append([])
+            lives[-1].append(r["steps"])
+        assert all(life == sorted(set(life)) for life in lives), lives
+        for r in rows:
+            if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1:
+                assert r["steps"] == RUNGS[r["training_iteration"] - 1], r  # went on at the next rung

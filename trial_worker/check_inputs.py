@@ -1,0 +1,338 @@
+"""A job's data and model checked before anything starts, in about a second.
+
+`check_data` reads local data files with the standard library (pyarrow for parquet), never with
+`datasets`, and applies the worker's own rules to the rows: the format (`data.detect_format`), the
+fields a format needs (`data.row_problem`), which rows validate (`data.split_names`, `data.holdout`)
+and which rows are dropped for having no response (`data.normalise_row`, `data.has_response`). A file
+that passes loads with `data.load_splits`. `check_model` looks at a model folder's file names (and
+`tokenizer_config.json`), never loading a tokenizer or weights.
+
+Both return a `Findings`: problems that stop a run and warnings that do not, each naming the spec
+field it is about and its value. Hub ids are checked only while offline (`HF_HUB_OFFLINE`): a hub id
+that is not in the local cache cannot load then.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from trial_worker.config import DataConfig, JobConfig, ModelConfig
+from trial_worker.data import (
+    BUILDERS,
+    DROP_REASONS,
+    FORMAT_FIELDS,
+    DataFormatError,
+    detect_format,
+    document_files,
+    has_response,
+    holdout,
+    normalise_row,
+    row_problem,
+    split_names,
+)
+
+CHAT_FORMATS = ("sharegpt", "messages", "instruction")
+
+# `datasets`' split keywords in data file names (datasets.data_files.SPLIT_KEYWORDS; not imported from
+# there, as importing `datasets` alone takes longer than this whole check; a test keeps the two equal).
+SPLIT_KEYWORDS = {
+    "train": ["train", "training"],
+    "validation": ["validation", "valid", "dev", "val"],
+    "test": ["test", "testing", "eval", "evaluation"],
+}
+_NON_WORD = "-._ 0123456789"
+
+# A tokenizer a model folder can be loaded with: any one of these sets of files.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",),
+                   ("tekken.json",))
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+@dataclass
+class Finding:
+    field: str    # the spec field it is about: data.path, model.name_or_path, ...
+    value: Any    # that field's value
+    message: str  # what is wrong (or worth knowing), and what is allowed
+
+
+@dataclass
+class Findings:
+    problems: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    format: Optional[str] = None  # the data format found (auto resolved), when the rows were read
+
+
+def offline() -> bool:
+    """Whether Hugging Face downloads are switched off (HF_HUB_OFFLINE, or the older TRANSFORMERS_OFFLINE)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _looks_local(path: str) -> bool:
+    """A path no hub id can be: absolute, ~ or ./ relative, a data file name, or more than owner/name."""
+    return (os.path.isabs(path) or path.startswith((".", "~")) or Path(path).suffix.lower() in BUILDERS
+            or path.count("/") > 1)
+
+
+def _hub_cached(repo_id: str, repo_type: str) -> bool:
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}" / "snapshots"
+    if folder.is_dir() and any(folder.iterdir()):
+        return True
+    if repo_type == "dataset":  # `datasets`' own prepared copy also loads offline
+        home = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+        return (home / repo_id.replace("/", "___")).is_dir()
+    return False
+
+
+def _missing(field_name: str, value: str, what: str, repo_type: str, hub: bool) -> list[Finding]:
+    """Problems for a path that does not exist locally (none for a hub id that may load)."""
+    if _looks_local(value):
+        return [Finding(field_name, value, f"no such {what}: {value}")]
+    if hub and offline() and not _hub_cached(value, repo_type):
+        return [Finding(field_name, value, f"not a local {what} and not in the Hugging Face cache, and downloads are "
+                        f"off (HF_HUB_OFFLINE): give a local {what}, or download it first (unset HF_HUB_OFFLINE)")]
+    return []
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _Bad(Exception):
+    """A data file that cannot be read as rows: FILE[:LINE]: why."""
+
+
+def _split_of(file: Path, root: Path) -> str:
+    """The split `datasets` gives a data file of a folder, from the keywords in its path (else train)."""
+    parts = [p.lower() for p in file.relative_to(root).parts]
+    for split, words in SPLIT_KEYWORDS.items():
+        for w in words:
+            for part in parts[:-1]:  # a folder named for the split
+                if part == w:
+                    return split
+            name = parts[-1]
+            i = name.find(w)
+            while i >= 0:
+                before, after = name[i - 1:i] if i else "", name[i + len(w):i + len(w) + 1]
+                if (not before or before in _NON_WORD) and after and after in _NON_WORD:
+                    return split
+                i = name.find(w, i + 1)
+    return "train"
+
+
+def _read_rows(file: Path) -> list[tuple[str, dict]]:
+    """[(where, row)] of one data file; `where` is FILE:LINE (or FILE: row N) for messages."""
+    suffix = file.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(file).to_pylist()
+        except Exception as e:  # pyarrow's errors (ArrowInvalid, OSError) for a file that is not parquet
+            raise _Bad(f"{file}: not a readable parquet file: {e}") from None
+        return [(f"{file}: row {i}", r) for i, r in enumerate(rows, 1)]
+    if suffix == ".csv":
+        with open(file, newline="", encoding="utf-8", errors="replace") as f:
+            return [(f"{file}:{i}", r) for i, r in enumerate(csv.DictReader(f), 2)]
+    if suffix == ".arrow":
+        return []  # Arrow files are not read here: the worker's loader checks them
+    data = file.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise _Bad(f"{file}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); "
+                   "a data file is JSON lines in UTF-8") from None
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = _parse(text)
+        except ValueError as e:
+            raise _Bad(f"{file}:{getattr(e, 'lineno', 1)}: not valid JSON: {getattr(e, 'msg', e)}") from None
+        if all(isinstance(x, str) for x in items):  # a list of strings is read as a `text` column
+            items = [{"text": x} for x in items]
+        for i, x in enumerate(items, 1):
+            if not isinstance(x, dict):
+                raise _Bad(f"{file}: item {i} is a {type(x).__name__}; a JSON list must hold objects (one per row)")
+        return [(f"{file}: item {i}", x) for i, x in enumerate(items, 1)]
+    rows = []
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{file}:{i}"
+        try:
+            row = _parse(line)
+        except ValueError as e:
+            what = getattr(e, "msg", str(e))
+            col = f" (column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+            raise _Bad(f"{where}: not valid JSON: {what}{col}; each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise _Bad(f"{where}: a row must be a JSON object {{...}}, got {type(row).__name__} {_shorten(line)}")
+        rows.append((where, row))
+    return rows
+
+
+def _parse(text: str) -> Any:
+    """JSON as Arrow's reader (which `datasets` uses) takes it: no NaN/Infinity, no key twice in one object,
+    no lone UTF-16 surrogate escapes (Python's `json` accepts all three)."""
+    value = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_repeated_key)
+    if "\\ud" in text.lower():
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text") from None
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_repeated_key(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r} appears twice in one object")
+    return out
+
+
+def _shorten(s: str, n: int = 60) -> str:
+    s = s.strip()
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def _uniform_turns(rows: list[tuple[str, dict]], fmt: str) -> Optional[str]:
+    """FILE:LINE of the first turn whose keys differ from the file's first turn: `datasets` stores such
+    turns as JSON text, which the worker cannot read as turns."""
+    key, first = FORMAT_FIELDS[fmt], None
+    for where, row in rows:
+        for turn in row.get(key) or []:
+            if first is None:
+                first = set(turn)
+            elif set(turn) != first:
+                return (f"{where}: {key} has a turn with keys {sorted(turn)}, another with {sorted(first)}; "
+                        "every turn of a file needs the same keys")
+    return None
+
+
+def check_data(cfg: DataConfig, *, hub: bool = True) -> Findings:
+    """Findings about `cfg.path` (resolved, see `JobConfig.resolved`): see the module doc."""
+    out = Findings()
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        out.problems += _missing("data.path", cfg.path, "file or folder", "dataset", hub)
+        return out
+    if path.is_dir():
+        if document_files(path):
+            return out  # documents: plain text, every row has a response
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in BUILDERS
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        if not files:
+            out.problems.append(Finding("data.path", cfg.path, f"the folder {cfg.path} holds no data files ({', '.join(sorted(BUILDERS))}) "
+                                        "and no documents (.txt, .pdf)"))
+            return out
+    elif path.suffix.lower() not in BUILDERS:
+        out.problems.append(Finding("data.path", cfg.path, f"{cfg.path}: unsupported file type {path.suffix!r}; use one of "
+                                    f"{', '.join(sorted(BUILDERS))}, or a folder of them"))
+        return out
+    else:
+        files = [path]
+    splits: dict[str, list[tuple[str, dict]]] = {}
+    try:
+        for f in files:
+            if f.suffix.lower() == ".arrow":
+                return out
+            rows = _read_rows(f)
+            if not rows:
+                raise _Bad(f"{f}: no rows (the file is empty)")
+            splits.setdefault(_split_of(f, path) if path.is_dir() else "train", []).extend(rows)
+        train_name, val_name = split_names(list(splits), cfg, cfg.path)
+        fmts = {name: cfg.format if cfg.format != "auto" else detect_format(sorted({k for _, r in rows for k in r}))
+                for name, rows in splits.items() if name in (train_name, val_name)}
+        for name, fmt in fmts.items():
+            for where, row in splits[name]:
+                if (why := row_problem(row, fmt)) is not None:
+                    raise _Bad(f"{where}: {why}")
+            if fmt in ("sharegpt", "messages") and (why := _uniform_turns(splits[name], fmt)):
+                raise _Bad(why)
+    except (_Bad, DataFormatError) as e:
+        out.problems.append(Finding("data.path", cfg.path, str(e)))
+        return out
+    out.format = fmts[train_name]
+    train = [r for _, r in splits[train_name]]
+    if val_name is None:
+        train_rows, val_rows = holdout(len(train), cfg)
+        train, val = [train[i] for i in train_rows], [train[i] for i in val_rows]
+    else:
+        val = [r for _, r in splits[val_name]]
+    kept, dropped = {}, []
+    for name, rows, fmt in (("train", train, fmts[train_name]), ("validation", val, fmts[val_name or train_name])):
+        kept[name] = sum(has_response(normalise_row(r, fmt, cfg.system_prompt)) for r in rows)
+        if kept[name] < len(rows):
+            dropped.append(f"{cfg.path}: {len(rows) - kept[name]} of {len(rows)} {name} rows are dropped: {DROP_REASONS[fmt]}")
+    if not kept["train"] or not kept["validation"]:
+        out.problems.append(Finding("data.path", cfg.path, f"{cfg.path}: {kept['train']} train and {kept['validation']} validation "
+                                    f"rows with a response (format {out.format}); need >= 1 each"
+                                    + "".join(f"; {d}" for d in dropped)))
+    else:
+        out.warnings += [Finding("data.path", cfg.path, d) for d in dropped]
+    return out
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def check_model(cfg: ModelConfig, *, chat: bool, hub: bool = True) -> Findings:
+    """Findings about the model folder `cfg.name_or_path` (resolved): a config, weights, tokenizer files, and
+    (`chat`: the data is conversations) a chat template."""
+    out = Findings()
+    name = cfg.name_or_path
+    path = Path(name).expanduser()
+    if not path.exists():
+        out.problems += _missing("model.name_or_path", name, "model folder", "model", hub)
+        return out
+    if not path.is_dir():
+        out.problems.append(Finding("model.name_or_path", name, f"{name} is a file; a model is a folder with config.json, "
+                                    "weights and tokenizer files (as `save_pretrained` writes)"))
+        return out
+    files = {p.name for p in path.iterdir()}
+    lacks = []
+    if "config.json" not in files:
+        lacks.append("config.json")
+    if not any(f.endswith(WEIGHT_SUFFIXES) or f.endswith(".index.json") for f in files):
+        lacks.append(f"weights ({', '.join('*' + s for s in WEIGHT_SUFFIXES[:2])})")
+    if not any(all(f in files for f in group) for group in TOKENIZER_FILES):
+        lacks.append("tokenizer files (" + ", ".join(" + ".join(g) for g in TOKENIZER_FILES) + ")")
+    if lacks:
+        out.problems.append(Finding("model.name_or_path", name, f"the model folder {name} has no {'; no '.join(lacks)}"))
+        return out
+    if chat and not _has_chat_template(path, files):
+        out.warnings.append(Finding("model.name_or_path", name, "the tokenizer has no chat template; conversations "
+                                    "are rendered with the worker's fallback template (trial_worker.model)"))
+    return out
+
+
+def _has_chat_template(path: Path, files: set[str]) -> bool:
+    if {"chat_template.jinja", "chat_template.json"} & files or any(f.startswith("additional_chat_templates") for f in files):
+        return True
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
+
+
+def check_job(job: JobConfig, *, hub: bool = True) -> Findings:
+    """`check_data` and `check_model` of a job (paths resolved), together; a chat template is looked for
+    when the data is conversations."""
+    data = check_data(job.data, hub=hub)
+    fmt = data.format or job.data.format
+    model = check_model(job.model, chat=fmt in CHAT_FORMATS, hub=hub)
+    return Findings(problems=data.problems + model.problems, warnings=data.warnings + model.warnings, format=data.format)

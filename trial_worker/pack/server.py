@@ -1,0 +1,214 @@
+"""The pack server: one Ray actor per GPU that keeps the 4-bit base, the CUDA context and the imports warm.
+
+Tune trials hand their work to it (`join`), wait for what it has for them (`poll`: rung reports with their
+checkpoint folders, an error, or done), say when Tune let them go on past a rung (`proceed`), and leave when
+they are stopped or finished (`leave`). The engine (`engine.PackEngine`) runs in the actor's own thread; every
+change of membership is queued and applied between two pack steps, so a pruned trial leaves at once and a new
+one joins at the next step.
+
+Why an actor the controller owns, and not the trials: a trial's Tune actor comes and goes with the trial (and
+a non-detached actor dies with its owner), while the base must outlive every trial on its GPU. Created with
+`max_restarts=-1`: a pack process that is killed comes back empty, and each of its trials, failed by the lost
+`poll`, is retried by Tune from its own last rung checkpoint (`resources.max_failures`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Optional
+
+STALE_S = 900.0  # a trial that has not polled for this long lost its Tune actor: it is dropped from the pack
+
+
+class PackServer:
+    """The pack of one GPU (or of the CPU): admission, the training loop thread, and each trial's event queue."""
+
+    def __init__(self, name: str, max_trials: Optional[int] = None):
+        self.name = name
+        self.max_trials = max_trials
+        self.output_dir = tempfile.mkdtemp(prefix=f"sweep-{name}-")
+        self.engine = None
+        self.lock = threading.Condition()
+        self.commands: deque = deque()  # (op, args), applied by the loop between pack steps
+        self.queue: list = []  # trials waiting for room: (trial_id, job, resume_from)
+        self.events: dict[str, list] = {}
+        self.seen: dict[str, float] = {}
+        self.error: Optional[str] = None
+        self.thread = threading.Thread(target=self._loop, name="pack-loop", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------ called by Tune trials and the controller
+    def info(self) -> dict:
+        """Who this pack is: name, process id, node, and how many trials it holds or queues."""
+        import ray
+
+        with self.lock:
+            held = len(self.engine.trials) if self.engine else 0
+            return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                    "trials": held + len(self.queue), "error": self.error}
+
+    def join(self, trial_id: str, job: dict, resume_from: Optional[str] = None) -> None:
+        """Queue a trial for admission; it starts at the first pack step after there is room for it."""
+        with self.lock:
+            self.events[trial_id] = []
+            self.seen[trial_id] = time.monotonic()
+            self.commands.append(("join", (trial_id, job, resume_from)))
+            self.lock.notify_all()
+
+    def poll(self, trial_id: str, timeout: float = 5.0) -> list[dict]:
+        """The trial's events so far ({"kind": "report"|"error"|"done", ...}), waiting up to `timeout` s for one."""
+        with self.lock:
+            self.seen[trial_id] = time.monotonic()
+            self.lock.wait_for(lambda: self.events.get(trial_id) or self.error, timeout=timeout)
+            if self.error and not self.events.get(trial_id):
+                return [{"kind": "error", "type": "RuntimeError", "message": f"pack {self.name} failed: {self.error}"}]
+            out, self.events[trial_id] = self.events.get(trial_id, []), []
+            return out
+
+    def proceed(self, trial_id: str) -> None:
+        """Tune took the trial's rung report and lets it go on (ASHA did not stop it)."""
+        self._command("proceed", trial_id)
+
+    def leave(self, trial_id: str) -> None:
+        """The trial stopped (pruned, finished, failed, or its actor is going away): drop it from the pack."""
+        self._command("leave", trial_id)
+
+    def evaluate_base(self, job: dict) -> dict:
+        """{"val_loss", "ppl", "tokens"} of the untrained base on the job's validation rows, on the warm base."""
+        done = threading.Event()
+        box: dict = {}
+        self._command("evaluate_base", (job, box, done))
+        done.wait()
+        if "error" in box:
+            raise RuntimeError(box["error"])
+        return box["result"]
+
+    # ------------------------------------------------------------ the loop thread
+    def _command(self, op: str, args) -> None:
+        with self.lock:
+            self.commands.append((op, args))
+            self.lock.notify_all()
+
+    def _emit(self, trial_id: str, event: dict) -> None:
+        with self.lock:
+            if trial_id in self.events:
+                self.events[trial_id].append(event)
+                self.lock.notify_all()
+
+    def _engine_for(self, job):
+        """The engine for `job`'s base/data: the warm one, or a new one when the pack is empty and they differ."""
+        from trial_worker.pack.engine import PackEngine, pack_key
+
+        if self.engine is None or (pack_key(job) != self.engine.key and not self.engine.trials):
+            self.engine = None
+            import gc
+
+            gc.collect()
+            self.engine = PackEngine(job, output_dir=self.output_dir, max_trials=self.max_trials)
+        return self.engine
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self._apply_commands()
+                self._admit()
+                ran = self.engine.step() if self.engine is not None else False
+                if self.engine is not None:
+                    self._drain()
+                if not ran:
+                    with self.lock:
+                        self.lock.wait(timeout=0.05)
+        except BaseException:  # noqa: BLE001 - the pack itself broke: every trial in it is told
+            with self.lock:
+                self.error = traceback.format_exc()[-2000:]
+                self.lock.notify_all()
+
+    def _apply_commands(self) -> None:
+        with self.lock:
+            commands, self.commands = list(self.commands), deque()
+        for op, args in commands:
+            if op == "join":
+                trial_id = args[0]
+                self.queue = [q for q in self.queue if q[0] != trial_id] + [args]
+                if self.engine is not None:
+                    self.engine.remove(trial_id)  # a retry of a trial the pack still held
+            elif op == "leave":
+                self.queue = [q for q in self.queue if q[0] != args]
+                if self.engine is not None:
+                    self.engine.remove(args)
+                with self.lock:
+                    self.events.pop(args, None)
+                    self.seen.pop(args, None)
+            elif op == "proceed":
+                t = self.engine.trials.get(args) if self.engine else None
+                if t is not None and t.state == "parked":
+                    t.state = "running"
+            elif op == "evaluate_base":
+                job_dict, box, done = args
+                try:
+                    from trial_worker.config import JobConfig
+
+                    box["result"] = self._engine_for(JobConfig.model_validate(job_dict)).evaluate(None)
+                except Exception as e:  # noqa: BLE001 - handed back to the caller
+                    box["error"] = f"{type(e).__name__}: {e}"
+                done.set()
+        now = time.monotonic()
+        with self.lock:
+            stale = [tid for tid, t in self.seen.items() if now - t > STALE_S]
+        for tid in stale:
+            self._apply_leave(tid)
+
+    def _apply_leave(self, trial_id: str) -> None:
+        self.queue = [q for q in self.queue if q[0] != trial_id]
+        if self.engine is not None:
+            self.engine.remove(trial_id)
+        with self.lock:
+            self.events.pop(trial_id, None)
+            self.seen.pop(trial_id, None)
+
+    def _admit(self) -> None:
+        from trial_worker.config import JobConfig
+        from trial_worker.pack.engine import pack_key
+
+        e = self.engine
+        if e is not None:  # trials sent back to wait by an out-of-memory step come first
+            for t in list(e.trials.values()):
+                if t.state == "waiting" and e.fits():
+                    t.state = "running"
+        while self.queue:
+            trial_id, job_dict, resume_from = self.queue[0]
+            job = JobConfig.model_validate(job_dict)
+            try:
+                e = self._engine_for(job)
+                if pack_key(job) != e.key or not e.fits():
+                    return
+                self.queue.pop(0)
+                e.add(trial_id, job, lambda m, d, tid=trial_id: self._emit(tid, {"kind": "report", "metrics": m,
+                                                                               "checkpoint": d, "pack": self.name}),
+                      resume_from=resume_from)
+            except Exception as err:  # noqa: BLE001 - a trial that cannot join fails alone
+                if self.queue and self.queue[0][0] == trial_id:
+                    self.queue.pop(0)
+                if self.engine is not None:
+                    self.engine.remove(trial_id)
+                self._emit(trial_id, _error_event(err))
+
+    def _drain(self) -> None:
+        """Hand each failed or finished trial's end to its owner, and take it out of the pack."""
+        e = self.engine
+        for t in e.failed:
+            self._emit(t.id, _error_event(t.error))
+        e.failed.clear()
+        for t in [t for t in e.trials.values() if t.state == "done"]:
+            e.remove(t.id)
+            self._emit(t.id, {"kind": "done"})
+
+
+def _error_event(error: BaseException) -> dict:
+    return {"kind": "error", "type": type(error).__name__, "message": str(error),
+            "traceback": "".join(traceback.format_exception(error))[-3000:]}

@@ -1,0 +1,173 @@
+"""Tune's side of packed trials: the choice of mode, the pack servers, and the trainable that relays a trial.
+
+`trial_plan` is what the controller calls: for `resources.packing: off` (or `auto` where packing does not
+apply) it is today's one trial per process; otherwise it starts one pack server per GPU (one on the CPU when
+there is none) and gives Tune `run_packed_trial`, a trainable that needs almost no resources of its own: it
+hands the trial's job to a pack, relays each rung report with its checkpoint to `tune.report`, and leaves the
+pack when Tune stops it. Every trial stays one Tune trial (so one Optuna trial and one W&B run); ASHA is
+unchanged. Reports carry `pack`, the pack the trial ran in.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+PACK_TRIAL_CPUS = 0.05  # a packed trial's own Tune actor only waits on its pack
+# The plans of this driver's runs, by (run name, Ray job): the pack servers' handles must live as long as the run
+# (Ray ends an actor once its owner holds no handle to it), and the controller asks for its plan more than once.
+_PLANS: dict[tuple, "TrialPlan"] = {}
+
+
+@dataclass
+class TrialPlan:
+    """How the sweep's trials run: the Tune trainable (with its resources) and how the base model is evaluated."""
+
+    mode: str  # "packed" | "solo"
+    trainable: Callable[[frozenset], Any]  # Ray trial ids already finished (a resume) -> the trainable with resources
+    evaluate_base: Callable[[Any], dict]
+    packs: list
+
+
+# `packing: auto` packs only once the packed engine's GPU figures are in: its first H200 run (per-trial LoRA
+# matmuls) was launch-bound at 4.6k tokens/s, and the stacked-adapter version has run on the CPU only
+# (benchmarks/results/sweep_makespan.json). Until then auto means today's one trial per process; `on` packs.
+AUTO_PACKS = False
+
+
+def packing_applies(resources: dict, job: dict, gpus_in_cluster: float) -> bool:
+    """`resources.packing`: on, off, or auto (with `AUTO_PACKS`: on where there are GPUs, a trial fits one GPU,
+    and the job does not ask to run exactly as written)."""
+    mode = resources.get("packing", "auto")
+    if mode in ("on", "off"):
+        return mode == "on"
+    return (AUTO_PACKS and gpus_in_cluster > 0 and 0 < resources["gpus_per_trial"] <= 1
+            and job["training"].get("execution", "auto") != "as_written")
+
+
+def trial_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialPlan:
+    """The sweep's `TrialPlan` (call after `ray.init`): packed or one trial per process, per `resources.packing`.
+    The same run asking again (same name, same Ray session) gets the same plan and pack servers."""
+    import ray
+
+    key = (name, ray.get_runtime_context().get_job_id())
+    if key not in _PLANS:
+        _PLANS.clear()  # plans of an earlier Ray session: their packs went with it
+        _PLANS[key] = _new_plan(job, resources=resources, run_dir=run_dir, name=name)
+    return _PLANS[key]
+
+
+def _new_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialPlan:
+    import ray
+    from ray import tune
+
+    from trial_worker.entry import evaluate_base, trainable
+
+    cpus, gpus = resources["cpus_per_trial"], resources["gpus_per_trial"]
+    in_cluster = ray.cluster_resources().get("GPU", 0)
+    if not packing_applies(resources, job, in_cluster):
+        def solo_base(j) -> dict:
+            return ray.get(ray.remote(evaluate_base).options(num_cpus=cpus, num_gpus=gpus).remote(j))
+
+        def solo(finished: frozenset = frozenset()):
+            return tune.with_resources(trainable(job, run_dir=run_dir, finished=finished), {"cpu": cpus, "gpu": gpus})
+
+        return TrialPlan("solo", solo, solo_base, [])
+
+    from trial_worker.pack.server import PackServer
+
+    actor = ray.remote(PackServer)
+    n = max(1, int(in_cluster)) if gpus > 0 else 1
+    names = [f"sweep-pack-{name}-{i}" for i in range(n)]
+    # The driver owns the packs (they outlive every trial); restarted when killed, empty, with the base reloaded.
+    packs = [actor.options(name=nm, num_cpus=cpus, num_gpus=1 if gpus > 0 and in_cluster else 0, max_restarts=-1,
+                           max_concurrency=1000, get_if_exists=True).remote(nm) for nm in names]
+
+    def packed_base(j) -> dict:
+        return ray.get(packs[0].evaluate_base.remote(j.model_dump(mode="json") if hasattr(j, "model_dump") else j))
+
+    def run_packed(config, job, run_dir=None, finished=frozenset()):
+        return run_packed_trial(config, job, run_dir, finished, packs=tuple(names), pack_cpus=cpus)
+
+    run_packed.__name__ = run_packed.__qualname__ = "run_packed_trial"  # Tune's trial names
+
+    def packed(finished: frozenset = frozenset()):
+        return tune.with_resources(trainable(job, run_dir=run_dir, finished=finished, function=run_packed),
+                                   {"cpu": PACK_TRIAL_CPUS, "gpu": 0})
+
+    return TrialPlan("packed", packed, packed_base, packs)
+
+
+def _choose_pack(names: list[str]):
+    """The least busy pack on this trial's node (its checkpoints are handed over as local folders)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    actors = [ray.get_actor(n) for n in names]
+    infos = ray.get([a.info.remote() for a in actors])
+    order = sorted(range(len(actors)), key=lambda i: (infos[i]["node"] != here, infos[i]["trials"], i))
+    return actors[order[0]], infos[order[0]]["name"]
+
+
+def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] = None,
+                     finished: frozenset = frozenset(), packs: tuple = (), pack_cpus: float = 1.0) -> None:
+    """Tune function trainable of a packed trial: the same reports, checkpoints, retries and fatal-failure rule
+    as `entry.run_trial`, with the training done by a pack server."""
+    import json
+    from pathlib import Path
+
+    from ray import tune
+
+    import trial_worker.entry as entry
+    from trial_worker import recipe
+
+    if tune.get_context().get_trial_id() in finished:  # see entry.run_trial
+        return
+    fatal = entry.fatal_path(run_dir)
+    vanished = entry._VANISHED_CHECKPOINT.pop("path", None)
+    trial = entry.trial_job(config, job, cpus=pack_cpus)
+    trial_id = tune.get_context().get_trial_id()
+    pack, pack_name = _choose_pack(list(packs))
+    note: list[str] = []
+    try:
+        with entry._resume_point(tune.get_checkpoint(), vanished) as (resume_from, problems):
+            if problems:
+                then = f"resumed from {Path(resume_from).name}" if resume_from else "restarted from step 0"
+                note.append("; ".join(problems) + f"; {then}")
+                print(f"sweep: {note[0]}", file=sys.stderr, flush=True)
+            _relay(pack, pack_name, trial_id, trial.model_dump(mode="json"), resume_from, note)
+    except (recipe.NonFiniteLoss, recipe.TrialOOM) as e:
+        fatal.parent.mkdir(parents=True, exist_ok=True)
+        fatal.write_text(json.dumps({"reason": f"{type(e).__name__}: {e}"}))
+        raise
+
+
+def _relay(pack, pack_name: str, trial_id: str, job: dict, resume_from: Optional[str], note: list[str]) -> None:
+    import ray
+    from ray import tune
+
+    from trial_worker import recipe
+
+    ray.get(pack.join.remote(trial_id, job, resume_from))
+    try:
+        while True:
+            for event in ray.get(pack.poll.remote(trial_id, 5.0)):
+                if event["kind"] == "done":
+                    return
+                if event["kind"] == "error":
+                    known = {"NonFiniteLoss": recipe.NonFiniteLoss, "TrialOOM": recipe.TrialOOM}
+                    if event["type"] in known:
+                        raise known[event["type"]](event["message"])
+                    raise RuntimeError(f"{event['type']}: {event['message']} (in pack {pack_name})\n"
+                                       f"{event.get('traceback', '')}")
+                metrics = dict(event["metrics"], steps=event["metrics"]["step"], pack=event["pack"])
+                if note:
+                    metrics["checkpoint_note"] = note.pop()
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(event["checkpoint"]))
+                # Tune has its copy, and did not stop the trial: the local copy goes, the trial goes on.
+                shutil.rmtree(event["checkpoint"], ignore_errors=True)
+                pack.proceed.remote(trial_id)
+    finally:
+        pack.leave.remote(trial_id)
