@@ -208,13 +208,7 @@ class QLoRATrial:
             self.tokens_seen = float(logs["num_tokens"])
 
     def _check_finite(self, what: str, value: float, step: int) -> None:
-        if not math.isfinite(float(value)):
-            t = self.job.training
-            raise NonFiniteLoss(
-                f"training diverged: {what} is {float(value)} at step {step} (learning_rate={t.learning_rate:g}, "
-                f"weight_decay={t.weight_decay:g}, max_grad_norm={t.max_grad_norm:g}, optim={t.optim}); "
-                "the trial is stopped and recorded FAIL"
-            )
+        check_finite(self.job, what, value, step)
 
     def _on_rung(self, step: int, checkpoint_dir: str) -> None:
         val = self.evaluate()
@@ -404,3 +398,14 @@ def evaluate_base(job: JobConfig, *, output_dir: Optional[str | os.PathLike] = N
             return trial.evaluate()
         finally:
             trial.cleanup()
+
+
+def check_finite(job: JobConfig, what: str, value: float, step: int) -> None:
+    """Raise NonFiniteLoss, naming the trial's optimisation settings, if `value` is NaN or infinite."""
+    if not math.isfinite(float(value)):
+        t = job.training
+        raise NonFiniteLoss(
+            f"training diverged: {what} is {float(value)} at step {step} (learning_rate={t.learning_rate:g}, "
+            f"weight_decay={t.weight_decay:g}, max_grad_norm={t.max_grad_norm:g}, optim={t.optim}); "
+            "the trial is stopped and recorded FAIL"
+        )
