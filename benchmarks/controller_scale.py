@@ -4,10 +4,10 @@
     nice -n 10 python benchmarks/controller_scale.py --trials 1000
 
 What runs is `sweep.controller.run_sweep` itself (the spec, the PostgreSQL study, StudySearch with the spec's TPE
-sampler, ASHAScheduler on the budget ladder, Tune with `max_concurrent_trials`, reuse of actors, rung checkpoints,
+sampler, ASHA (`sweep.schedule.StudyASHA`) on the budget ladder, Tune with `max_concurrent_trials`, reuse of actors, rung checkpoints,
 the progress callback), on the reference search space (search_spaces/llama32_1b.yaml: its params, sampler and
 budget ladder 30 -> 60 -> 120 steps). Only the trial is simulated: `trial_worker.entry.trainable` and
-`evaluate_base` are replaced, for this process, by a function that sleeps `--step-s` per optimizer step and reports a
+`evaluate_base` (what the controller's one-trial-per-process plan runs) are replaced, for this process, by a function that sleeps `--step-s` per optimizer step and reports a
 synthetic learning curve with a small checkpoint at each rung, as the real worker does. No model is loaded.
 
 The simulated GPUs are Ray's own `GPU` resource declared on this CPU machine (`ray.init(num_gpus=64)`): the
@@ -49,9 +49,10 @@ RESULTS = ROOT / "benchmarks" / "results" / "controller_scale.json"
 
 # ----------------------------------------------------------------------------------------------- the simulated trial
 def simulated_trainable(step_s: float, rungs: list[int]):
-    """A stand-in for `trial_worker.entry.trainable(job, run_dir)`: the Tune function trainable of a simulated trial."""
+    """A stand-in for `trial_worker.entry.trainable(job, run_dir, finished)`: the Tune function trainable of a
+    simulated trial."""
 
-    def trainable(job: dict, run_dir: str | None = None):
+    def trainable(job: dict, run_dir: str | None = None, finished: frozenset = frozenset(), function=None):
         def simulated_trial(config: dict) -> None:
             import math
             import random
@@ -110,8 +111,7 @@ TIMINGS = Timings()  # the point being run; replaced by each point
 
 def instrument() -> None:
     """Time StudySearch's ask / rung write / tell and ASHA's decisions into TIMINGS (wrappers that only measure)."""
-    import ray.tune.schedulers as schedulers
-
+    import sweep.schedule as schedule
     from sweep.search import StudySearch
 
     for name in ("suggest", "on_trial_result", "on_trial_complete"):
@@ -126,7 +126,7 @@ def instrument() -> None:
 
         setattr(StudySearch, name, timed)
 
-    class TimedASHA(schedulers.ASHAScheduler):
+    class TimedASHA(schedule.StudyASHA):
         def on_trial_result(self, tune_controller, trial, result):
             t0 = time.perf_counter()
             decision = super().on_trial_result(tune_controller, trial, result)
@@ -137,7 +137,7 @@ def instrument() -> None:
                 TIMINGS.decided[(trial.trial_id, result["t_report"])] = now
             return decision
 
-    schedulers.ASHAScheduler = TimedASHA  # run_sweep imports it from there when it runs
+    schedule.StudyASHA = TimedASHA  # the controller takes it from there when it builds the Tuner
 
 
 class Sampler(threading.Thread):
@@ -211,7 +211,8 @@ def run_point(n_trials: int, gpus: int, step_s: float, pg, work: Path, max_wall_
     spec = load_spec(spec_path)
     url = pg.create_database(name)
 
-    entry.trainable = simulated_trainable(step_s, rungs)   # run_sweep takes both from the entry point when it runs
+    # The controller's trial plan (one trial per process) takes both from the entry point when it is made.
+    entry.trainable = simulated_trainable(step_s, rungs)
     entry.evaluate_base = simulated_base
     global TIMINGS
     TIMINGS = timings = Timings()
