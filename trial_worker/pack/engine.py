@@ -26,7 +26,6 @@ import gc
 import json
 import math
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -118,9 +117,10 @@ class PackedTrial:
         self.micro, self.loss_acc = 0, 0.0
 
     def check_finite(self, what: str, value: float, step: int) -> None:
-        from trial_worker.recipe import QLoRATrial
+        """NonFiniteLoss with the solo trial's message when `value` is NaN/inf."""
+        from trial_worker.recipe import check_finite
 
-        QLoRATrial._check_finite(types.SimpleNamespace(job=self.job), what, value, step)  # the solo trial's message
+        check_finite(self.job, what, value, step)
 
     # --------------------------------------------------------------- optimizer step
     def optimizer_step(self) -> None:
