@@ -70,7 +70,8 @@ def _train_one(job: dict, params: dict, share: float, cpus: int) -> dict:
         except Exception as e:  # a failed config is a row of the table, not the end of the benchmark
             error = f"{type(e).__name__}: {e}"[:300]
     return {"params": params, "error": error, "process_s": time.perf_counter() - t0,
-            "rungs": [{k: m[k] for k in ("step", "val_loss", "wall_s", "train_s", "micro_batch", "accumulation")}
+            # the table's rows keep the key `step` of results/search_efficiency.json
+            "rungs": [{"step": m["steps"], **{k: m[k] for k in ("val_loss", "wall_s", "train_s", "micro_batch", "accumulation")}}
                       for m in reports]}
 
 

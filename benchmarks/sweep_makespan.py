@@ -131,7 +131,7 @@ def run_mode(work: Path, spec: Path, mode: str) -> dict:
     p = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=work, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = []
-    for line in p.stdout:
+    for line in p.stdout or []:
         log.append(line)
         if "ASHA over" in line and "trials_start" not in marks:
             marks["trials_start"] = time.time()
@@ -143,7 +143,8 @@ def run_mode(work: Path, spec: Path, mode: str) -> dict:
         raise SystemExit(f"sweep run ({mode}) exited {p.returncode}:\n{''.join(log[-60:])}")
     name = f"makespan_{mode}"
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{work / f'{mode}.db'}")
-    tokens, setups, states, packs = 0.0, [], {}, set()
+    tokens, setups, packs = 0.0, [], set()
+    states: dict[str, int] = {}
     for t in study.trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
         rungs = sorted((int(k.split("_")[1]), v) for k, v in t.user_attrs.items() if k.startswith("rung_") and k[5:].isdigit())
@@ -190,7 +191,8 @@ def main() -> None:
     assets = build_assets(work / "assets", tiny=a.tiny, seq=64, rows=4)
     data_dir = work / "conversations"
     lengths = write_conversations(assets["model"], data_dir, a.rows)
-    rungs = tuple(int(x) for x in a.rungs.split(","))
+    lo, hi = (int(x) for x in a.rungs.split(","))
+    rungs = (lo, hi)
     out = Path(a.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     import torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -26,7 +26,7 @@ EXIT_DISK_FULL = 74
 STORAGE_HELP = "SQLAlchemy URL of the study (overrides the spec's storage); password from PGPASSWORD if omitted"
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(message, err=True)
     raise typer.Exit(code)
 

@@ -93,7 +93,7 @@ def _writable(spec: SweepSpec, storage_url: Optional[str], storage_field: str) -
         why = _cannot_write(db.resolve(), file=True)
         if why:
             out.append(Problem(storage_field, f"the study database cannot be written: {why}",
-                               url_without_password(storage_url)))
+                               url_without_password(str(storage_url))))
     runs = Path(spec.output_dir or "sweep_runs")
     why = _cannot_write(runs.resolve(), file=False)
     if why:

@@ -40,6 +40,8 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     """The Optuna sampler the spec asks for, seeded."""
     s = spec.search
+    if s is None:
+        raise ValueError("the spec has no search section: nothing to sample")
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.sampler == "grid":

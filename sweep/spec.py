@@ -192,7 +192,7 @@ _SECTION_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
     ("tracking",): TrackingConfig,
     ("tracking", "wandb"): WandbConfig,
 }
-_PARAM_MODELS = {"choice": Choice, "uniform": Uniform, "loguniform": LogUniform, "int": IntRange}
+_PARAM_MODELS: dict[str, type[BaseModel]] = {"choice": Choice, "uniform": Uniform, "loguniform": LogUniform, "int": IntRange}
 
 
 def _allowed_keys(loc: tuple) -> Optional[list[str]]:
@@ -254,7 +254,7 @@ def check_rules(spec: SweepSpec) -> list[Problem]:
                     if p.low <= 0:
                         problems.append(Problem(path + ".low", "a log-scale range needs low > 0", p.low))
                         continue
-                values = [p.low, p.high]
+                values: list[Any] = [p.low, p.high]
             else:
                 values = list(p.values)
             for v in values:
@@ -362,7 +362,7 @@ def _rules_despite(data: dict, error: ValidationError) -> list[Problem]:
 def _take_out(data: Any, loc: tuple) -> Optional[str]:
     """Remove the value at pydantic's `loc` from `data` (a union's tag in the path is skipped); its dotted path,
     or None when there is nothing to remove."""
-    node, path = data, []
+    node, path = data, []  # type: Any, list[Any]
     for i, part in enumerate(loc):
         last = i == len(loc) - 1
         if isinstance(node, dict) and part in node:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -147,8 +148,8 @@ def _read_rows(file: Path) -> list[tuple[str, dict]]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise _Bad(f"{file}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); "
+        lineno = data[:e.start].count(b"\n") + 1
+        raise _Bad(f"{file}:{lineno}: not UTF-8 text (byte {data[e.start]:#04x}); "
                    "a data file is JSON lines in UTF-8") from None
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
@@ -197,8 +198,7 @@ def _no_constant(name: str):
 def _no_repeated_key(pairs: list[tuple[str, Any]]) -> dict:
     out = dict(pairs)
     if len(out) < len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        twice = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
         raise ValueError(f"key {twice!r} appears twice in one object")
     return out
 
@@ -273,10 +273,10 @@ def check_data(cfg: DataConfig, *, hub: bool = True) -> Findings:
     else:
         val = [r for _, r in splits[val_name]]
     kept, dropped = {}, []
-    for name, rows, fmt in (("train", train, fmts[train_name]), ("validation", val, fmts[val_name or train_name])):
-        kept[name] = sum(has_response(normalise_row(r, fmt, cfg.system_prompt)) for r in rows)
-        if kept[name] < len(rows):
-            dropped.append(f"{cfg.path}: {len(rows) - kept[name]} of {len(rows)} {name} rows are dropped: {DROP_REASONS[fmt]}")
+    for name, used, fmt in (("train", train, fmts[train_name]), ("validation", val, fmts[val_name or train_name])):
+        kept[name] = sum(has_response(normalise_row(r, fmt, cfg.system_prompt)) for r in used)
+        if kept[name] < len(used):
+            dropped.append(f"{cfg.path}: {len(used) - kept[name]} of {len(used)} {name} rows are dropped: {DROP_REASONS[fmt]}")
     if not kept["train"] or not kept["validation"]:
         out.problems.append(Finding("data.path", cfg.path, f"{cfg.path}: {kept['train']} train and {kept['validation']} validation "
                                     f"rows with a response (format {out.format}); need >= 1 each"

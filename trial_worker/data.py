@@ -393,7 +393,7 @@ class FlatCollator:
             ids.append(np.full(pad, self.pad_token_id, dtype=np.int64))
             labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
             lengths.append(pad)
-        starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+        starts: np.ndarray = np.zeros(len(lengths) + 1, dtype=np.int64)
         starts[1:] = np.cumsum(lengths)
         # Position ids restart at 0 at every row (and at the padding, one more "row").
         positions = np.arange(n + pad, dtype=np.int64) - np.repeat(starts[:-1], lengths)

@@ -177,7 +177,7 @@ def plot_loss_curves(loss_csv: Path, base_val: float, tuned_val: float, out_png:
         with open(loss_csv, newline="") as f:
             for r in csv.DictReader(f):
                 if r.get("loss") not in (None, ""):
-                    steps.append(float(r["step"]))
+                    steps.append(float(r["steps"]))
                     losses.append(float(r["loss"]))
     last = steps[-1] if steps else 1.0
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from trial_worker.checkpoint import write_manifest
 from trial_worker.config import REPORT_KEYS, JobConfig
@@ -86,7 +86,8 @@ class QLoRATrial:
         self.report = report or (lambda metrics, checkpoint_dir: None)
         self.rung_steps = rung_steps(job)
         self.t_start = time.perf_counter()
-        self.trainer = None
+        self.trainer: Any = None  # the TRL SFTTrainer, built by `_setup_trainer`
+        self.start_step = 0  # the step a resumed trial starts from (`_resume`)
         self.last_metrics: Optional[dict] = None
 
     # ------------------------------------------------------------------ setup
@@ -188,9 +189,9 @@ class QLoRATrial:
             saved = json.loads((Path(resume_from) / TRIAL_STATE_FILE).read_text())
             self.offset = {k: float(saved.get(k, 0.0)) for k in self.offset}
         self.train_s = 0.0  # seconds in training steps, this process
-        self.t_mark = None
+        self.t_mark: Optional[float] = None
         self.logs: list[tuple[int, float]] = []  # (steps covered, mean loss) since the last report
-        self.last_logged_step = None
+        self.last_logged_step = 0  # the step training (re)starts at, set by the callback at train begin
         self.last_lr = float("nan")
         self.tokens_seen = 0.0
 
@@ -207,13 +208,7 @@ class QLoRATrial:
             self.tokens_seen = float(logs["num_tokens"])
 
     def _check_finite(self, what: str, value: float, step: int) -> None:
-        if not math.isfinite(float(value)):
-            t = self.job.training
-            raise NonFiniteLoss(
-                f"training diverged: {what} is {float(value)} at step {step} (learning_rate={t.learning_rate:g}, "
-                f"weight_decay={t.weight_decay:g}, max_grad_norm={t.max_grad_norm:g}, optim={t.optim}); "
-                "the trial is stopped and recorded FAIL"
-            )
+        check_finite(self.job, what, value, step)
 
     def _on_rung(self, step: int, checkpoint_dir: str) -> None:
         val = self.evaluate()
@@ -403,3 +398,14 @@ def evaluate_base(job: JobConfig, *, output_dir: Optional[str | os.PathLike] = N
             return trial.evaluate()
         finally:
             trial.cleanup()
+
+
+def check_finite(job: JobConfig, what: str, value: float, step: int) -> None:
+    """Raise NonFiniteLoss, naming the trial's optimisation settings, if `value` is NaN or infinite."""
+    if not math.isfinite(float(value)):
+        t = job.training
+        raise NonFiniteLoss(
+            f"training diverged: {what} is {float(value)} at step {step} (learning_rate={t.learning_rate:g}, "
+            f"weight_decay={t.weight_decay:g}, max_grad_norm={t.max_grad_norm:g}, optim={t.optim}); "
+            "the trial is stopped and recorded FAIL"
+        )

@@ -78,6 +78,7 @@ def drive(engine, jobs, *, join: dict | None = None, leave: dict | None = None, 
         for t in engine.trials.values():
             if t.state == "parked":
                 t.state = "running"
+        engine.readmit()
         for t in [t for t in engine.trials.values() if t.state == "done"]:
             engine.remove(t.id)
         if not engine.step() and all(i in trials for i in ids):
@@ -144,6 +145,38 @@ def test_resumed_from_a_rung_checkpoint_continues_as_if_never_stopped(engine, jo
     again = drive(engine, {"b": jobs["b"], "a": jobs["a"]}, ids=["b", "a"], resume={"b": solo["b"]["rung1"]})
     assert close(again["b"]["loss"], solo["b"]["loss"][2:])  # steps 3-4 only, the same numbers
     assert close(again["b"]["val"], solo["b"]["val"][1:])
+
+
+def test_out_of_memory_sends_the_newest_trial_back_to_wait_and_loses_nothing(engine, jobs, solo):
+    # A pack of more than two trials runs out of memory (raised by the real CUDA error type from a hook on
+    # the decoder, as the allocator would in the middle of the step; the CPU has no memory limit to hit).
+    hits = []
+
+    def too_many(module, args, kwargs):
+        if sum(slot is not None for _, _, slot in engine.routing.spans) > 2:
+            hits.append(engine.steps)
+            raise torch.OutOfMemoryError("CUDA out of memory (a pack of 3)")
+
+    hook = engine.model.get_decoder().register_forward_pre_hook(too_many, with_kwargs=True)
+    try:
+        limit = engine.max_trials
+        out = drive(engine, jobs)
+    finally:
+        hook.remove()
+        engine.max_trials = limit
+    assert len(hits) == 1, hits  # once: after it the pack holds two trials, the third waits its turn
+    assert all(out[i]["error"] is None for i in jobs)
+    for i in jobs:  # the step the error cut short was undone and done again: the same numbers as alone
+        assert close(out[i]["loss"], solo[i]["loss"]) and close(out[i]["val"], solo[i]["val"]), i
+
+
+def test_the_pack_scores_validation_as_the_solo_worker_does(engine, jobs):
+    # the same rows, tokens, masking and token-mean: the base model's loss from the warm pack is the worker's
+    from trial_worker.recipe import evaluate_base
+
+    alone, packed = evaluate_base(jobs["a"]), engine.evaluate(None)
+    assert packed["tokens"] == alone["tokens"] > 0
+    assert math.isclose(packed["val_loss"], alone["val_loss"], rel_tol=1e-5)
 
 
 @pytest.mark.gpu

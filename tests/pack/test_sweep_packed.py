@@ -33,8 +33,12 @@ def pack_processes(sweep_home: str) -> list:
 
 
 def test_packed_sweep_survives_its_pack_killed_and_keeps_the_record(tmp_path):
+    from trial_worker.demo_assets import write_task_data, write_tiny_llama
+
+    assets = {"model": str(write_tiny_llama(tmp_path / "assets" / "tiny-llama")),
+              "data": str(write_task_data(tmp_path / "assets" / "tasks", n_train=200, n_val=40))}
     name = "packed"
-    spec = small_spec(tmp_path, None, name=name, rungs=RUNGS, resources={
+    spec = small_spec(tmp_path, assets, name=name, rungs=RUNGS, resources={
         "gpus_per_trial": 0, "cpus_per_trial": 1, "max_concurrent_trials": 4, "max_failures": 1, "packing": "on"},
         params={"learning_rate": {"type": "choice", "values": [0.02, 0.005]},
                 "per_device_train_batch_size": {"type": "choice", "values": [2, 4]}})

@@ -37,7 +37,7 @@ def test_real_model_learns_the_task_in_two_steps(smollm2_model, date_data, tmp_p
         trial.train()
     finally:
         trial.cleanup()
-    assert [m["step"] for m in reports] == [1, 2]
+    assert [m["steps"] for m in reports] == [1, 2]
     assert all(math.isfinite(m["val_loss"]) for m in reports)
     # The base answers "2021-03-05"-style questions in prose: its loss on the reference tokens is high.
     # Two steps teach the format (measured: 0.60 -> 0.14 in full precision, 0.93 -> 0.22 in NF4).

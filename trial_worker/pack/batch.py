@@ -16,7 +16,7 @@ pad positions form a sequence of their own and have no targets.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 IGNORE_INDEX = -100
 
@@ -86,9 +86,9 @@ def pack_rows(seqs: Sequence[Seq], row_tokens: int) -> list[list[Seq]]:
 class Batch:
     """One forward pass: tensors [rows, length] and which rows belong to which slot."""
 
-    input_ids: "object"
-    position_ids: "object"
-    targets: "object"
+    input_ids: Any  # torch tensors (torch is imported lazily)
+    position_ids: Any
+    targets: Any
     spans: list[tuple[int, int, Optional[int]]]  # (first row, end row, slot)
     tokens: dict  # slot -> real (non-pad) tokens in the batch
     lengths: dict  # slot -> the length of its own longest row
@@ -98,7 +98,10 @@ def build(parts: Sequence[tuple[Optional[int], Sequence[Seq]]], row_tokens: int,
     """The dispatcher: one batch from (slot, micro-batch sequences) of several trials; each trial's rows contiguous."""
     import torch
 
-    rows, spans, tokens, lengths = [], [], {}, {}
+    rows: list[list[Seq]] = []
+    spans: list[tuple[int, int, Optional[int]]] = []
+    tokens: dict = {}
+    lengths: dict = {}
     for slot, seqs in parts:
         packed = pack_rows(seqs, row_tokens)
         spans.append((len(rows), len(rows) + len(packed), slot))

@@ -21,13 +21,14 @@ was alone.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
 import time
 import types
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from trial_worker.checkpoint import write_manifest
 from trial_worker.config import REPORT_KEYS, JobConfig
@@ -61,7 +62,14 @@ class PackedTrial:
         self.output_dir = output_dir
         self.rung_steps = rung_steps(job)
         self.step = 0
-        self.epoch, self.pos, self.order = 0, 0, None
+        self.epoch, self.pos = 0, 0
+        self.order: Optional[list[int]] = None
+        # set by `PackEngine.add`: the trial's adapter parameters by name, its optimizer and LR scheduler
+        self.named_params: Any = None
+        self.params: Any = None
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.start_step = 0
         self.window: Optional[list[list[Seq]]] = None  # the micro-batches of the current optimizer step
         self.micro = 0
         self.window_targets = 0
@@ -80,16 +88,13 @@ class PackedTrial:
 
     # --------------------------------------------------------------- data order
     def _next_rows(self, n: int) -> list[Seq]:
-        import torch
-
         data = self.engine.train_seqs
-        out = []
+        out: list[Seq] = []
         while len(out) < n:
             if self.order is None or self.pos >= len(self.order):
                 if self.order is not None:
                     self.epoch, self.pos = self.epoch + 1, 0
-                g = torch.Generator().manual_seed(self.job.training.seed + self.epoch)
-                self.order = torch.randperm(len(data), generator=g).tolist()
+                self.order = self._order_of(self.epoch)
             out.append(data[self.order[self.pos]])
             self.pos += 1
         return out
@@ -162,7 +167,7 @@ class PackedTrial:
         self.scheduler.load_state_dict(st["scheduler"])
         state = json.loads((Path(directory) / STATE_FILE).read_text())
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
-        self.order = None if self.pos == 0 and self.epoch == 0 else self._order_of(self.epoch)
+        self.order = None if self.pos == 0 and self.epoch == 0 else self._order_of(self.epoch)  # type: ignore[assignment]
         self.offset = {k: float(state.get(k, 0.0)) for k in self.offset}
         self.last_lr = float(self.scheduler.get_last_lr()[0])
 
@@ -250,6 +255,12 @@ class PackEngine:
         per_trial = max(0.0, self.peak_bytes - self.base_bytes) / self.peak_trials
         total = torch.cuda.get_device_properties(self.device).total_memory
         return self.peak_bytes + per_trial * (k + 1 - self.peak_trials) <= MEMORY_SHARE * total
+
+    def readmit(self) -> None:
+        """Trials sent back to wait by an out-of-memory step go on, oldest first, while there is room."""
+        for t in list(self.trials.values()):
+            if t.state == "waiting" and self.fits():
+                t.state = "running"
 
     def add(self, trial_id: str, job: JobConfig, report: Report, resume_from: Optional[str] = None) -> PackedTrial:
         """Join a trial (a fresh LoRA from its seed, or its checkpoint `resume_from`); it trains from the next step."""
@@ -350,8 +361,9 @@ class PackEngine:
         for t in trials:
             if t.window is None:
                 t.start_window()
+        windows = [t.window for t in trials if t.window is not None]
         try:
-            sums, tokens = self._losses([(t.slot, t.window[t.micro]) for t in trials],
+            sums, tokens = self._losses([(t.slot, w[t.micro]) for t, w in zip(trials, windows)],
                                         {t.slot: t.dropout_seed for t in trials})
             losses = sums / torch.tensor([float(t.window_targets) for t in trials], device=self.device)
             ready = torch.stack([torch.ones((), dtype=torch.bool, device=self.device) if t.params_ok is None
@@ -373,23 +385,23 @@ class PackEngine:
             # bad fail, and the others redo the same micro-batch next step, with the same numbers.
             for i in bad:
                 t = trials[i]
-                self._fail(t, lambda t=t, v=values[i] if finite[i] else float("nan"):
-                           t.check_finite("train loss" if finite[i] else "adapter weights", v, t.step + 1))
+                what, v = ("train loss", values[i]) if finite[i] else ("adapter weights", float("nan"))
+                self._fail(t, functools.partial(t.check_finite, what, v, t.step + 1))
             return True
         if not self.cpu:
             self.peak_bytes, self.peak_trials = torch.cuda.max_memory_allocated(self.device), len(trials)
             torch.cuda.reset_peak_memory_stats(self.device)
         dt = time.perf_counter() - t0
         self.steps += 1
-        for i, t in enumerate(trials):
+        for i, (t, w) in enumerate(zip(trials, windows)):
             t.loss_acc += values[i]
             t.micro += 1
             t.tokens += tokens[t.slot]
             t.train_s += dt
-            if t.micro == len(t.window):
+            if t.micro == len(w):
                 t.optimizer_step()
                 if t.step in t.rung_steps:
-                    self._fail(t, lambda t=t: self._rung(t))
+                    self._fail(t, functools.partial(self._rung, t))
         return True
 
     def _fail(self, trial: PackedTrial, action: Callable[[], None]) -> None:
@@ -438,9 +450,9 @@ class PackEngine:
         from trial_worker.execution import peak_memory_gb
 
         metrics = {
-            "step": step, "samples": step * eff,
+            "steps": step, "samples": step * eff,
             "rung": max(i for i, s in enumerate(t.rung_steps) if s == step),
-            "val_loss": val["val_loss"], "ppl": val["ppl"], "train_loss": train_loss, "learning_rate": t.last_lr,
+            "val_loss": val["val_loss"], "ppl": val["ppl"], "train_loss": train_loss, "scheduled_lr": t.last_lr,
             "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
             "samples_per_s": (step - t.start_step) * eff / t.train_s if t.train_s > 0 else 0.0,
             "peak_mem_gb": peak_memory_gb(), "wall_s": wall_s, "train_s": train_s,

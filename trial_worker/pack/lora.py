@@ -37,9 +37,10 @@ class Routing:
         self.training = seeds is not None
         self._masks = {}
 
-    def block_mask(self, slots: tuple, ranks: tuple, device) -> torch.Tensor:
-        """[rows, sum(ranks)] bool: row i may use the rank columns of its own slot only (cached per forward)."""
-        key = (slots, ranks)
+    def block_mask(self, slots: tuple, ranks: tuple, scalings: tuple, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """([rows, sum(ranks)] bool: row i may use the rank columns of its own slot only, [sum(ranks)]: each
+        column's LoRA scaling), built once per forward for each set of adapters a layer holds."""
+        key = (slots, ranks, scalings, dtype)
         if key not in self._masks:
             rows = self.spans[-1][1] if self.spans else 0
             owner = torch.full((rows,), -1, dtype=torch.long)
@@ -47,7 +48,8 @@ class Routing:
                 if slot in slots:
                     owner[start:end] = slots.index(slot)
             column = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(ranks))
-            self._masks[key] = (owner[:, None] == column[None, :]).to(device)
+            scale = torch.repeat_interleave(torch.tensor(scalings, dtype=dtype), torch.tensor(ranks))
+            self._masks[key] = ((owner[:, None] == column[None, :]).to(device), scale.to(device))
         return self._masks[key]
 
 
@@ -106,8 +108,8 @@ class MultiLoRALinear(nn.Module):
         dtype = x.dtype  # the compute dtype (bf16 on a GPU, as the solo trial's autocast); the weights stay fp32
         A = torch.cat([a.A for a in adapters]) if len(adapters) > 1 else adapters[0].A
         B = torch.cat([a.B for a in adapters], dim=1) if len(adapters) > 1 else adapters[0].B
-        scale = torch.cat([x.new_full((a.r,), a.scaling) for a in adapters])
-        keep = self.routing.block_mask(slots, tuple(a.r for a in adapters), x.device)
+        keep, scale = self.routing.block_mask(slots, tuple(a.r for a in adapters), tuple(a.scaling for a in adapters),
+                                              x.device, dtype)
         h = self._dropped(x, dict(present)) @ A.to(dtype).t()
         h = torch.where(keep[:, None, :], h, 0.0) * scale
         return y + (h @ B.to(dtype).t()).to(y.dtype)

@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Optional
+from typing import Any, Optional
 
 STALE_S = 900.0  # a trial that has not polled for this long lost its Tune actor: it is dropped from the pack
 
@@ -32,7 +32,7 @@ class PackServer:
         self.name = name
         self.max_trials = max_trials
         self.output_dir = tempfile.mkdtemp(prefix=f"sweep-{name}-")
-        self.engine = None
+        self.engine: Optional[Any] = None  # the PackEngine, built by the first trial (or base evaluation)
         self.lock = threading.Condition()
         self.commands: deque = deque()  # (op, args), applied by the loop between pack steps
         self.queue: list = []  # trials waiting for room: (trial_id, job, resume_from)
@@ -175,11 +175,8 @@ class PackServer:
         from trial_worker.config import JobConfig
         from trial_worker.pack.engine import pack_key
 
-        e = self.engine
-        if e is not None:  # trials sent back to wait by an out-of-memory step come first
-            for t in list(e.trials.values()):
-                if t.state == "waiting" and e.fits():
-                    t.state = "running"
+        if self.engine is not None:  # trials sent back to wait by an out-of-memory step come first
+            self.engine.readmit()
         while self.queue:
             trial_id, job_dict, resume_from = self.queue[0]
             job = JobConfig.model_validate(job_dict)
@@ -201,6 +198,8 @@ class PackServer:
     def _drain(self) -> None:
         """Hand each failed or finished trial's end to its owner, and take it out of the pack."""
         e = self.engine
+        if e is None:
+            return
         for t in e.failed:
             self._emit(t.id, _error_event(t.error))
         e.failed.clear()

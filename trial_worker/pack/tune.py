@@ -162,7 +162,7 @@ def _relay(pack, pack_name: str, trial_id: str, job: dict, resume_from: Optional
                         raise known[event["type"]](event["message"])
                     raise RuntimeError(f"{event['type']}: {event['message']} (in pack {pack_name})\n"
                                        f"{event.get('traceback', '')}")
-                metrics = dict(event["metrics"], steps=event["metrics"]["step"], pack=event["pack"])
+                metrics = dict(event["metrics"], pack=event["pack"])
                 if note:
                     metrics["checkpoint_note"] = note.pop()
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(event["checkpoint"]))
