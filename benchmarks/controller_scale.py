@@ -33,6 +33,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -362,6 +363,7 @@ def main() -> None:
     ap.add_argument("--step-s", type=float, default=1.0, help="simulated seconds per optimizer step")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--max-wall-s", type=float, default=None, help="stop a point's sweep (as Ctrl+C) after this long")
+    ap.add_argument("--keep", action="store_true", help="keep each point's run folder and progress log (in /tmp)")
     args = ap.parse_args()
 
     import importlib.metadata as md
@@ -380,6 +382,8 @@ def main() -> None:
             print(json.dumps(point, indent=1, default=str), flush=True)
             results.setdefault("points", {})[str(n)] = {**point, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                                                         "machine": machine()}
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
     finally:
         pg_server.cleanup(pg)
     results.update(

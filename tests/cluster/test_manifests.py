@@ -27,12 +27,19 @@ WORKER_GROUP = {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas"
                 "rayStartParams", "template", "scaleStrategy", "numOfHosts"}
 
 
+def _dockerfile(pattern: str, flags: int = 0) -> str:
+    """The first group of `pattern` in docker/Dockerfile (which must have it)."""
+    m = re.search(pattern, (DOCKER / "Dockerfile").read_text(), flags)
+    assert m, f"docker/Dockerfile has no line matching {pattern!r}"
+    return m.group(1)
+
+
 def _image_workdir() -> str:
-    return re.search(r"^WORKDIR\s+(\S+)", (DOCKER / "Dockerfile").read_text(), re.M).group(1)
+    return _dockerfile(r"^WORKDIR\s+(\S+)", re.M)
 
 
 def _pinned_ray() -> str:
-    return re.search(r'"ray\[[^\]]*\]==([\d.]+)"', (DOCKER / "Dockerfile").read_text()).group(1)
+    return _dockerfile(r'"ray\[[^\]]*\]==([\d.]+)"')
 
 
 RUN_FOLDER = f"{_image_workdir()}/sweep_runs"  # where `sweep run` writes Tune's run folder without output_dir
@@ -123,8 +130,7 @@ def test_one_image_that_pins_the_clusters_ray(rayjob):
     images = {_ray_container(g)["image"] for _, g in _groups(job)}
     assert len(images) == 1 and next(iter(images)).rsplit("/", 1)[-1].startswith("sweep:"), images
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == _pinned_ray()
-    assert "default" in re.search(r'"ray\[([^\]]*)\]==', (DOCKER / "Dockerfile").read_text()).group(1), \
-        "KubeRay submits the job through the dashboard: ray[default]"
+    assert "default" in _dockerfile(r'"ray\[([^\]]*)\]=='), "KubeRay submits the job through the dashboard: ray[default]"
 
 
 # ------------------------------------------------------------------------------------------------- compose
