@@ -90,7 +90,7 @@ def run_sweep(
         _evaluate_base_once(ray, study, job, spec, console)
         searcher = _searcher(spec, study_name, rstorage)
         callbacks = _callbacks(searcher, spec, study_name, out_dir, console)
-        trainable = _trainable(spec, job, run_dir, finished=_finished_ray_trials(study) if restore else frozenset())
+        trainable = _trainable(spec, job, run_dir)
         if restore:
             tuner, progress = _restored_tuner(run_dir, trainable, console)
         else:
@@ -235,21 +235,14 @@ def _make_progress_callback(searcher, spec: SweepSpec, console):
     return Progress(searcher, spec.budget.unit, list(spec.budget.rungs), console)
 
 
-def _finished_ray_trials(study) -> frozenset:
-    """The Ray trial ids of the study's finished trials: a restored Tune run must not train them again."""
-    return frozenset(t.user_attrs["ray_trial_id"] for t in study.get_trials(deepcopy=False)
-                     if t.state.is_finished() and "ray_trial_id" in t.user_attrs)
-
-
-def _trainable(spec: SweepSpec, job, run_dir: Path, *, finished: frozenset = frozenset()):
-    """The one place a trial's trainable is built: the worker's entry point with the sweep's job and resources
-    (`finished`: Ray trial ids that return at once, see `trial_worker.entry.run_trial`)."""
+def _trainable(spec: SweepSpec, job, run_dir: Path):
+    """The one place a trial's trainable is built: the worker's entry point with the sweep's job and resources."""
     from ray import tune
 
     from trial_worker.entry import trainable
 
     res = spec.resources
-    return tune.with_resources(trainable(job.model_dump(mode="json"), run_dir=str(run_dir), finished=finished),
+    return tune.with_resources(trainable(job.model_dump(mode="json"), run_dir=str(run_dir)),
                                {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
 
 

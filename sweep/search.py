@@ -344,8 +344,8 @@ class StudySearch(OptunaSearch):
         """Make this searcher, unpickled from Tune's last save, agree with the study (the record).
 
         Tune saves its searcher every few seconds; the controller may have died after it. So: a Ray trial that
-        the study has finished since is marked told (`finished_before`: Tune may run it again from its older
-        state, but `sweep.controller` has its trainable return at once, and nothing is recorded twice); a study
+        the study has finished since is marked told (`finished_before`; `sweep.resume` marks it ended in Tune's
+        state too, so it does not run again, and nothing is recorded twice); a study
         trial still RUNNING that this save never heard of (asked for after it) is handed out again, with its
         recorded params, by the next `suggest` (never sampled anew); and the sampler's random state, saved
         before the draws made after that save, is drawn afresh so it cannot repeat them.

@@ -5,6 +5,7 @@ Importing this module does not import Ray: each function imports what it touches
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -130,3 +131,22 @@ def asha_rungs(scheduler: Any) -> list:
 
 def asha_metric_op(scheduler: Any) -> float:
     return scheduler._metric_op
+
+
+def mark_trials_terminated(state_file: Path, trial_ids: set) -> list:
+    """In a Tune experiment state (`experiment_state-*.json`: `trial_data` holds one [trial JSON, run metadata]
+    pair per trial, the trial's `status` a plain string), mark the unfinished trials among `trial_ids`
+    TERMINATED, so that `Tuner.restore` does not start them again. Written atomically; returns their ids."""
+    data = json.loads(state_file.read_text())
+    changed = []
+    for pair in data.get("trial_data", []):
+        trial = json.loads(pair[0])
+        if trial.get("trial_id") in trial_ids and trial.get("status") in ("PENDING", "RUNNING", "PAUSED"):
+            trial["status"] = "TERMINATED"
+            pair[0] = json.dumps(trial, indent=2)
+            changed.append(trial["trial_id"])
+    if changed:
+        tmp = state_file.with_name(f".{state_file.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, state_file)
+    return changed
