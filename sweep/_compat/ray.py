@@ -150,3 +150,21 @@ def mark_trials_terminated(state_file: Path, trial_ids: set) -> list:
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, state_file)
     return changed
+
+
+def forget_live_trials(search_gen_state: Path, trial_ids: set) -> None:
+    """Drop `trial_ids` from the live trials of the ConcurrencyLimiter saved in a `search_gen_state-*.json` (a
+    pickle of plain data: `{"name:ConcurrencyLimiter": {"live_trials": set, "num_unfinished_live_trials": int}}`).
+    A trial marked ended in the experiment state never reaches the limiter again, which would otherwise count
+    it against `max_concurrent_trials` forever. The file belongs to a run folder `sweep.resume` has trusted."""
+    import pickle
+
+    state = pickle.loads(search_gen_state.read_bytes())
+    limiter = state.get("name:ConcurrencyLimiter")
+    if not isinstance(limiter, dict) or not set(limiter.get("live_trials", ())) & trial_ids:
+        return
+    limiter["live_trials"] = set(limiter["live_trials"]) - trial_ids
+    limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
+    tmp = search_gen_state.with_name(f".{search_gen_state.name}.tmp")
+    tmp.write_bytes(pickle.dumps(state))
+    os.replace(tmp, search_gen_state)

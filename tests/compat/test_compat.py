@@ -144,6 +144,26 @@ def test_tune_state_marks_a_trial_ended_the_way_restore_reads_it(tmp_path):
     assert 'state["status"] == Trial.RUNNING' in inspect.getsource(Trial.__setstate__)
 
 
+def test_the_concurrency_limiters_saved_live_trials_can_be_forgotten(tmp_path):
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweep._compat.ray import forget_live_trials
+
+    searcher = OptunaSearch({"x": optuna.distributions.FloatDistribution(0, 1)}, metric="loss", mode="min")
+    limiter = ConcurrencyLimiter(searcher, max_concurrent=2)
+    for tid in ("a", "b"):
+        limiter.suggest(tid)
+    assert limiter.suggest("c") is None  # full
+    gen = SearchGenerator(limiter)
+    gen.save_to_dir(str(tmp_path), session_str="s")
+    [saved] = tmp_path.glob("search_gen_state-*.json")
+    forget_live_trials(saved, {"a"})
+    again = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
+    again.restore_from_dir(str(tmp_path))
+    assert again.searcher.live_trials == {"b"} and again.searcher.suggest("c") is not None
+
+
 def test_asha_keeps_its_rungs_where_the_scheduler_rebuilds_them():
     from ray.tune.schedulers import ASHAScheduler
 
