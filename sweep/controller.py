@@ -63,7 +63,8 @@ def run_sweep(
     out_dir = Path(spec.output_dir or "sweep_runs").resolve()
     run_dir = out_dir / study_name
     again = resume_command(spec_path, spec, study_name, storage)
-    _quiet_libraries()
+    address = address or os.environ.get("RAY_ADDRESS")
+    _quiet_libraries(local_ray=not address)
 
     # The study: created (or continued by `sweep run` on an existing name), or checked for a resume.
     rstorage = open_storage(storage_url)
@@ -85,7 +86,7 @@ def run_sweep(
     from trial_worker.entry import prepare_assets
 
     prepare_assets(job)
-    ray = _start_ray(address or os.environ.get("RAY_ADDRESS"), run_dir, console)
+    ray = _start_ray(address, run_dir, console)
     try:
         _evaluate_base_once(ray, study, job, spec, console)
         searcher = _searcher(spec, study_name, rstorage)
@@ -151,9 +152,15 @@ def _nothing_to_resume(study, n_trials: int, console) -> bool:
     return True
 
 
-def _quiet_libraries() -> None:
-    """Optuna's per-trial info lines, Ray's new console output and its sync warnings off: the sweep prints its own."""
+def _quiet_libraries(*, local_ray: bool) -> None:
+    """Optuna's per-trial info lines, Ray's new console output and its sync warnings off: the sweep prints its own.
+    Set before anything imports ray (a resume may, reading Tune's state)."""
     import optuna
+
+    if local_ray and "ray" not in sys.modules:
+        # Token authentication on, as Ray 2.60 sets it by default for a new local Ray, but said explicitly (read
+        # when ray is imported): Ray then skips its warning that it enabled it, which asks nothing of the user.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -167,10 +174,6 @@ def _start_ray(address: Optional[str], run_dir: Path, console):
     from sweep._compat.ray import keep_local_ray_on_loopback
 
     if not address:
-        if "ray" not in sys.modules:
-            # Token authentication on, as Ray 2.60 sets it by default for a new local Ray, but said explicitly (read
-            # when ray is imported): Ray then skips its warning that it enabled it, which asks nothing of the user.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
         keep_local_ray_on_loopback()  # before `import ray` reads the switch
         ended = end_orphans(run_dir)
         if ended:
