@@ -75,14 +75,17 @@ def check_resumable(optuna, rstorage, study_name: str, spec: SweepSpec, spec_pat
 def _end_in_tune_what_the_study_finished(run_dir: Path, study) -> None:
     """Trials the study has finished since Tune's last save (killed right after a trial ended) are marked ended in
     the Tune state that `Tuner.restore` reads, so they are neither trained nor reported again."""
-    from sweep._compat.ray import forget_live_trials, mark_trials_terminated
+    from sweep._compat.ray import match_search_state, mark_trials_terminated, trials_in_state
+    from sweep.search import StudySearch
 
     finished = {t.user_attrs["ray_trial_id"] for t in study.get_trials(deepcopy=False)
                 if t.state.is_finished() and "ray_trial_id" in t.user_attrs}
     state = sorted(run_dir.glob("experiment_state-*.json"))[-1]
     ended = mark_trials_terminated(state, finished)
+    trials = trials_in_state(state)
+    match_search_state(state.with_name(state.name.replace("experiment_state-", "search_gen_state-")), trials)
+    StudySearch.tune_trials = set(trials)  # what the restored searcher counts as not lost
     if ended:
-        forget_live_trials(state.with_name(state.name.replace("experiment_state-", "search_gen_state-")), set(ended))
         print(f"sweep resume: {len(ended)} trial(s) finished in the study after Ray Tune's last save; not run again",
               file=sys.stderr, flush=True)
 

@@ -91,6 +91,9 @@ class StudySearch(OptunaSearch):
             backoff, 2*backoff, 4*backoff... between tries, then the error is raised.
     """
 
+    # The Ray trial ids in the Tune state a resume restores (set by `sweep.resume` before `Tuner.restore`).
+    tune_trials: Optional[set] = None
+
     def __init__(
         self,
         space: Dict[str, optuna.distributions.BaseDistribution],
@@ -351,6 +354,10 @@ class StudySearch(OptunaSearch):
         before the draws made after that save, is drawn afresh so it cannot repeat them.
         """
         study_trials = {storage_id(t): t for t in self._ot_study.get_trials(deepcopy=False)}
+        saved = set(trial_ids)
+        # The study names each trial's Ray trial id: it wins over a pickled map that may be older than Tune's state.
+        trial_ids = {**trial_ids, **{t.user_attrs["ray_trial_id"]: tid for tid, t in study_trials.items()
+                                     if "ray_trial_id" in t.user_attrs}}
         trials, told = {}, completed_trials(self)
         for rid, tid in trial_ids.items():
             if not isinstance(tid, int):  # a Trial pickled by an older checkpoint
@@ -362,9 +369,11 @@ class StudySearch(OptunaSearch):
                 told.add(rid)
                 self._final_states.setdefault(rid, t.state.name)
         set_searcher_trials(self, trials)
-        known = set(trial_ids.values())
-        self._pending = sorted((tid for tid, t in study_trials.items()
-                                if t.state == TrialState.RUNNING and tid not in known),
+        # Lost: RUNNING in the study, but not among the trials Tune restores (`tune_trials`, set by `sweep.resume`
+        # from Tune's saved state; without it, those this searcher's save knew).
+        tune = StudySearch.tune_trials if StudySearch.tune_trials is not None else saved
+        self._pending = sorted((tid for tid, t in study_trials.items() if t.state == TrialState.RUNNING
+                                and t.user_attrs.get("ray_trial_id") not in tune),
                                key=lambda tid: study_trials[tid].number)
         self._ot_study.sampler.reseed_rng()
 

@@ -152,19 +152,27 @@ def mark_trials_terminated(state_file: Path, trial_ids: set) -> list:
     return changed
 
 
-def forget_live_trials(search_gen_state: Path, trial_ids: set) -> None:
-    """Drop `trial_ids` from the live trials of the ConcurrencyLimiter saved in a `search_gen_state-*.json` (a
-    pickle of plain data: `{"name:ConcurrencyLimiter": {"live_trials": set, "num_unfinished_live_trials": int}}`).
-    A trial marked ended in the experiment state never reaches the limiter again, which would otherwise count
-    it against `max_concurrent_trials` forever. The file belongs to a run folder `sweep.resume` has trusted."""
+def trials_in_state(state_file: Path) -> dict:
+    """{Ray trial id: status} of the trials in a Tune experiment state."""
+    trials = (json.loads(pair[0]) for pair in json.loads(state_file.read_text()).get("trial_data", []))
+    return {t["trial_id"]: t.get("status") for t in trials}
+
+
+def match_search_state(search_gen_state: Path, trials: dict) -> None:
+    """Make a `search_gen_state-*.json` (a pickle of plain data: `{"counter": int, "name:ConcurrencyLimiter":
+    {"live_trials": set, "num_unfinished_live_trials": int}}`) agree with the experiment state's `trials`
+    ({id: status}): Tune copies the two files separately, so a kill can leave an older one beside a newer
+    experiment state; its trial counter would then ask for more trials than the sweep has, and its limiter
+    count trials that ended (or are marked ended) against `max_concurrent_trials` forever. The file belongs
+    to a run folder `sweep.resume` has trusted."""
     import pickle
 
     state = pickle.loads(search_gen_state.read_bytes())
+    state["counter"] = max(int(state.get("counter", 0)), len(trials))
     limiter = state.get("name:ConcurrencyLimiter")
-    if not isinstance(limiter, dict) or not set(limiter.get("live_trials", ())) & trial_ids:
-        return
-    limiter["live_trials"] = set(limiter["live_trials"]) - trial_ids
-    limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
+    if isinstance(limiter, dict):
+        limiter["live_trials"] = {i for i, s in trials.items() if s in ("PENDING", "RUNNING", "PAUSED")}
+        limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
     tmp = search_gen_state.with_name(f".{search_gen_state.name}.tmp")
     tmp.write_bytes(pickle.dumps(state))
     os.replace(tmp, search_gen_state)

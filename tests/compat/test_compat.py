@@ -148,7 +148,7 @@ def test_the_concurrency_limiters_saved_live_trials_can_be_forgotten(tmp_path):
     from ray.tune.search import ConcurrencyLimiter, SearchGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from sweep._compat.ray import forget_live_trials
+    from sweep._compat.ray import match_search_state
 
     searcher = OptunaSearch({"x": optuna.distributions.FloatDistribution(0, 1)}, metric="loss", mode="min")
     limiter = ConcurrencyLimiter(searcher, max_concurrent=2)
@@ -158,10 +158,11 @@ def test_the_concurrency_limiters_saved_live_trials_can_be_forgotten(tmp_path):
     gen = SearchGenerator(limiter)
     gen.save_to_dir(str(tmp_path), session_str="s")
     [saved] = tmp_path.glob("search_gen_state-*.json")
-    forget_live_trials(saved, {"a"})
+    match_search_state(saved, {"a": "TERMINATED", "b": "RUNNING", "c0": "TERMINATED"})
     again = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
     again.restore_from_dir(str(tmp_path))
     assert again.searcher.live_trials == {"b"} and again.searcher.suggest("c") is not None
+    assert again.get_state()["counter"] == 3  # one per trial of the experiment state
 
 
 def test_asha_keeps_its_rungs_where_the_scheduler_rebuilds_them():
