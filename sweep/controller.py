@@ -80,6 +80,8 @@ def run_sweep(
     if not resume:
         study.set_user_attr("num_trials", n_trials)  # what `sweep resume` completes
     elif _nothing_to_resume(study, n_trials, console):
+        if not address:
+            end_orphans(run_dir)  # what a controller killed at the very end left of its local Ray
         return _summary(study, study_name, storage_url, errors=0)
     record_controller(study, again)
 
