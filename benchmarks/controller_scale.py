@@ -50,10 +50,10 @@ RESULTS = ROOT / "benchmarks" / "results" / "controller_scale.json"
 
 # ----------------------------------------------------------------------------------------------- the simulated trial
 def simulated_trainable(step_s: float, rungs: list[int]):
-    """A stand-in for `trial_worker.entry.trainable(job, run_dir, finished)`: the Tune function trainable of a
+    """A stand-in for `trial_worker.entry.trainable(job, run_dir)`: the Tune function trainable of a
     simulated trial."""
 
-    def trainable(job: dict, run_dir: str | None = None, finished: frozenset = frozenset(), function=None):
+    def trainable(job: dict, run_dir: str | None = None, function=None):
         def simulated_trial(config: dict) -> None:
             import math
             import random

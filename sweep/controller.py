@@ -63,7 +63,8 @@ def run_sweep(
     out_dir = Path(spec.output_dir or "sweep_runs").resolve()
     run_dir = out_dir / study_name
     again = resume_command(spec_path, spec, study_name, storage)
-    _quiet_libraries()
+    address = address or os.environ.get("RAY_ADDRESS")
+    _quiet_libraries(local_ray=not address)
 
     # The study: created (or continued by `sweep run` on an existing name), or checked for a resume.
     rstorage = open_storage(storage_url)
@@ -79,18 +80,20 @@ def run_sweep(
     if not resume:
         study.set_user_attr("num_trials", n_trials)  # what `sweep resume` completes
     elif _nothing_to_resume(study, n_trials, console):
+        if not address:
+            end_orphans(run_dir)  # what a controller killed at the very end left of its local Ray
         return _summary(study, study_name, storage_url, errors=0)
     record_controller(study, again)
 
     from trial_worker.entry import prepare_assets
 
     prepare_assets(job)
-    ray = _start_ray(address or os.environ.get("RAY_ADDRESS"), run_dir, console)
+    ray = _start_ray(address, run_dir, console)
     try:
         _evaluate_base_once(ray, study, job, spec, console, run_dir)
         searcher = _searcher(spec, study_name, rstorage)
         callbacks = _callbacks(searcher, spec, study_name, out_dir, console)
-        trainable = _trainable(spec, job, run_dir, finished=_finished_ray_trials(study) if restore else frozenset())
+        trainable = _trainable(spec, job, run_dir)
         if restore:
             tuner, progress = _restored_tuner(run_dir, trainable, console)
         else:
@@ -151,9 +154,15 @@ def _nothing_to_resume(study, n_trials: int, console) -> bool:
     return True
 
 
-def _quiet_libraries() -> None:
-    """Optuna's per-trial info lines, Ray's new console output and its sync warnings off: the sweep prints its own."""
+def _quiet_libraries(*, local_ray: bool) -> None:
+    """Optuna's per-trial info lines, Ray's new console output and its sync warnings off: the sweep prints its own.
+    Set before anything imports ray (a resume may, reading Tune's state)."""
     import optuna
+
+    if local_ray and "ray" not in sys.modules:
+        # Token authentication on, as Ray 2.60 sets it by default for a new local Ray, but said explicitly (read
+        # when ray is imported): Ray then skips its warning that it enabled it, which asks nothing of the user.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -167,10 +176,6 @@ def _start_ray(address: Optional[str], run_dir: Path, console):
     from sweep._compat.ray import keep_local_ray_on_loopback
 
     if not address:
-        if "ray" not in sys.modules:
-            # Token authentication on, as Ray 2.60 sets it by default for a new local Ray, but said explicitly (read
-            # when ray is imported): Ray then skips its warning that it enabled it, which asks nothing of the user.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
         keep_local_ray_on_loopback()  # before `import ray` reads the switch
         ended = end_orphans(run_dir)
         if ended:
@@ -232,16 +237,10 @@ def _make_progress_callback(searcher, spec: SweepSpec, console):
     return Progress(searcher, spec.budget.unit, list(spec.budget.rungs), console)
 
 
-def _finished_ray_trials(study) -> frozenset:
-    """The Ray trial ids of the study's finished trials: a restored Tune run must not train them again."""
-    return frozenset(t.user_attrs["ray_trial_id"] for t in study.get_trials(deepcopy=False)
-                     if t.state.is_finished() and "ray_trial_id" in t.user_attrs)
-
-
-def _trainable(spec: SweepSpec, job, run_dir: Path, *, finished: frozenset = frozenset()):
+def _trainable(spec: SweepSpec, job, run_dir: Path):
     """The one place a trial's trainable is built: the worker's entry point with the sweep's job and resources
-    (`finished`: Ray trial ids that return at once, see `trial_worker.entry.run_trial`)."""
-    return _trial_plan(spec, job, run_dir).trainable(finished)
+    (packed or one trial per process, see `_trial_plan`)."""
+    return _trial_plan(spec, job, run_dir).trainable()
 
 
 def _trial_plan(spec: SweepSpec, job, run_dir: Path):

@@ -91,6 +91,9 @@ class StudySearch(OptunaSearch):
             backoff, 2*backoff, 4*backoff... between tries, then the error is raised.
     """
 
+    # The Ray trial ids in the Tune state a resume restores (set by `sweep.resume` before `Tuner.restore`).
+    tune_trials: Optional[set] = None
+
     def __init__(
         self,
         space: Dict[str, optuna.distributions.BaseDistribution],
@@ -346,13 +349,17 @@ class StudySearch(OptunaSearch):
         """Make this searcher, unpickled from Tune's last save, agree with the study (the record).
 
         Tune saves its searcher every few seconds; the controller may have died after it. So: a Ray trial that
-        the study has finished since is marked told (`finished_before`: Tune may run it again from its older
-        state, but `sweep.controller` has its trainable return at once, and nothing is recorded twice); a study
+        the study has finished since is marked told (`finished_before`; `sweep.resume` marks it ended in Tune's
+        state too, so it does not run again, and nothing is recorded twice); a study
         trial still RUNNING that this save never heard of (asked for after it) is handed out again, with its
         recorded params, by the next `suggest` (never sampled anew); and the sampler's random state, saved
         before the draws made after that save, is drawn afresh so it cannot repeat them.
         """
         study_trials = {storage_id(t): t for t in self._ot_study.get_trials(deepcopy=False)}
+        saved = set(trial_ids)
+        # The study names each trial's Ray trial id: it wins over a pickled map that may be older than Tune's state.
+        trial_ids = {**trial_ids, **{t.user_attrs["ray_trial_id"]: tid for tid, t in study_trials.items()
+                                     if "ray_trial_id" in t.user_attrs}}
         trials, told = {}, completed_trials(self)
         for rid, tid in trial_ids.items():
             if not isinstance(tid, int):  # a Trial pickled by an older checkpoint
@@ -364,9 +371,11 @@ class StudySearch(OptunaSearch):
                 told.add(rid)
                 self._final_states.setdefault(rid, t.state.name)
         set_searcher_trials(self, trials)
-        known = set(trial_ids.values())
-        self._pending = sorted((tid for tid, t in study_trials.items()
-                                if t.state == TrialState.RUNNING and tid not in known),
+        # Lost: RUNNING in the study, but not among the trials Tune restores (`tune_trials`, set by `sweep.resume`
+        # from Tune's saved state; without it, those this searcher's save knew).
+        tune = StudySearch.tune_trials if StudySearch.tune_trials is not None else saved
+        self._pending = sorted((tid for tid, t in study_trials.items() if t.state == TrialState.RUNNING
+                                and t.user_attrs.get("ray_trial_id") not in tune),
                                key=lambda tid: study_trials[tid].number)
         self._ot_study.sampler.reseed_rng()
 

@@ -74,7 +74,7 @@ def trial_job(config: dict[str, Any], job: Union[dict, JobConfig], *, cpus: floa
 FATAL_DIR = "failed_trials"  # <run_dir>/failed_trials/<trial id>.json: a deterministic failure of an earlier attempt
 
 
-def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None, finished: frozenset = frozenset()) -> None:
+def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> None:
     """Ray Tune function trainable: one QLoRA trial, reporting at each rung with a checkpoint.
 
     `config` holds the searched params by flat name (`learning_rate`, `lora_r`, ...). Resumes
@@ -89,9 +89,6 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None, fin
     its reason in `run_dir/FATAL_DIR` (`run_dir`: the sweep's Tune run folder; without it, the
     trial's local folder), so that a Tune retry (`max_failures`) fails at once with the same
     reason instead of training into the same wall again.
-
-    `finished`: Ray trial ids the study had already finished when the sweep was resumed. Tune may restart
-    such a trial from its older saved state; it returns at once, training and reporting nothing.
     """
     import json
 
@@ -100,8 +97,6 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None, fin
 
     from trial_worker.recipe import NonFiniteLoss, TrialOOM, run
 
-    if tune.get_context().get_trial_id() in finished:
-        return
     fatal = fatal_path(run_dir)
     vanished = _VANISHED_CHECKPOINT.pop("path", None)  # see `trainable`
     assigned = ray.get_runtime_context().get_assigned_resources()
@@ -237,19 +232,18 @@ class TrialNotRetried(RuntimeError):
 _VANISHED_CHECKPOINT: dict[str, str] = {}  # set by `SweepTrial.restore`, taken by the next `run_trial` in this actor
 
 
-def trainable(job: dict, run_dir: str | None = None, finished: frozenset = frozenset(), function=None):
+def trainable(job: dict, run_dir: str | None = None, function=None):
     """The Tune trainable of a sweep: `function` (default `run_trial`; same signature) with its job, as a class
     whose restore survives a deleted checkpoint.
 
     Tune's own restore refuses a checkpoint folder that no longer exists (and the retry fails);
     here the trial goes on instead, from the newest older checkpoint that verifies, or from step 0,
-    and says so (see `run_trial`). `finished`: see `run_trial`.
+    and says so (see `run_trial`).
     """
     from ray import tune
     from ray.tune.trainable import wrap_function
 
-    base = wrap_function(tune.with_parameters(function or run_trial, job=job, run_dir=run_dir,
-                                              finished=frozenset(finished)))
+    base = wrap_function(tune.with_parameters(function or run_trial, job=job, run_dir=run_dir))
 
     class SweepTrial(base):
         def restore(self, checkpoint_path):

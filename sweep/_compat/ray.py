@@ -5,6 +5,7 @@ Importing this module does not import Ray: each function imports what it touches
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -130,3 +131,48 @@ def asha_rungs(scheduler: Any) -> list:
 
 def asha_metric_op(scheduler: Any) -> float:
     return scheduler._metric_op
+
+
+def mark_trials_terminated(state_file: Path, trial_ids: set) -> list:
+    """In a Tune experiment state (`experiment_state-*.json`: `trial_data` holds one [trial JSON, run metadata]
+    pair per trial, the trial's `status` a plain string), mark the unfinished trials among `trial_ids`
+    TERMINATED, so that `Tuner.restore` does not start them again. Written atomically; returns their ids."""
+    data = json.loads(state_file.read_text())
+    changed = []
+    for pair in data.get("trial_data", []):
+        trial = json.loads(pair[0])
+        if trial.get("trial_id") in trial_ids and trial.get("status") in ("PENDING", "RUNNING", "PAUSED"):
+            trial["status"] = "TERMINATED"
+            pair[0] = json.dumps(trial, indent=2)
+            changed.append(trial["trial_id"])
+    if changed:
+        tmp = state_file.with_name(f".{state_file.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, state_file)
+    return changed
+
+
+def trials_in_state(state_file: Path) -> dict:
+    """{Ray trial id: status} of the trials in a Tune experiment state."""
+    trials = (json.loads(pair[0]) for pair in json.loads(state_file.read_text()).get("trial_data", []))
+    return {t["trial_id"]: t.get("status") for t in trials}
+
+
+def match_search_state(search_gen_state: Path, trials: dict) -> None:
+    """Make a `search_gen_state-*.json` (a pickle of plain data: `{"counter": int, "name:ConcurrencyLimiter":
+    {"live_trials": set, "num_unfinished_live_trials": int}}`) agree with the experiment state's `trials`
+    ({id: status}): Tune copies the two files separately, so a kill can leave an older one beside a newer
+    experiment state; its trial counter would then ask for more trials than the sweep has, and its limiter
+    count trials that ended (or are marked ended) against `max_concurrent_trials` forever. The file belongs
+    to a run folder `sweep.resume` has trusted."""
+    import pickle
+
+    state = pickle.loads(search_gen_state.read_bytes())
+    state["counter"] = max(int(state.get("counter", 0)), len(trials))
+    limiter = state.get("name:ConcurrencyLimiter")
+    if isinstance(limiter, dict):
+        limiter["live_trials"] = {i for i, s in trials.items() if s in ("PENDING", "RUNNING", "PAUSED")}
+        limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
+    tmp = search_gen_state.with_name(f".{search_gen_state.name}.tmp")
+    tmp.write_bytes(pickle.dumps(state))
+    os.replace(tmp, search_gen_state)

@@ -122,6 +122,49 @@ def test_a_restored_tuner_keeps_its_callbacks_where_the_controller_finds_them(tm
     assert restored_callbacks(tuner) == [mark]
 
 
+def test_tune_state_marks_a_trial_ended_the_way_restore_reads_it(tmp_path):
+    import json
+
+    from ray.tune import PlacementGroupFactory
+    from ray.tune.experiment import Trial
+
+    from sweep._compat.ray import mark_trials_terminated
+
+    trials = [Trial("f", stub=True, trial_id=i, placement_group_factory=PlacementGroupFactory([{"CPU": 1}]))
+              for i in ("done1", "live1")]
+    for t in trials:
+        t.set_status(Trial.RUNNING)
+    state = tmp_path / "experiment_state-x.json"
+    state.write_text(json.dumps({"trial_data": [list(t.get_json_state()) for t in trials], "runner_data": {}}))
+    assert mark_trials_terminated(state, {"done1", "gone"}) == ["done1"]
+    status = {json.loads(pair[0])["trial_id"]: json.loads(pair[0])["status"]
+              for pair in json.loads(state.read_text())["trial_data"]}
+    assert status == {"done1": Trial.TERMINATED, "live1": Trial.RUNNING}
+    # What restore makes of it: the status key as saved (a RUNNING one is queued again as PENDING).
+    assert 'state["status"] == Trial.RUNNING' in inspect.getsource(Trial.__setstate__)
+
+
+def test_the_concurrency_limiters_saved_live_trials_can_be_forgotten(tmp_path):
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweep._compat.ray import match_search_state
+
+    searcher = OptunaSearch({"x": optuna.distributions.FloatDistribution(0, 1)}, metric="loss", mode="min")
+    limiter = ConcurrencyLimiter(searcher, max_concurrent=2)
+    for tid in ("a", "b"):
+        limiter.suggest(tid)
+    assert limiter.suggest("c") is None  # full
+    gen = SearchGenerator(limiter)
+    gen.save_to_dir(str(tmp_path), session_str="s")
+    [saved] = tmp_path.glob("search_gen_state-*.json")
+    match_search_state(saved, {"a": "TERMINATED", "b": "RUNNING", "c0": "TERMINATED"})
+    again = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
+    again.restore_from_dir(str(tmp_path))
+    assert again.searcher.live_trials == {"b"} and again.searcher.suggest("c") is not None
+    assert again.get_state()["counter"] == 3  # one per trial of the experiment state
+
+
 def test_asha_keeps_its_rungs_where_the_scheduler_rebuilds_them():
     from ray.tune.schedulers import ASHAScheduler
 

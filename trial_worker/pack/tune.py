@@ -26,7 +26,7 @@ class TrialPlan:
     """How the sweep's trials run: the Tune trainable (with its resources) and how the base model is evaluated."""
 
     mode: str  # "packed" | "solo"
-    trainable: Callable[[frozenset], Any]  # Ray trial ids already finished (a resume) -> the trainable with resources
+    trainable: Callable[[], Any]  # -> the Tune trainable with its resources
     evaluate_base: Callable[[Any], dict]
     packs: list
 
@@ -71,8 +71,8 @@ def _new_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialPl
         def solo_base(j) -> dict:
             return ray.get(ray.remote(evaluate_base).options(num_cpus=cpus, num_gpus=gpus).remote(j))
 
-        def solo(finished: frozenset = frozenset()):
-            return tune.with_resources(trainable(job, run_dir=run_dir, finished=finished), {"cpu": cpus, "gpu": gpus})
+        def solo():
+            return tune.with_resources(trainable(job, run_dir=run_dir), {"cpu": cpus, "gpu": gpus})
 
         return TrialPlan("solo", solo, solo_base, [])
 
@@ -88,13 +88,13 @@ def _new_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialPl
     def packed_base(j) -> dict:
         return ray.get(packs[0].evaluate_base.remote(j.model_dump(mode="json") if hasattr(j, "model_dump") else j))
 
-    def run_packed(config, job, run_dir=None, finished=frozenset()):
-        return run_packed_trial(config, job, run_dir, finished, packs=tuple(names), pack_cpus=cpus)
+    def run_packed(config, job, run_dir=None):
+        return run_packed_trial(config, job, run_dir, packs=tuple(names), pack_cpus=cpus)
 
     run_packed.__name__ = run_packed.__qualname__ = "run_packed_trial"  # Tune's trial names
 
-    def packed(finished: frozenset = frozenset()):
-        return tune.with_resources(trainable(job, run_dir=run_dir, finished=finished, function=run_packed),
+    def packed():
+        return tune.with_resources(trainable(job, run_dir=run_dir, function=run_packed),
                                    {"cpu": PACK_TRIAL_CPUS, "gpu": 0})
 
     return TrialPlan("packed", packed, packed_base, packs)
@@ -112,7 +112,7 @@ def _choose_pack(names: list[str]):
 
 
 def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] = None,
-                     finished: frozenset = frozenset(), packs: tuple = (), pack_cpus: float = 1.0) -> None:
+                     packs: tuple = (), pack_cpus: float = 1.0) -> None:
     """Tune function trainable of a packed trial: the same reports, checkpoints, retries and fatal-failure rule
     as `entry.run_trial`, with the training done by a pack server."""
     import json
@@ -123,8 +123,6 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
     import trial_worker.entry as entry
     from trial_worker import recipe
 
-    if tune.get_context().get_trial_id() in finished:  # see entry.run_trial
-        return
     fatal = entry.fatal_path(run_dir)
     vanished = entry._VANISHED_CHECKPOINT.pop("path", None)
     trial = entry.trial_job(config, job, cpus=pack_cpus)
