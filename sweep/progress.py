@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ray.tune import Callback
 
@@ -29,7 +29,7 @@ class Progress(Callback):
     def __init__(self, searcher, unit: str, rungs: list, console):
         self.searcher, self.unit, self.rungs, self.t0 = searcher, unit, rungs, time.time()
         self.console = console
-        self.disk_full = None  # the DiskFull reason that stopped the sweep
+        self.disk_full: Optional[str] = None  # the DiskFull reason that stopped the sweep
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "console"}

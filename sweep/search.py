@@ -20,6 +20,7 @@ This module imports Ray; `sweep status`/`export` never import it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, Callable, Dict, Optional, TypeVar
@@ -94,6 +95,8 @@ class StudySearch(OptunaSearch):
     # The Ray trial ids in the Tune state a resume restores (set by `sweep.resume` before `Tuner.restore`).
     tune_trials: Optional[set] = None
 
+    _ot_study: Any  # the Optuna study (OptunaSearch sets it up; None while unpickled, until `__setstate__`)
+
     def __init__(
         self,
         space: Dict[str, optuna.distributions.BaseDistribution],
@@ -126,7 +129,7 @@ class StudySearch(OptunaSearch):
         super().__init__(space, metric=metric, mode=mode, sampler=sampler, study_name=study_name, storage=storage)
 
     # ------------------------------------------------------------ retries
-    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+    def _retry(self, what: str, fn: Callable[[], T]) -> Optional[T]:
         transient = _transient_errors()
         delay, t0 = self._retry_backoff_s, time.monotonic()
         for attempt in range(1, self._retries + 1):
@@ -142,7 +145,7 @@ class StudySearch(OptunaSearch):
                     logger.error("study %s: %s failed %d times, giving up: %s", self._study_name, what, attempt,
                                  storage_error_text(e))
                     # For the controller: the sweep stops on a write that could not be made (`sweep resume` later).
-                    e.study_write_failed = (what, attempt, time.monotonic() - t0)
+                    setattr(e, "study_write_failed", (what, attempt, time.monotonic() - t0))
                     raise
                 logger.warning("study %s: %s failed (try %d of %d), retrying in %.1fs: %s",
                                self._study_name, what, attempt, self._retries, delay, storage_error_text(e))
@@ -244,7 +247,7 @@ class StudySearch(OptunaSearch):
         if trial_id in self._fail_reasons:
             attrs["fail_reason"] = self._fail_reasons[trial_id]
         for k, v in attrs.items():
-            self._retry(f"set {k}", lambda k=k, v=v: ot_trial.set_user_attr(k, v))
+            self._retry(f"set {k}", functools.partial(ot_trial.set_user_attr, k, v))
 
         def tell():
             # skip_if_finished: a retry after a write that did land must not fail the sweep.

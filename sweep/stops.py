@@ -92,7 +92,7 @@ def disk_full_message(reason: str, *, run_dir: Path, again: str, state_unsaved: 
             f"Free space on the disk of {run_dir}, then continue with: {again}")
 
 
-def storage_failure(error: BaseException) -> Optional[BaseException]:
+def storage_failure(error: Optional[BaseException]) -> Optional[BaseException]:
     """The storage error a StudySearch write gave up on, in `error`'s chain (Tune wraps it in a TuneError)."""
     seen = set()
     while error is not None and id(error) not in seen:
@@ -108,7 +108,7 @@ def storage_lost_message(failure: BaseException, *, study_name: str, storage_url
     from sweep.record import safe_url
     from sweep.search import storage_error_text
 
-    what, tries, waited = failure.study_write_failed
+    what, tries, waited = getattr(failure, "study_write_failed")
     return (f"sweep: stopped: could not write to the study database {safe_url(storage_url)}: {what} (study "
             f"{study_name!r}) failed {tries} times over {waited:.0f} s: {storage_error_text(failure)}\n"
             f"Nothing recorded is lost: the study keeps every write made before the failure, and Ray Tune's run "

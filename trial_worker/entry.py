@@ -243,7 +243,7 @@ def trainable(job: dict, run_dir: str | None = None, function=None):
     from ray import tune
     from ray.tune.trainable import wrap_function
 
-    base = wrap_function(tune.with_parameters(function or run_trial, job=job, run_dir=run_dir))
+    base: Any = wrap_function(tune.with_parameters(function or run_trial, job=job, run_dir=run_dir))
 
     class SweepTrial(base):
         def restore(self, checkpoint_path):

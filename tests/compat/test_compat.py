@@ -211,7 +211,7 @@ def test_worker_internals_ray_train_session_and_trl_metrics():
     assert callable(session.get_storage)
     assert {"checkpoint_fs_path", "storage_filesystem"} <= set(dir(storage.StorageContext)) | set(
         inspect.signature(storage.StorageContext.__init__).parameters) | set(inspect.getsource(storage.StorageContext).split())
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         storage_checkpoint()  # outside a Tune session: the worker says "the run's storage" instead
     # SFTTrainer keeps its logged metrics in `_metrics[mode][name]` lists and averages them in `log`.
     assert 'self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}' in inspect.getsource(SFTTrainer.__init__)

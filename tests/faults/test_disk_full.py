@@ -118,7 +118,7 @@ def test_a_full_disk_fails_the_trial_clearly_stops_the_sweep_and_resume_finishes
         stopped = _snapshot(study)
         full = {n: v for n, v in stopped.items() if v[0] == "FAIL"}
         assert full, stopped
-        for n, v in full.items():  # recorded FAIL once, with the disk-full reason (not pyarrow's bare OSError)
+        for v in full.values():  # recorded FAIL once, with the disk-full reason (not pyarrow's bare OSError)
             m = re.search(r"DiskFull: \[Errno 28\] disk full: no space left on device writing the checkpoint of step (\d+) to "
                           r"\S+ \([\d.]+ MB free of 48\.0 MB on .*\); earlier checkpoints are kept", v[4])
             assert m and int(m[1]) in RUNGS, v

@@ -50,7 +50,7 @@ def test_trial_stopped_by_asha_below_the_top_rung_is_pruned(storage_url, drive):
     # PRUNED trials never count as the best trial
     study = load_study(storage_url, "s")
     with pytest.raises(ValueError):
-        study.best_trial
+        _ = study.best_trial
 
 
 def test_failed_trial_is_fail_with_the_reason_written_after_tune_told_the_searcher(storage_url, drive):
