@@ -216,7 +216,9 @@ def _searcher(spec: SweepSpec, study_name: str, rstorage):
     from sweep.search import StudySearch
     from sweep.space import make_sampler, optuna_space
 
-    return StudySearch(optuna_space(spec), metric="val_loss", mode="min", sampler=make_sampler(spec),
+    if spec.search is None:
+        raise ValueError("a sweep needs the spec's `search` section (what to try); this spec has none")
+    return StudySearch(optuna_space(spec), metric=spec.search.metric, mode=spec.search.mode, sampler=make_sampler(spec),
                        study_name=study_name, storage=rstorage, budget_key=spec.budget.unit,
                        top_rung=spec.budget.rungs[-1])
 
@@ -266,7 +268,7 @@ def _new_tuner(spec: SweepSpec, study_name: str, out_dir: Path, trainable, searc
                           reduction_factor=budget.reduction_factor)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(metric="val_loss", mode="min", search_alg=searcher, scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=searcher.metric, mode=searcher.mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=n_trials, max_concurrent_trials=res.max_concurrent_trials,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=study_name, storage_path=str(out_dir), verbose=0, callbacks=callbacks,
