@@ -19,7 +19,7 @@ def test_a_multi_turn_prompt_is_shown_whole(tmp_path):
     scores = {"val_loss": 0.5, "ppl": 1.6, "exact": 0.0, "f1": 0.0}
     row = {"id": 0, "prompt": conversation_text(CHAT), "reference": "2043-07-31", "base": "2043-05-01",
            "tuned": "2043-07-31", "base_exact": 0.0, "tuned_exact": 1.0, "base_f1": 0.0, "tuned_f1": 1.0}
-    (tmp_path / "loss.csv").write_text("step,epoch,loss,learning_rate,grad_norm\n10,0.1,0.4,0.001,1\n20,0.2,0.1,0.001,1\n")
+    (tmp_path / "loss.csv").write_text("steps,epoch,loss,scheduled_lr,grad_norm\n10,0.1,0.4,0.001,1\n20,0.2,0.1,0.001,1\n")
     plot = plot_loss_curves(tmp_path / "loss.csv", 0.5, 0.01, tmp_path / "loss_curves.png")
     md = render_markdown(job, "adapter", {"base": scores, "tuned": scores, "tokens": 9, "prompts": 1, "rows": [row],
                                           "plot": plot})
