@@ -138,12 +138,7 @@ class PackServer:
                 if self.engine is not None:
                     self.engine.remove(trial_id)  # a retry of a trial the pack still held
             elif op == "leave":
-                self.queue = [q for q in self.queue if q[0] != args]
-                if self.engine is not None:
-                    self.engine.remove(args)
-                with self.lock:
-                    self.events.pop(args, None)
-                    self.seen.pop(args, None)
+                self._apply_leave(args)
             elif op == "proceed":
                 t = self.engine.trials.get(args) if self.engine else None
                 if t is not None and t.state == "parked":
