@@ -48,6 +48,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 2e-4
 SEED = 1234
+LOGGING_STEPS = 10  # the worker's default (training.logging_steps): a log is a host sync
 
 
 LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA = 400.0, 0.5  # mean ~450, p5-p95 ~175-910 tokens
@@ -119,7 +120,10 @@ def _timer_callback(warmup: int, counter: TokenCount, stop_at: int = 0):
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
-        """Steady-state time and real tokens of the steps after `warmup`, the GPU synchronised at both ends.
+        """Steady-state time and real tokens of the steps after `warmup`, the GPU synchronised at both ends only.
+
+        No sync in between: a training loop keeps the GPU queued ahead of the host, and a sync per
+        step would add the host's time to the GPU's (`step_s` is therefore host time per step).
 
         The collator has run for a step's micro-batches by its `on_step_end` (the dataloader may fetch
         one micro-batch ahead: the same lead at both ends), so counter differences are the timed steps' tokens.
@@ -138,7 +142,8 @@ def _timer_callback(warmup: int, counter: TokenCount, stop_at: int = 0):
                 torch.cuda.synchronize()
 
         def on_step_begin(self, args, state, control, **kw):
-            self._sync()
+            if self.t_begin is None or state.global_step == warmup:
+                self._sync()
             self._t = time.perf_counter()
             if self.t_begin is None:
                 self.t_begin = self._t
@@ -146,7 +151,9 @@ def _timer_callback(warmup: int, counter: TokenCount, stop_at: int = 0):
                 self.t0 = self._t
 
         def on_step_end(self, args, state, control, **kw):
-            self._sync()
+            last = state.global_step == warmup or (stop_at and state.global_step >= stop_at) or state.global_step >= state.max_steps
+            if last:
+                self._sync()
             now = time.perf_counter()
             self.step_s.append(round(now - self._t, 4))
             if state.global_step == warmup:
@@ -212,7 +219,7 @@ def run_seed(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: in
         output_dir="/tmp/seed-bench", max_steps=warmup + steps, per_device_train_batch_size=mb,
         gradient_accumulation_steps=eff // mb, gradient_checkpointing=True, learning_rate=LR,
         lr_scheduler_type="constant", optim="adamw_8bit" if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
-        logging_steps=1, save_strategy="no", report_to="none", seed=SEED, disable_tqdm=True,
+        logging_steps=LOGGING_STEPS, save_strategy="no", report_to="none", seed=SEED, disable_tqdm=True,
     )
     counter = TokenCount(DataCollatorForLanguageModeling(tok, mlm=False))
     timer = _timer_callback(warmup, counter)
@@ -242,7 +249,7 @@ def run_sweep(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: i
         "data": {"path": assets[dist], "format": "text", "max_seq_length": seq, "validation_split": "validation"},
         "training": {"learning_rate": LR, "lr_scheduler_type": "constant", "per_device_train_batch_size": mb,
                      "gradient_accumulation_steps": eff // mb, "gradient_checkpointing": True, "bf16": cuda,
-                     "optim": "adamw_8bit" if cuda else "adamw_torch", "logging_steps": 1, "seed": SEED,
+                     "optim": "adamw_8bit" if cuda else "adamw_torch", "logging_steps": LOGGING_STEPS, "seed": SEED,
                      "torch_compile": os.environ.get("SWEEP_BENCH_COMPILE") == "1", "cuda_graphs": graphs},
         "budget": {"min": warmup + steps + 1, "max": warmup + steps + 1},  # the same constant LR
     })
@@ -340,13 +347,13 @@ def main() -> None:
                 print(f"{dist:>9} eff {eff:>3} {side:>5}: FAILED {res['error']}", flush=True)
             else:
                 print(f"{dist:>9} eff {eff:>3} {side:>5}: {res['tokens_per_s']:>9.0f} tokens/s (whole run {res['run_tokens_per_s']:.0f})  peak {res['peak_gib']:.1f} GiB  "
-                      f"loss@{len(res['losses'])} {res['losses'][-1]:.4f}  {res['execution']}", flush=True)
+                      f"loss@{len(res['losses'])} {(res['losses'] or [math.nan])[-1]:.4f}  {res['execution']}", flush=True)
         p.wait()
         print(f"{side}: {time.time() - t:.0f}s, exit {p.returncode}", flush=True)
     for dist, runs in results["runs"].items():
         for eff, entry in runs.items():
             s, w = entry.get("seed", {}), entry.get("sweep", {})
-            if "tokens_per_s" in s and "tokens_per_s" in w:
+            if s.get("losses") and w.get("losses"):
                 entry["speedup"] = round(w["tokens_per_s"] / s["tokens_per_s"], 3)
                 entry["final_loss_rel_diff"] = round(abs(w["losses"][-1] - s["losses"][-1]) / s["losses"][-1], 5)
                 print(f"{dist:>9} eff {eff:>3}: x{entry['speedup']:.2f}, final loss differs by "

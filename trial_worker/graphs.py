@@ -266,8 +266,16 @@ class StepGraphs:
         return _Graph(graph, static, n, loss.detach(), grads)
 
 
-def graphs_wanted(setting: Optional[bool], *, cpu: bool, gradient_checkpointing: bool, packing: bool) -> bool:
-    """CUDA graphs for a trial's micro-steps: `training.cuda_graphs`, or by default wherever they can run."""
+# Graphs by default only where a micro-batch holds at most this many tokens (micro-batch x max_seq_length):
+# there the step is bound by the host. H200, Llama-3.2-1B shape, realistic rows (2026-11-30): graphs
+# gave +48% tokens/s at 2 x 1,024 and +35% at 8 x 1,024, but -12% at 32 x 1,024, where the step is
+# bound by the GPU and the coarser buckets only add padding (benchmarks/README.md).
+GRAPH_MAX_TOKENS = 8 * 1024
+
+
+def graphs_wanted(setting: Optional[bool], *, cpu: bool, gradient_checkpointing: bool, packing: bool,
+                  micro_batch_tokens: int = 0) -> bool:
+    """CUDA graphs for a trial's micro-steps: `training.cuda_graphs`, or by default where the host is the limit."""
     if cpu or gradient_checkpointing or packing:
         return False
-    return True if setting is None else setting
+    return micro_batch_tokens <= GRAPH_MAX_TOKENS if setting is None else setting

@@ -139,7 +139,8 @@ class QLoRATrial:
         from transformers.trainer_callback import PrinterCallback
 
         graphs = graphs_wanted(self.job.training.cuda_graphs, cpu=self.cpu, packing=self.job.data.packing,
-                               gradient_checkpointing=self.execution.gradient_checkpointing)
+                               gradient_checkpointing=self.execution.gradient_checkpointing,
+                               micro_batch_tokens=self.execution.micro_batch * self.job.data.max_seq_length)
         # Padding-free, bucketed micro-batches (data.FlatCollator); TRL's own packing is padding-free already.
         # With graphs: coarser buckets and a fixed number of row slots, so a shape is a bucket.
         collator = FlatCollator(tokenizer.pad_token_id, per_octave=GRAPH_BUCKETS_PER_OCTAVE if graphs else BUCKETS_PER_OCTAVE,
@@ -315,6 +316,13 @@ def _lean_trainer_class():
     from trl import SFTTrainer
 
     class LeanSFTTrainer(SFTTrainer):
+        def create_optimizer(self, *args, **kwargs):
+            from trial_worker._compat import lean_bnb_step
+
+            super().create_optimizer(*args, **kwargs)
+            self.optimizer = lean_bnb_step(self.optimizer)  # no GPU wait after each parameter's update
+            return self.optimizer
+
         def _lean(self) -> bool:
             a = self.args
             return (self.model.training and not self.aux_loss_enabled and self.label_smoother is None

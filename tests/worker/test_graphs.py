@@ -84,7 +84,10 @@ def test_coarser_buckets_mean_fewer_shapes_and_never_double_padding():
 
 
 def test_graphs_are_only_wanted_where_they_can_run():
-    assert graphs.graphs_wanted(None, cpu=False, gradient_checkpointing=False, packing=False)
+    assert graphs.graphs_wanted(None, cpu=False, gradient_checkpointing=False, packing=False, micro_batch_tokens=2048)
+    assert not graphs.graphs_wanted(None, cpu=False, gradient_checkpointing=False, packing=False,
+                                    micro_batch_tokens=32 * 1024)  # bound by the GPU: no graphs unless asked
+    assert graphs.graphs_wanted(True, cpu=False, gradient_checkpointing=False, packing=False, micro_batch_tokens=32 * 1024)
     assert not graphs.graphs_wanted(False, cpu=False, gradient_checkpointing=False, packing=False)
     assert not graphs.graphs_wanted(None, cpu=True, gradient_checkpointing=False, packing=False)
     assert not graphs.graphs_wanted(True, cpu=False, gradient_checkpointing=True, packing=False)
