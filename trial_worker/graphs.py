@@ -44,16 +44,17 @@ def _chunked_nll():
     import torch
 
     class ChunkedNLL(torch.autograd.Function):
-        """sum over label tokens of -log softmax(h W^T)[label]; d/dh computed in the forward, chunk by chunk.
+        """Per-token -log softmax(h W^T)[label] (0 where the label is ignored); d/dh computed in the forward.
 
-        One matmul per chunk forward and one for the gradient, nothing recomputed, and no host
-        sync (TRL's fused head indexes the label positions with a boolean mask, Liger's counts
-        them with `.item()`: both stop a CUDA graph capture). The LM head is frozen: no dW.
+        The LM head runs chunk by chunk: one matmul per chunk forward and one for the gradient,
+        nothing recomputed, and no host sync (TRL's fused head indexes the label positions with a
+        boolean mask, Liger's counts them with `.item()`: both stop a CUDA graph capture, and a
+        sync mid-step stalls the GPU). The LM head is frozen: no dW.
         """
 
         @staticmethod
         def forward(ctx, hidden, weight, labels, chunk):
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
             grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
             for s in range(0, hidden.shape[0], chunk):
                 h, y = hidden[s:s + chunk].to(weight.dtype), labels[s:s + chunk]
@@ -61,24 +62,36 @@ def _chunked_nll():
                 valid = (y != IGNORE_INDEX).float()
                 target = y.clamp(min=0)[:, None]
                 lse = torch.logsumexp(logits, dim=-1)
-                total += ((lse - logits.gather(1, target)[:, 0]) * valid).sum()
+                out[s:s + chunk] = (lse - logits.gather(1, target)[:, 0]) * valid
                 if grad is not None:
                     probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                     probs.scatter_add_(1, target, -valid[:, None])  # minus one-hot of the label
                     probs.mul_(valid[:, None])
                     grad[s:s + chunk] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
             ctx.save_for_backward(grad)
-            return total
+            return out
 
         @staticmethod
         def backward(ctx, g):
             (grad,) = ctx.saved_tensors
-            return grad * g.to(grad.dtype), None, None, None
+            return grad * g[:, None].to(grad.dtype), None, None, None
 
     return ChunkedNLL
 
 
 _NLL: Any = None
+
+
+def per_token_nll(hidden, weight, labels):
+    """[tokens] fp32: each position's next-token NLL under the LM head `weight` (0 where `labels` is -100).
+
+    `hidden` [tokens, hidden] and `labels` [tokens] are already aligned (label t is what position t
+    predicts). Differentiable in `hidden`; no host sync.
+    """
+    global _NLL
+    if _NLL is None:
+        _NLL = _chunked_nll()
+    return _NLL.apply(hidden, weight, labels, max(1, LOGIT_CHUNK_ELEMENTS // weight.shape[0]))
 
 
 def causal_lm_parts(model):
@@ -96,9 +109,6 @@ def token_nll(model, batch: dict, n_items, *, autocast_dtype=None):
     """
     import torch
 
-    global _NLL
-    if _NLL is None:
-        _NLL = _chunked_nll()
     backbone, head = causal_lm_parts(model)
     inputs = {k: batch[k] for k in FLAT_INPUTS if k in batch}
     if "attention_mask" in batch:
@@ -112,8 +122,7 @@ def token_nll(model, batch: dict, n_items, *, autocast_dtype=None):
     labels = batch["labels"]
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
-    total = _NLL.apply(h, head.weight, y, chunk)
+    total = per_token_nll(h, head.weight, y).sum()
     if n_items is None:
         n_items = (y != IGNORE_INDEX).sum()
     return total / torch.as_tensor(n_items, device=total.device).clamp(min=1)
