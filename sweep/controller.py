@@ -71,8 +71,8 @@ def run_sweep(
         raise ResumeRefused(
             f"sweep resume: output_dir = {spec.output_dir!r} is not a local or mounted folder: a resume reads and "
             "repairs Ray Tune's saved state in the run folder, which sweep does on a local or mounted folder only "
-            "(NFS, or the bucket mounted on every node, e.g. mountpoint-s3 or gcsfuse). The study keeps every "
-            f"finished trial: `sweep status {study_name}`.")
+            "(NFS, or the bucket mounted on every node by a FUSE mount that supports renames, e.g. gcsfuse). "
+            f"The study keeps every finished trial: `sweep status {study_name}`.")
     address = address or os.environ.get("RAY_ADDRESS")
     _quiet_libraries(local_ray=not address)
 
