@@ -273,9 +273,11 @@ def _trial_plan(spec: SweepSpec, job, run_dir: RunDir):
 
     # The worker keeps a trial's deterministic failure in the run folder as a local path; on a URI run folder it
     # keeps it in the trial's own folder instead (run_dir None: `trial_worker.entry.fatal_path`).
-    return trial_plan(job.model_dump(mode="json"), resources=spec.resources.model_dump(),
-                      run_dir=None if isinstance(run_dir, str) else str(run_dir),
-                      name=PurePosixPath(urlsplit(str(run_dir)).path).name)
+    if isinstance(run_dir, Path):
+        folder, name = str(run_dir), run_dir.name
+    else:
+        folder, name = None, PurePosixPath(urlsplit(run_dir).path).name
+    return trial_plan(job.model_dump(mode="json"), resources=spec.resources.model_dump(), run_dir=folder, name=name)
 
 
 def _new_tuner(spec: SweepSpec, study_name: str, out_dir: str, trainable, searcher, callbacks: list, n_trials: int,

@@ -50,14 +50,12 @@ def write_running_trial(trial: optuna.trial.Trial, user_attrs: Mapping[str, Any]
     The trial's own cache (`cached_frozen`) is updated as the public calls would.
     """
     backend = _rdb_backend(trial.storage)
-    session_scope = None
-    if backend is not None:
-        try:
-            from optuna.storages._rdb import models
-            from optuna.storages._rdb.storage import _create_scoped_session as session_scope
-        except ImportError:
-            session_scope = None
-    if session_scope is None or not all(hasattr(backend, m) for m in (
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session as session_scope
+    except ImportError:
+        backend = None
+    if backend is None or not all(hasattr(backend, m) for m in (
             "_set_trial_attr_without_commit", "_set_trial_intermediate_value_without_commit")):
         logger.debug("one commit per attribute: no RDBStorage internals for %s", type(trial.storage).__name__)
         for key, value in user_attrs.items():

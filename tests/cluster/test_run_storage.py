@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from sweep.spec import load_spec, run_storage
 
 ROOT = Path(__file__).resolve().parents[2]
