@@ -346,14 +346,14 @@ def run_point(n_trials: int, gpus: int, step_s: float, pg, work: Path, max_wall_
     return point
 
 
-def machine() -> dict:
+def machine(note: str) -> dict:
     import psutil
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
     return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "platform": platform.platform(), "load_average_at_start": os.getloadavg(),
-            "shared": "2 cores shared with five other engineers' tests and sweeps while it ran"}
+            "shared": note}
 
 
 def main() -> None:
@@ -364,6 +364,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--max-wall-s", type=float, default=None, help="stop a point's sweep (as Ctrl+C) after this long")
     ap.add_argument("--keep", action="store_true", help="keep each point's run folder and progress log (in /tmp)")
+    ap.add_argument("--machine-note", default="", help="what else ran on this machine meanwhile (kept in the results)")
     args = ap.parse_args()
 
     import importlib.metadata as md
@@ -381,7 +382,7 @@ def main() -> None:
             point = run_point(n, args.gpus, args.step_s, pg, work, args.max_wall_s)
             print(json.dumps(point, indent=1, default=str), flush=True)
             results.setdefault("points", {})[str(n)] = {**point, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                                                        "machine": machine()}
+                                                        "machine": machine(args.machine_note)}
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
     finally:

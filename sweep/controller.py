@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-from typing import Optional
+from pathlib import Path, PurePosixPath
+from typing import Optional, Union
+from urllib.parse import urlsplit, urlunsplit
 
 from sweep._compat.ray import ray_temp_dir as _ray_temp_dir  # noqa: F401  (the fault tests find Ray's folders by it)
 from sweep.resume import (UNFINISHED_REASON, ResumeRefused, check_resumable, end_orphans, fail_lost_trials,
                           mark_ray_owner, record_controller)
-from sweep.spec import SweepSpec, default_storage, public_dict, resolve_paths, spec_hash
+from sweep.spec import SweepSpec, default_storage, is_uri, public_dict, resolve_paths, run_storage, spec_hash
 from sweep.stops import (DiskFullStop, QuietStops, StudyStorageLost, disk_full_message, resume_command,
                          storage_failure, storage_lost_message)
+
+# A sweep's run folder: a local (or mounted) folder, or a URI in Tune's storage (s3://bucket/prefix/<study>).
+RunDir = Union[Path, str]
 
 __all__ = ["run_sweep", "terminal_console", "DiskFullStop", "ResumeRefused", "StudyStorageLost"]
 
@@ -60,9 +64,15 @@ def run_sweep(
     storage_url = storage or spec.storage or default_storage(spec, spec_path)
     spec = resolve_paths(spec, spec_path.parent)
     job = spec.job()
-    out_dir = Path(spec.output_dir or "sweep_runs").resolve()
-    run_dir = out_dir / study_name
+    out_dir = run_storage(spec)  # Tune's storage_path: a URI (s3://...) unchanged, else an absolute local folder
+    run_dir = run_folder(out_dir, study_name)
     again = resume_command(spec_path, spec, study_name, storage)
+    if resume and is_uri(out_dir):
+        raise ResumeRefused(
+            f"sweep resume: output_dir = {spec.output_dir!r} is not a local or mounted folder: a resume reads and "
+            "repairs Ray Tune's saved state in the run folder, which sweep does on a local or mounted folder only "
+            "(NFS, or the bucket mounted on every node by a FUSE mount that supports renames, e.g. gcsfuse). "
+            f"The study keeps every finished trial: `sweep status {study_name}`.")
     address = address or os.environ.get("RAY_ADDRESS")
     _quiet_libraries(local_ray=not address)
 
@@ -92,7 +102,8 @@ def run_sweep(
     try:
         _evaluate_base_once(ray, study, job, spec, console, run_dir)
         searcher = _searcher(spec, study_name, rstorage)
-        callbacks = _callbacks(searcher, spec, study_name, out_dir, console)
+        # W&B's offline runs are local files: beside a local run folder, else in ./sweep_runs.
+        callbacks = _callbacks(searcher, spec, study_name, Path("sweep_runs" if is_uri(out_dir) else out_dir), console)
         trainable = _trainable(spec, job, run_dir)
         if restore:
             tuner, progress = _restored_tuner(run_dir, trainable, console)
@@ -128,6 +139,15 @@ def run_sweep(
         ray.shutdown()
 
     return _summary(study, study_name, storage_url, errors=errors, rows=rows)
+
+
+def run_folder(storage_path: str, study_name: str) -> RunDir:
+    """The sweep's run folder in Tune's storage: `<storage_path>/<study name>`, a local `Path`, or for a URI the
+    URI's path extended (its query, e.g. `endpoint_override`, kept at the end) as a string."""
+    if not is_uri(storage_path):
+        return Path(storage_path) / study_name
+    u = urlsplit(storage_path)
+    return urlunsplit(u._replace(path=f"{u.path.rstrip('/')}/{study_name}"))
 
 
 def _summary(study, study_name: str, storage_url: str, *, errors: int, rows: Optional[list] = None) -> dict:
@@ -170,7 +190,7 @@ def _quiet_libraries(*, local_ray: bool) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
-def _start_ray(address: Optional[str], run_dir: Path, console):
+def _start_ray(address: Optional[str], run_dir: RunDir, console):
     """Ray: the cluster at `address`, else a local Ray listening on 127.0.0.1 only, after ending what a killed
     controller of this run folder left of its own local Ray. Returns the `ray` module."""
     from sweep._compat.ray import keep_local_ray_on_loopback
@@ -199,7 +219,7 @@ def _start_ray(address: Optional[str], run_dir: Path, console):
     return ray
 
 
-def _evaluate_base_once(ray, study, job, spec: SweepSpec, console, run_dir: Path) -> None:
+def _evaluate_base_once(ray, study, job, spec: SweepSpec, console, run_dir: RunDir) -> None:
     """The base model's val loss and perplexity on the validation split, recorded once per study."""
     from sweep.record import record_base_metrics
 
@@ -239,23 +259,28 @@ def _make_progress_callback(searcher, spec: SweepSpec, console):
     return Progress(searcher, spec.budget.unit, list(spec.budget.rungs), console)
 
 
-def _trainable(spec: SweepSpec, job, run_dir: Path):
+def _trainable(spec: SweepSpec, job, run_dir: RunDir):
     """The one place a trial's trainable is built: the worker's entry point with the sweep's job and resources
     (packed or one trial per process, see `_trial_plan`)."""
     return _trial_plan(spec, job, run_dir).trainable()
 
 
-def _trial_plan(spec: SweepSpec, job, run_dir: Path):
+def _trial_plan(spec: SweepSpec, job, run_dir: RunDir):
     """Packed trials (a warm pack server per GPU, `trial_worker.pack`) or one trial per process, by
     `resources.packing`: the trainable with its resources, and where the base model is evaluated. The pack
     servers are named after the run, so asking twice gives the same ones."""
     from trial_worker.entry import trial_plan
 
-    return trial_plan(job.model_dump(mode="json"), resources=spec.resources.model_dump(), run_dir=str(run_dir),
-                      name=run_dir.name)
+    # The worker keeps a trial's deterministic failure in the run folder as a local path; on a URI run folder it
+    # keeps it in the trial's own folder instead (run_dir None: `trial_worker.entry.fatal_path`).
+    if isinstance(run_dir, Path):
+        folder, name = str(run_dir), run_dir.name
+    else:
+        folder, name = None, PurePosixPath(urlsplit(run_dir).path).name
+    return trial_plan(job.model_dump(mode="json"), resources=spec.resources.model_dump(), run_dir=folder, name=name)
 
 
-def _new_tuner(spec: SweepSpec, study_name: str, out_dir: Path, trainable, searcher, callbacks: list, n_trials: int,
+def _new_tuner(spec: SweepSpec, study_name: str, out_dir: str, trainable, searcher, callbacks: list, n_trials: int,
                *, from_study: bool = False):
     """A Tuner for a new sweep: ASHA on the budget unit (when to stop), the searcher (what to try). `from_study`:
     a resume with no Tune state to restore, whose ASHA rungs start from the study's."""
@@ -271,13 +296,22 @@ def _new_tuner(spec: SweepSpec, study_name: str, out_dir: Path, trainable, searc
         tune_config=tune.TuneConfig(metric=searcher.metric, mode=searcher.mode, search_alg=searcher, scheduler=scheduler,
                                     num_samples=n_trials, max_concurrent_trials=res.max_concurrent_trials,
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name=study_name, storage_path=str(out_dir), verbose=0, callbacks=callbacks,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                  failure_config=tune.FailureConfig(max_failures=res.max_failures)),
+        run_config=run_config(spec, study_name, out_dir, callbacks),
     )
 
 
-def _restored_tuner(run_dir: Path, trainable, console):
+def run_config(spec: SweepSpec, study_name: str, storage_path: str, callbacks: list):
+    """Tune's RunConfig of a sweep: its run folder `<storage_path>/<study name>` (`storage_path` as
+    `sweep.spec.run_storage` gives it: a URI goes to Ray unchanged, which opens it with pyarrow.fs), two
+    checkpoints kept per trial, Ray's retries from the spec."""
+    from ray import tune
+
+    return tune.RunConfig(name=study_name, storage_path=storage_path, verbose=0, callbacks=callbacks,
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                          failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures))
+
+
+def _restored_tuner(run_dir: RunDir, trainable, console):
     """Tune's run restored from its folder, with its progress callback. The searcher (on the study), scheduler
     and callbacks come back from the folder's pickles, which this sweep wrote; the searcher reconciles
     itself with the study as it is unpickled (`sweep.resume`)."""
@@ -292,7 +326,7 @@ def _restored_tuner(run_dir: Path, trainable, console):
     return tuner, progress
 
 
-def _fit(ray, tuner, progress, *, run_dir: Path, again: str):
+def _fit(ray, tuner, progress, *, run_dir: RunDir, again: str):
     """`tuner.fit()`, stopped short by a full disk (`DiskFullStop`, resumable) or a lost study (raised on)."""
     if progress is not None:
         progress.disk_full = None

@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import yaml
 
-from sweep.spec import Problem, SpecError, SweepSpec, locate
+from sweep.spec import Problem, SpecError, SweepSpec, is_uri, locate
 
 
 class PreflightError(SpecError):
@@ -94,6 +94,8 @@ def _writable(spec: SweepSpec, storage_url: Optional[str], storage_field: str) -
         if why:
             out.append(Problem(storage_field, f"the study database cannot be written: {why}",
                                url_without_password(str(storage_url))))
+    if spec.output_dir and is_uri(spec.output_dir):
+        return out  # Ray Tune opens the URI itself (pyarrow.fs, credentials from the environment) when it starts
     runs = Path(spec.output_dir or "sweep_runs")
     why = _cannot_write(runs.resolve(), file=False)
     if why:

@@ -20,7 +20,6 @@ This module imports Ray; `sweep status`/`export` never import it.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Any, Callable, Dict, Optional, TypeVar
@@ -29,7 +28,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from sweep._compat.optuna import cached_frozen, study_storage
+from sweep._compat.optuna import cached_frozen, study_storage, write_running_trial
 from sweep._compat.optuna import trial_id as storage_id
 from sweep._compat.ray import completed_trials, pop_searcher_trials, searcher_trials, set_searcher_trials
 from sweep.record import FAIL_REASON_MAX_CHARS, finite_or_none, set_trial_user_attr_any_state
@@ -181,31 +180,35 @@ class StudySearch(OptunaSearch):
         if ot_trial is None:
             logger.error("Received a result for trial %s that this searcher did not suggest; ignored", trial_id)
             return
-        self._record_rung(trial_id, ot_trial, result)
+        attrs, report = self._rung_writes(trial_id, ot_trial, result)
+        if attrs or report:
+            # One transaction for the rung: its metrics and its intermediate value land together or not at all.
+            self._retry("store rung", lambda: write_running_trial(ot_trial, attrs, report))
 
-    def _record_rung(self, trial_id: str, ot_trial, result: Dict) -> None:
+    def _rung_writes(self, trial_id: str, ot_trial, result: Dict) -> tuple[dict, Optional[tuple[int, float]]]:
+        """What a rung report adds to the study: (user attrs, (budget step, value) to report or None)."""
         value, budget = result.get(self.metric), result.get(self._budget_key)
         if value is None or budget is None:
             logger.debug("result of trial %s has no %s/%s; not a rung report", trial_id, self.metric, self._budget_key)
-            return
+            return {}, None
         step = int(budget)
-        if result.get("pack") and ot_trial._cached_frozen_trial.user_attrs.get("pack") != result["pack"]:
-            self._retry("store pack", lambda: ot_trial.set_user_attr("pack", str(result["pack"])))  # trial_worker.pack
+        frozen = cached_frozen(ot_trial)
+        attrs: dict[str, Any] = {}
+        if result.get("pack") and frozen.user_attrs.get("pack") != result["pack"]:
+            attrs["pack"] = str(result["pack"])  # trial_worker.pack
         note = result.get("checkpoint_note")
         if note:  # the trial resumed past a checkpoint that failed its hash check: say which and why
-            events = [*cached_frozen(ot_trial).user_attrs.get("checkpoint_events", []),
-                      {"reported_at": step, "note": str(note)[:FAIL_REASON_MAX_CHARS]}]
-            self._retry("store checkpoint event", lambda: ot_trial.set_user_attr("checkpoint_events", events))
+            attrs["checkpoint_events"] = [*frozen.user_attrs.get("checkpoint_events", []),
+                                          {"reported_at": step, "note": str(note)[:FAIL_REASON_MAX_CHARS]}]
         prev = self._last_results.get(trial_id)
         if prev is None or step > prev[self._budget_key]:
             # Only what the record needs: the searcher's checkpoint stays small and picklable.
             keep = {*RUNG_KEYS, self.metric, self._budget_key}
             self._last_results[trial_id] = {k: result[k] for k in keep if k in result}
-        if step in cached_frozen(ot_trial).intermediate_values:
-            return  # a rung reported again after a restart from its checkpoint: the first report stands
-        rung = {k: _num(result.get(k)) for k in RUNG_KEYS if k in result}
-        self._retry("store rung metrics", lambda: ot_trial.set_user_attr(f"rung_{step}", rung))
-        self._retry("report", lambda: ot_trial.report(float(value), step))
+        if step in frozen.intermediate_values:
+            return attrs, None  # a rung reported again after a restart from its checkpoint: the first report stands
+        attrs[f"rung_{step}"] = {k: _num(result.get(k)) for k in RUNG_KEYS if k in result}
+        return attrs, (step, float(value))
 
     def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False) -> None:
         if trial_id in completed_trials(self):
@@ -215,10 +218,9 @@ class StudySearch(OptunaSearch):
         if ot_trial is None:
             logger.error("Completion of trial %s that this searcher did not suggest; nothing recorded", trial_id)
             return
-        if result:
-            # Tune sends the result on which it stops a trial (ASHA's cut, or the top rung)
-            # only here, never to on_trial_result: it is a rung report too.
-            self._record_rung(trial_id, ot_trial, result)
+        # Tune sends the result on which it stops a trial (ASHA's cut, or the top rung)
+        # only here, never to on_trial_result: it is a rung report too.
+        attrs, report = self._rung_writes(trial_id, ot_trial, result) if result else ({}, None)
         last = self._last_results.get(trial_id, {})
         budget = last.get(self._budget_key)
         value = _num(last.get(self.metric))
@@ -235,19 +237,20 @@ class StudySearch(OptunaSearch):
             state, told = TrialState.PRUNED, None  # ASHA stopped it below the top rung
 
         frozen = cached_frozen(ot_trial)
-        attrs = {
-            "rung_reached": len(frozen.intermediate_values),
+        attrs.update({
+            "rung_reached": len(frozen.intermediate_values.keys() | ({report[0]} if report else set())),
             "budget_reached": int(budget) if budget is not None else 0,
             "budget_unit": self._budget_key,
             "val_loss_last": value,
             "ppl_last": _num(last.get("ppl")),
             **{k: _num(last.get(k)) for k in FINAL_KEYS},
             "ray_trial_id": trial_id,
-        }
+        })
         if trial_id in self._fail_reasons:
             attrs["fail_reason"] = self._fail_reasons[trial_id]
-        for k, v in attrs.items():
-            self._retry(f"set {k}", functools.partial(ot_trial.set_user_attr, k, v))
+        # The last rung and every attribute of the finished trial in one transaction (they were a commit each:
+        # benchmarks/results/controller_scale.json), then the tell (Optuna's own: state, value, sampler hook).
+        self._retry("store the trial's result", lambda: write_running_trial(ot_trial, attrs, report))
 
         def tell():
             # skip_if_finished: a retry after a write that did land must not fail the sweep.

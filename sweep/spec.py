@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from trial_worker.config import (
     BudgetConfig,
@@ -106,7 +106,19 @@ class SweepSpec(JobConfig):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     storage: Optional[str] = Field(None, description="SQLAlchemy URL of the study; default: SQLite beside the spec")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    output_dir: Optional[str] = Field(None, description="Ray results and checkpoints; default ./sweep_runs")
+    output_dir: Optional[str] = Field(
+        None, description="Ray Tune's run folder (results, checkpoints, its saved state): a local or mounted "
+        "folder (NFS), or a URI that Ray Tune writes through pyarrow.fs (s3://bucket/prefix, gs://bucket/prefix, "
+        "hdfs://..., abfs://...); on several nodes it must be storage all nodes share. Default ./sweep_runs")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_uri(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and "://" in v:
+            problem = run_storage_uri_problem(v)
+            if problem:
+                raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _storage_scheme(self):
@@ -168,7 +180,11 @@ def _short(v: Any) -> str:
 
 
 def _redact(url: str) -> str:
-    """A URL with its password replaced, for messages (never show secrets)."""
+    """A URL with its password (and any credential in its query: `_URI_CREDENTIALS`) replaced, for messages
+    (never show secrets)."""
+    import re
+
+    url = re.sub(rf"((?:^|[?&])(?:{'|'.join(_URI_CREDENTIALS)})=)[^&]*", r"\1***", url)
     if "://" in url and "@" in url:
         scheme, rest = url.split("://", 1)
         cred, host = rest.rsplit("@", 1)
@@ -226,7 +242,10 @@ def _pydantic_problems(err: ValidationError) -> list[Problem]:
             msg = "a search parameter needs `type:` one of choice, uniform, loguniform, int"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
-        out.append(Problem(path, msg, e.get("input"), has_value=e["type"] != "missing"))
+        value = e.get("input")
+        if isinstance(value, str) and "://" in value:
+            value = _redact(value)  # a URI with credentials is refused, and never echoed
+        out.append(Problem(path, msg, value, has_value=e["type"] != "missing"))
     return out
 
 
@@ -402,6 +421,46 @@ def load_spec(path: Union[str, Path]) -> SweepSpec:
 def resolve_paths(spec: SweepSpec, base_dir: Union[str, Path]) -> SweepSpec:
     """The spec with its local model/data paths absolute against its folder (`JobConfig.resolved`)."""
     return spec.resolved(base_dir)
+
+
+# What Ray Tune's `RunConfig(storage_path=...)` reads through pyarrow.fs (`FileSystem.from_uri`) besides a local path.
+RUN_STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+# Credentials pyarrow would take from an s3:// URI: they belong in the environment, never in a spec the study records.
+_URI_CREDENTIALS = ("access_key", "secret_key", "session_token")
+
+
+def is_uri(path: str) -> bool:
+    """Whether a run folder setting is a URI (s3://...) rather than a local or mounted path."""
+    return "://" in path
+
+
+def run_storage_uri_problem(uri: str) -> Optional[str]:
+    """Why `uri` cannot be the run folder (`output_dir`), or None. Only its form is checked (no network)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(uri)
+    allowed = ", ".join(f"{s}://" for s in RUN_STORAGE_SCHEMES)
+    if parts.scheme == "file":
+        return f"write a local or mounted folder as a plain path ({parts.path!r}), not a file:// URI"
+    if parts.scheme not in RUN_STORAGE_SCHEMES:
+        return (f"URI scheme {parts.scheme!r} is not one Ray Tune's storage reads; allowed: a local or mounted folder "
+                f"(NFS), or {allowed}")
+    if not parts.netloc:
+        return f"{parts.scheme}:// needs a bucket (or host): {parts.scheme}://BUCKET/PREFIX"
+    secrets = sorted(k for k in parse_qs(parts.query) if k in _URI_CREDENTIALS)
+    if parts.password is not None or secrets:
+        return ("credentials do not go in the spec (the study records it): give them in the environment of every "
+                "node (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...)"
+                + (f"; found {', '.join(secrets)}" if secrets else "; found user:password@"))
+    return None
+
+
+def run_storage(spec: SweepSpec) -> str:
+    """Where Ray Tune keeps the sweep's run folders (`RunConfig(storage_path=...)`): a URI exactly as written
+    (Ray opens it with pyarrow.fs, query parameters such as `endpoint_override` included), else the local or
+    mounted folder made absolute (default ./sweep_runs)."""
+    out = spec.output_dir or "sweep_runs"
+    return out if is_uri(out) else str(Path(out).expanduser().resolve())
 
 
 def default_storage(spec: SweepSpec, spec_path: Union[str, Path]) -> str:

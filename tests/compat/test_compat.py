@@ -202,6 +202,24 @@ def test_optuna_internals_the_record_uses(tmp_path):
     assert optuna.load_study(study_name="o", storage=url).trials[0].user_attrs["fail_reason"] == "why 2"
 
 
+@pytest.mark.parametrize("storage", ["sqlite", "inmemory"])
+def test_several_attrs_and_a_report_written_at_once(tmp_path, storage):
+    # RDBStorage's `_without_commit` setters in one session; any other storage: the public calls (the fallback).
+    from sweep._compat.optuna import cached_frozen, write_running_trial
+
+    url = f"sqlite:///{tmp_path}/o.db"
+    study = optuna.create_study(storage=url if storage == "sqlite" else optuna.storages.InMemoryStorage())
+    trial = study.ask()
+    write_running_trial(trial, {"a": 1, "b": {"c": [1.5, None]}}, (10, 2.0))
+    write_running_trial(trial, {"a": 2}, (10, 9.0))  # as Trial.report: the first value at a step stands
+    for t in (cached_frozen(trial), study.trials[0]):
+        assert t.user_attrs == {"a": 2, "b": {"c": [1.5, None]}} and t.intermediate_values == {10: 2.0}
+    study.tell(trial, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        write_running_trial(trial, {"a": 3})
+    assert study.trials[0].user_attrs["a"] == 2
+
+
 def test_worker_internals_ray_train_session_and_trl_metrics():
     from ray.train._internal import session, storage
     from trl import SFTTrainer

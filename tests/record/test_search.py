@@ -286,3 +286,72 @@ def test_a_write_to_a_trial_the_study_has_finished_is_skipped_not_fatal(storage_
     search.record_retry("t1", "worker died", 10)
     t = load_study(storage_url, "s").trials[0]
     assert t.state == TrialState.FAIL and t.intermediate_values == {} and t.user_attrs["fail_reason"] == "ended elsewhere"
+
+
+class Transactions:
+    """The transactions a storage's engine commits, counted by SQLAlchemy's own events: all of them, and those
+    that wrote (an INSERT, UPDATE or DELETE ran in them)."""
+
+    def __init__(self, engine):
+        from sqlalchemy import event
+
+        self.commits = self.writes = 0
+        self._wrote = False
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def _statement(conn, cursor, statement, *a):
+            self._wrote |= statement.lstrip().split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE")
+
+        @event.listens_for(engine, "commit")
+        def _commit(conn):
+            self.commits += 1
+            self.writes += self._wrote
+            self._wrote = False
+
+    def take(self) -> tuple[int, int]:
+        """(commits, writing commits) since the last call."""
+        seen = (self.commits, self.writes)
+        self.commits = self.writes = 0
+        return seen
+
+
+def test_a_finished_trial_is_written_in_one_transaction_not_one_per_attribute(storage_url, drive):
+    # Each commit is a round trip on the controller's event loop; 13 attributes were 13 commits (#14).
+    storage = open_storage(storage_url)
+    tx = Transactions(storage.engine)
+    search = drive.make_search(storage)
+    search.suggest("t1")
+    tx.take()
+    search.on_trial_result("t1", drive.result(10, 2.0, 0))
+    assert tx.take()[1] == 1  # the rung's metrics and its intermediate value together
+    search.on_trial_result("t1", drive.result(20, 1.5, 1))
+    search.on_trial_complete("t1", result=drive.result(40, 1.2, 2))
+    commits, writes = tx.take()
+    # the rung and every attribute of the finished trial, then Optuna's tell (the state); its reads besides
+    assert writes == 1 + 2 and commits <= 1 + 5, (commits, writes)
+    t = load_study(storage_url, "s").trials[0]
+    assert t.state == TrialState.COMPLETE and t.intermediate_values == {10: 2.0, 20: 1.5, 40: 1.2}
+    assert len(t.user_attrs) >= 15 and t.user_attrs["rung_reached"] == 3 and t.user_attrs["rung_40"]["val_loss"] == 1.2
+
+
+def test_a_rung_whose_write_fails_leaves_nothing_half_written(storage_url, drive):
+    from sqlalchemy import event
+
+    storage = open_storage(storage_url)
+    search = drive.make_search(storage, retries=2)
+    search.suggest("t1")
+
+    @event.listens_for(storage.engine, "before_cursor_execute")
+    def _fail_the_intermediate_value(conn, cursor, statement, *a):
+        # After the rung's metrics went in, in the same transaction.
+        if "trial_intermediate_values" in statement and statement.lstrip().upper().startswith("INSERT"):
+            raise OperationalError(statement, {}, Exception("database is locked"))
+
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        search.on_trial_result("t1", drive.result(10, 2.0, 0))
+    t = load_study(storage_url, "s").trials[0]
+    assert t.intermediate_values == {} and "rung_10" not in t.user_attrs
+    event.remove(storage.engine, "before_cursor_execute", _fail_the_intermediate_value)
+    search.on_trial_result("t1", drive.result(10, 2.0, 0))  # the database is back: the rung is written whole
+    t = load_study(storage_url, "s").trials[0]
+    assert t.intermediate_values == {10: 2.0} and t.user_attrs["rung_10"]["val_loss"] == 2.0
