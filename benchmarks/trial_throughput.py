@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gc
 import json
 import math
@@ -33,6 +34,7 @@ import random
 import subprocess
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR = 2e-4
 SEED = 1234
+LOGGING_STEPS = 10  # the worker's default (training.logging_steps): a log is a host sync
 
 
 LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA = 400.0, 0.5  # mean ~450, p5-p95 ~175-910 tokens
@@ -117,13 +120,17 @@ def _timer_callback(warmup: int, counter: TokenCount, stop_at: int = 0):
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
-        """Steady-state time and real tokens of the steps after `warmup`, the GPU synchronised at both ends.
+        """Steady-state time and real tokens of the steps after `warmup`, the GPU synchronised at both ends only.
+
+        No sync in between: a training loop keeps the GPU queued ahead of the host, and a sync per
+        step would add the host's time to the GPU's (`step_s` is therefore host time per step).
 
         The collator has run for a step's micro-batches by its `on_step_end` (the dataloader may fetch
         one micro-batch ahead: the same lead at both ends), so counter differences are the timed steps' tokens.
         """
 
         def __init__(self):
+            self.t_begin = None  # the first step's start: `run_tokens_per_s` counts every step, warm-up included
             self.t0 = self.t1 = None
             self.tok0 = self.tok1 = 0
             self.steps = 0
@@ -135,13 +142,18 @@ def _timer_callback(warmup: int, counter: TokenCount, stop_at: int = 0):
                 torch.cuda.synchronize()
 
         def on_step_begin(self, args, state, control, **kw):
-            self._sync()
+            if self.t_begin is None or state.global_step == warmup:
+                self._sync()
             self._t = time.perf_counter()
+            if self.t_begin is None:
+                self.t_begin = self._t
             if state.global_step == warmup and self.t0 is None:
                 self.t0 = self._t
 
         def on_step_end(self, args, state, control, **kw):
-            self._sync()
+            last = state.global_step == warmup or (stop_at and state.global_step >= stop_at) or state.global_step >= state.max_steps
+            if last:
+                self._sync()
             now = time.perf_counter()
             self.step_s.append(round(now - self._t, 4))
             if state.global_step == warmup:
@@ -176,6 +188,8 @@ def _result(timer, trainer, execution: dict) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tokens = timer.tok1 - timer.tok0
     return {"tokens_per_s": tokens / (timer.t1 - timer.t0), "real_tokens_timed": tokens, "steps_timed": timer.steps,
+            # every step from the first, warm-up (and CUDA graph captures) included: what a short rung sees
+            "run_tokens_per_s": timer.tok1 / (timer.t1 - timer.t_begin),
             "step_s": timer.step_s, "peak_gib": _peak_gib(), "losses": losses, "execution": execution}
 
 
@@ -205,7 +219,7 @@ def run_seed(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: in
         output_dir="/tmp/seed-bench", max_steps=warmup + steps, per_device_train_batch_size=mb,
         gradient_accumulation_steps=eff // mb, gradient_checkpointing=True, learning_rate=LR,
         lr_scheduler_type="constant", optim="adamw_8bit" if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
-        logging_steps=1, save_strategy="no", report_to="none", seed=SEED, disable_tqdm=True,
+        logging_steps=LOGGING_STEPS, save_strategy="no", report_to="none", seed=SEED, disable_tqdm=True,
     )
     counter = TokenCount(DataCollatorForLanguageModeling(tok, mlm=False))
     timer = _timer_callback(warmup, counter)
@@ -216,8 +230,8 @@ def run_seed(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: in
                                     "batches": "right-padded"})
 
 
-def run_sweep(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: int) -> dict:
-    """sweep's trial worker on the same job, executing the effective batch as it chooses."""
+def run_sweep(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: int, graphs: Optional[bool] = None) -> dict:
+    """sweep's trial worker on the same job, executing the effective batch as it chooses (`graphs`: training.cuda_graphs)."""
     import tempfile
 
     import torch
@@ -235,8 +249,8 @@ def run_sweep(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: i
         "data": {"path": assets[dist], "format": "text", "max_seq_length": seq, "validation_split": "validation"},
         "training": {"learning_rate": LR, "lr_scheduler_type": "constant", "per_device_train_batch_size": mb,
                      "gradient_accumulation_steps": eff // mb, "gradient_checkpointing": True, "bf16": cuda,
-                     "optim": "adamw_8bit" if cuda else "adamw_torch", "logging_steps": 1, "seed": SEED,
-                     "torch_compile": os.environ.get("SWEEP_BENCH_COMPILE") == "1"},
+                     "optim": "adamw_8bit" if cuda else "adamw_torch", "logging_steps": LOGGING_STEPS, "seed": SEED,
+                     "torch_compile": os.environ.get("SWEEP_BENCH_COMPILE") == "1", "cuda_graphs": graphs},
         "budget": {"min": warmup + steps + 1, "max": warmup + steps + 1},  # the same constant LR
     })
     trial = QLoRATrial(job, output_dir=tempfile.mkdtemp(prefix="sweep-bench-")).setup()
@@ -247,10 +261,13 @@ def run_sweep(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: i
     _fresh()
     trial.train()
     ex = trial.execution
+    g = trial.trainer._sweep_graphs
     out = _result(timer, trial.trainer, {"micro_batch": ex.micro_batch, "accumulation": ex.accumulation,
                                          "gradient_checkpointing": ex.gradient_checkpointing, "source": ex.source,
                                          "liger": bool(trial.trainer.args.use_liger_kernel),
-                                         "batches": type(counter.collate).__name__})
+                                         "batches": type(counter.collate).__name__,
+                                         "cuda_graphs": None if g is None else
+                                         {"shapes": len(g.graphs), "replays": g.replays, "disabled": g.disabled}})
     trial.cleanup()
     return out
 
@@ -273,7 +290,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batches", default="2,4,8,32", help="effective batch sizes")
     ap.add_argument("--dists", default=",".join(DISTRIBUTIONS), help="row-length distributions")
-    ap.add_argument("--sides", default="seed,sweep")
+    ap.add_argument("--sides", default="seed,sweep", help="seed, sweep (the worker as it runs), eager (the worker without CUDA graphs)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
     ap.add_argument("--work", default="/tmp/sweep-bench")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "trial_throughput.json"))
@@ -284,7 +301,7 @@ def main() -> None:
     dists = a.dists.split(",")
     if a.side:
         assets = {"model": str(work / "model"), **{d: str(work / f"data-{d}") for d in DISTRIBUTIONS}}
-        fn = run_seed if a.side == "seed" else run_sweep
+        fn = {"seed": run_seed, "sweep": run_sweep, "eager": functools.partial(run_sweep, graphs=False)}[a.side]
         for dist in dists:
             for eff in batches:
                 try:
@@ -329,14 +346,14 @@ def main() -> None:
             if "error" in res:
                 print(f"{dist:>9} eff {eff:>3} {side:>5}: FAILED {res['error']}", flush=True)
             else:
-                print(f"{dist:>9} eff {eff:>3} {side:>5}: {res['tokens_per_s']:>9.0f} tokens/s  peak {res['peak_gib']:.1f} GiB  "
-                      f"loss@{len(res['losses'])} {res['losses'][-1]:.4f}  {res['execution']}", flush=True)
+                print(f"{dist:>9} eff {eff:>3} {side:>5}: {res['tokens_per_s']:>9.0f} tokens/s (whole run {res['run_tokens_per_s']:.0f})  peak {res['peak_gib']:.1f} GiB  "
+                      f"loss@{len(res['losses'])} {(res['losses'] or [math.nan])[-1]:.4f}  {res['execution']}", flush=True)
         p.wait()
         print(f"{side}: {time.time() - t:.0f}s, exit {p.returncode}", flush=True)
     for dist, runs in results["runs"].items():
         for eff, entry in runs.items():
             s, w = entry.get("seed", {}), entry.get("sweep", {})
-            if "tokens_per_s" in s and "tokens_per_s" in w:
+            if s.get("losses") and w.get("losses"):
                 entry["speedup"] = round(w["tokens_per_s"] / s["tokens_per_s"], 3)
                 entry["final_loss_rel_diff"] = round(abs(w["losses"][-1] - s["losses"][-1]) / s["losses"][-1], 5)
                 print(f"{dist:>9} eff {eff:>3}: x{entry['speedup']:.2f}, final loss differs by "

@@ -133,6 +133,9 @@ class TrainingConfig(Strict):
         "as_written: run exactly the batch size, accumulation and checkpointing given here",
     )
     torch_compile: bool = Field(False, description="torch.compile the model (the Trainer's torch_compile)")
+    cuda_graphs: Optional[bool] = Field(
+        None, description="replay each micro-batch shape's forward + backward as a CUDA graph (trial_worker/graphs.py); "
+        "None: on a GPU, unless gradient checkpointing or data.packing is on")
     use_liger_kernel: Optional[bool] = Field(None, description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU); None: on a GPU when installed")
     save_steps: Optional[int] = Field(
         None, gt=0, description="sweep train: save a resumable checkpoint every N optimizer steps (None: only at the end; "
@@ -250,6 +253,7 @@ def resolve_path(path: str, base_dir: Path, *, generated: bool = False) -> str:
 _LORA_PARAMS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout"}
 _DATA_PARAMS = {"max_seq_length": "max_seq_length", "packing": "packing"}
 _TRAINING_NOT_SEARCHABLE = {"use_cpu", "torch_threads", "gpu_memory_fraction", "dataloader_num_workers", "logging_steps", "execution", "use_liger_kernel", "torch_compile",
+                            "cuda_graphs",
                             "save_steps", "save_total_limit"}
 
 

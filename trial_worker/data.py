@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from trial_worker.config import DataConfig
 
@@ -341,18 +341,22 @@ def load_splits(cfg: DataConfig, tokenizer=None):
 
 IGNORE_INDEX = -100
 BUCKETS_PER_OCTAVE = 4  # flattened lengths round up to 4 sizes per doubling: <= 25% padding, ~12% on average
+# With CUDA graphs (graphs.py) every new length is a capture, and a host-bound step pays nothing for
+# padding: 2 sizes per doubling (<= 50% padding) halve the captures of a trial.
+GRAPH_BUCKETS_PER_OCTAVE = 2
 MIN_BUCKET = 64
 
 
-def bucket_length(n: int) -> int:
+def bucket_length(n: int, per_octave: int = BUCKETS_PER_OCTAVE) -> int:
     """`n` rounded up to the next of a few fixed sizes, so the kernels see a handful of shapes.
 
-    Sizes are multiples of `2**(floor(log2 n) - 2)` (four per doubling, never below `MIN_BUCKET`):
-    a micro-batch of rows totalling 900 tokens runs as 1,024, one of 1,100 as 1,280.
+    Sizes are multiples of `2**(floor(log2 n) - log2 per_octave)` (`per_octave` sizes per doubling,
+    a power of two; never below `MIN_BUCKET`): with 4, a micro-batch of rows totalling 900 tokens
+    runs as 1,024, one of 1,100 as 1,280.
     """
     if n <= MIN_BUCKET:
         return MIN_BUCKET
-    step = max(MIN_BUCKET, 1 << (n.bit_length() - 1 - (BUCKETS_PER_OCTAVE.bit_length() - 1)))
+    step = max(MIN_BUCKET, 1 << max(0, n.bit_length() - 1 - (per_octave.bit_length() - 1)))
     return -(-n // step) * step
 
 
@@ -371,11 +375,18 @@ class FlatCollator:
     flash-attention's varlen kernels take them ("cu_seq_lens_q/k", "max_length_q/k", the padding
     counted as one more row); and "num_tokens", the real (non-padding) tokens of the micro-batch,
     which the trainer pops before the forward.
+
+    `row_slots` (for CUDA graphs, graphs.py): the row boundaries are padded with empty rows to
+    `row_slots` rows and the maximum row length is the bucket length, so a micro-batch's shape
+    depends on its bucket alone.
     """
 
-    def __init__(self, pad_token_id: int, *, bucket: bool = True):
+    def __init__(self, pad_token_id: int, *, bucket: bool = True, per_octave: int = BUCKETS_PER_OCTAVE,
+                 row_slots: Optional[int] = None):
         self.pad_token_id = pad_token_id
         self.bucket = bucket
+        self.per_octave = per_octave
+        self.row_slots = row_slots
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import numpy as np
@@ -388,7 +399,7 @@ class FlatCollator:
         labels = [np.asarray(ex["labels"] if "labels" in ex else ex["input_ids"], dtype=np.int64) for ex in examples]
         lengths = [len(r) for r in ids]
         n = sum(lengths)
-        pad = (bucket_length(n) if self.bucket else n) - n
+        pad = (bucket_length(n, self.per_octave) if self.bucket else n) - n
         if pad:
             ids.append(np.full(pad, self.pad_token_id, dtype=np.int64))
             labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
@@ -400,6 +411,9 @@ class FlatCollator:
         labels = np.concatenate(labels)
         labels[starts[:-1]] = IGNORE_INDEX  # no row's first token is a target of the row before it
         longest = max(lengths)
+        if self.row_slots is not None and len(lengths) <= self.row_slots:
+            starts = np.concatenate([starts, np.full(self.row_slots - len(lengths), n + pad, dtype=np.int64)])
+            longest = n + pad
         cu = torch.from_numpy(starts.astype(np.int32))
         return {
             "input_ids": torch.from_numpy(np.concatenate(ids))[None],

@@ -32,11 +32,12 @@ from typing import Any, Callable, Optional
 
 from trial_worker.checkpoint import write_manifest
 from trial_worker.config import REPORT_KEYS, JobConfig
-from trial_worker.data import FlatCollator, load_splits
+from trial_worker.data import BUCKETS_PER_OCTAVE, GRAPH_BUCKETS_PER_OCTAVE, FlatCollator, load_splits
 from trial_worker.evaluate import validation_loss
 from trial_worker.execution import (Execution, as_written, cap_gpu_memory, memory_figures, peak_memory_gb, probe_gpu,
                                     reset_peak_memory, smaller)
 from trial_worker.formats import rung_steps, sft_config
+from trial_worker.graphs import StepGraphs, causal_lm_parts, graphs_wanted, token_nll, varlen_inputs
 from trial_worker.model import load_model, use_cpu
 
 Report = Callable[[dict, str], None]
@@ -137,14 +138,20 @@ class QLoRATrial:
         import torch
         from transformers.trainer_callback import PrinterCallback
 
+        graphs = graphs_wanted(self.job.training.cuda_graphs, cpu=self.cpu, packing=self.job.data.packing,
+                               gradient_checkpointing=self.execution.gradient_checkpointing,
+                               micro_batch_tokens=self.execution.micro_batch * self.job.data.max_seq_length)
+        # Padding-free, bucketed micro-batches (data.FlatCollator); TRL's own packing is padding-free already.
+        # With graphs: coarser buckets and a fixed number of row slots, so a shape is a bucket.
+        collator = FlatCollator(tokenizer.pad_token_id, per_octave=GRAPH_BUCKETS_PER_OCTAVE if graphs else BUCKETS_PER_OCTAVE,
+                                row_slots=self.execution.micro_batch + 1 if graphs else None)
         self.trainer = _lean_trainer_class()(
             model=model,
             args=sft_config(self.job, self.output_dir, cpu=self.cpu, execution=self.execution),
             train_dataset=train_ds,
             eval_dataset=val_ds,
             processing_class=tokenizer,
-            # Padding-free, bucketed micro-batches (data.FlatCollator); TRL's own packing is padding-free already.
-            data_collator=None if self.job.data.packing else FlatCollator(tokenizer.pad_token_id),
+            data_collator=None if self.job.data.packing else collator,
             callbacks=[_RungCallback(self)],
         )
         # TRL casts a quantized model's adapters to bf16; keep them fp32 (PEFT's own default). In bf16,
@@ -162,6 +169,11 @@ class QLoRATrial:
                     "raise data.max_seq_length"
                 )
         self.trainer.remove_callback(PrinterCallback)  # the rung reports are the output
+        tr = self.trainer
+        tr._sweep_autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(tr.accelerator.mixed_precision))
+        head = causal_lm_parts(model)[1]
+        tr._sweep_graphs = (StepGraphs(model, row_slots=self.execution.micro_batch + 1, autocast_dtype=tr._sweep_autocast)
+                            if graphs and not head.weight.requires_grad else None)
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self) -> dict[str, float]:
@@ -289,19 +301,28 @@ def _RungCallback(trial: QLoRATrial):
 
 
 def _lean_trainer_class():
-    """TRL's SFTTrainer with a training loss that never waits for the GPU.
+    """TRL's SFTTrainer with a training loss that never waits for the GPU, replayed as CUDA graphs.
 
     For metrics (entropy, token accuracy, token count) the stock `compute_loss` calls
-    `.item()` several times per micro-batch. Each is a host-device sync, and a QLoRA step of
-    a 1B model is bound by the CPU launching kernels, so the GPU then idles. Here the training
-    loss is the same token-mean of the fused LM head's log-probs (TRL's own path), the token
-    count stays on the device until a log needs it, and everything else (evaluation, other
-    loss types) is TRL's.
+    `.item()` several times per micro-batch, and TRL's fused LM head indexes the label positions
+    with a boolean mask. Each is a host-device sync, and a QLoRA step of a 1B model is bound by
+    the CPU launching kernels, so the GPU then idles; a sync also stops a CUDA graph capture.
+    Here the training loss is the same token-mean over the effective batch (`graphs.token_nll`,
+    the LM head in chunks without a sync), replayed from a CUDA graph per micro-batch shape
+    where `graphs.StepGraphs` can (`_sweep_graphs`, set by the recipe); the token count stays on
+    the device until a log needs it, and everything else (evaluation, other loss types) is TRL's.
     """
     import torch
     from trl import SFTTrainer
 
     class LeanSFTTrainer(SFTTrainer):
+        def create_optimizer(self, *args, **kwargs):
+            from trial_worker._compat import lean_bnb_step
+
+            super().create_optimizer(*args, **kwargs)
+            self.optimizer = lean_bnb_step(self.optimizer)  # no GPU wait after each parameter's update
+            return self.optimizer
+
         def _lean(self) -> bool:
             a = self.args
             return (self.model.training and not self.aux_loss_enabled and self.label_smoother is None
@@ -313,11 +334,12 @@ def _lean_trainer_class():
             if return_outputs or not self._lean():
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
-            inputs["use_cache"] = False
-            outputs = model(**inputs, fused_lm_head=True)
-            n = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = -outputs.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
             mask = inputs.get("attention_mask")
+            inputs = varlen_inputs(inputs)
+            graphs = getattr(self, "_sweep_graphs", None)
+            loss = graphs.run(inputs, num_items_in_batch) if graphs is not None else None
+            if loss is None:
+                loss = token_nll(model, inputs, num_items_in_batch, autocast_dtype=getattr(self, "_sweep_autocast", None))
             if real_tokens is not None:
                 tokens = real_tokens
             else:

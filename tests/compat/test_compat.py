@@ -222,3 +222,39 @@ def test_worker_internals_ray_train_session_and_trl_metrics():
 
     set_logged_token_count(Trainer, 123)
     assert Trainer._metrics["train"]["num_tokens"] == [123]
+
+
+@pytest.mark.parametrize("optim_bits", [8, 32])
+def test_bitsandbytes_step_without_sync_is_bitsandbytes_own_step(optim_bits):
+    """The worker's bitsandbytes step (no GPU wait per parameter) leaves the same weights and state, bit for bit."""
+    import bitsandbytes as bnb
+    import torch
+
+    from trial_worker._compat import lean_bnb_step
+
+    torch.manual_seed(0)
+    shapes = [(64, 128), (16, 2048), (7,)]  # 8-bit blockwise state, and a small one bitsandbytes keeps in 32 bit
+    grads = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    runs = []
+    for lean in (False, True):
+        params = [torch.nn.Parameter(torch.full(s, 0.5)) for s in shapes]
+        opt = bnb.optim.AdamW(params, lr=1e-2, weight_decay=0.1, optim_bits=optim_bits)
+        if lean:
+            opt = lean_bnb_step(opt)
+            assert type(opt).__name__ == "LeanAdamW" and isinstance(opt, bnb.optim.AdamW)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((params, opt.state_dict()))
+    (a, sa), (b, sb) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], torch.full((64, 128), 0.5))
+    for k, state in sa["state"].items():
+        for name, value in state.items():
+            other = sb["state"][k][name]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other), name
+            else:
+                assert repr(value) == repr(other), name
+    paged = bnb.optim.PagedAdamW([torch.nn.Parameter(torch.zeros(8))], lr=1e-3)
+    assert type(lean_bnb_step(paged)) is bnb.optim.PagedAdamW  # paged state needs bitsandbytes' syncs

@@ -127,6 +127,20 @@ def test_joining_and_leaving_leaves_the_others_unchanged(engine, jobs, solo):
     assert len(moved["c"]["loss"]) < 4
 
 
+def test_the_padding_free_layout_trains_as_the_row_layout(engine, jobs, solo):
+    """The GPU's layout (one padding-free sequence, every token a row of the routing), here on the CPU: each
+    trial packed = alone = the row layout's numbers."""
+    engine.flat = True
+    try:
+        alone_b = drive(engine, jobs, ids=["b"])["b"]
+        packed = drive(engine, jobs)
+    finally:
+        engine.flat = False
+    for i in jobs:  # the row layout's numbers (b's dropout masks too: drawn over its own tokens in the same order)
+        assert close(packed[i]["loss"], solo[i]["loss"]) and close(packed[i]["val"], solo[i]["val"]), i
+    assert close(packed["b"]["loss"], alone_b["loss"]) and close(packed["b"]["val"], alone_b["val"])
+
+
 def test_a_trial_gone_nan_fails_alone(engine, jobs, solo):
     from trial_worker.recipe import NonFiniteLoss
 

@@ -5,12 +5,13 @@ of the response, else -100 (the prompt is masked, as TRL's `completion_only_loss
 TRL's for prompt-completion rows: the prompt rendered with the chat template and a generation prompt, the
 whole conversation rendered, the response starting where the two diverge.
 
-Each trial's sequences are packed padding-free (first-fit, longest first) into rows of at most
-`row_tokens` tokens; positions restart at 0 for each sequence, which transformers turns into a block-diagonal
-causal mask (`masking_utils.find_packed_sequence_indices`), so no sequence attends to another. No row holds
-two trials' sequences: attention is computed per row, and a trial whose activations overflow must not reach
-another's through a masked-out (0 x NaN) attention weight. Rows are padded to the longest row of the batch;
-pad positions form a sequence of their own and have no targets.
+A pack step's batch is padding-free, as the solo worker's (`data.FlatCollator`): every trial's sequences
+concatenated into one sequence, each trial's contiguous, positions restarting at 0 for each sequence, and the
+sequence boundaries (`cu_seq_lens`) handed to the attention: on a CUDA GPU torch's varlen flash-attention
+kernel confines each token to its own sequence (model.flat_attention); elsewhere transformers builds the
+block-diagonal causal mask from the position ids. No sequence attends to another, so a trial whose
+activations overflow cannot reach another's. The whole is padded up to a bucket length (`data.bucket_length`)
+with one pad sequence that belongs to no trial and has no targets.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def tokenize(rows, tokenizer, max_length: int) -> list[Seq]:
 
 
 def pack_rows(seqs: Sequence[Seq], row_tokens: int) -> list[list[Seq]]:
-    """`seqs` first-fit into rows of at most max(row_tokens, longest) tokens, longest first (deterministic)."""
+    """`seqs` first-fit into groups of at most max(row_tokens, longest) tokens, longest first (deterministic)."""
     cap = max([row_tokens, *(len(s.ids) for s in seqs)])
     rows: list[list[Seq]] = []
     room: list[int] = []
@@ -84,41 +85,67 @@ def pack_rows(seqs: Sequence[Seq], row_tokens: int) -> list[list[Seq]]:
 
 @dataclass
 class Batch:
-    """One forward pass: tensors [rows, length] and which rows belong to which slot."""
+    """One forward pass, and which of its rows belong to which slot.
+
+    flat (a CUDA GPU with the varlen kernel): one padding-free sequence [1, tokens], a "row" is a token, and
+    `cu_seq_lens`/`max_length` give the sequence boundaries to the varlen kernel. Otherwise one row per trial
+    [trials, longest], each row its trial's sequences back to back, padded at its end: attention there is one
+    masked matmul per row, and with rows apart a masked-out (0 x NaN) weight cannot carry one trial's
+    overflowed activations into another's.
+    """
 
     input_ids: Any  # torch tensors (torch is imported lazily)
     position_ids: Any
     targets: Any
-    spans: list[tuple[int, int, Optional[int]]]  # (first row, end row, slot)
+    cu_seq_lens: Any  # flat: int32 [sequences + 1], where each sequence starts, then the total; else None
+    max_length: Optional[int]  # flat: the longest sequence
+    owner: Any  # [rows x length]: the index in `parts` of each position's trial (padding: 0, it has no targets)
+    spans: list[tuple[int, int, Optional[int]]]  # (first row, end row, slot); the flat padding's slot is None
     tokens: dict  # slot -> real (non-pad) tokens in the batch
-    lengths: dict  # slot -> the length of its own longest row
 
 
-def build(parts: Sequence[tuple[Optional[int], Sequence[Seq]]], row_tokens: int, pad_id: int, device) -> Batch:
-    """The dispatcher: one batch from (slot, micro-batch sequences) of several trials; each trial's rows contiguous."""
+def build(parts: Sequence[tuple[Optional[int], Sequence[Seq]]], pad_id: int, device, *, flat: bool) -> Batch:
+    """The dispatcher: one batch from (slot, micro-batch sequences) of several trials (see `Batch`)."""
+    import numpy as np
     import torch
 
-    rows: list[list[Seq]] = []
-    spans: list[tuple[int, int, Optional[int]]] = []
-    tokens: dict = {}
-    lengths: dict = {}
-    for slot, seqs in parts:
-        packed = pack_rows(seqs, row_tokens)
-        spans.append((len(rows), len(rows) + len(packed), slot))
-        rows.extend(packed)
-        tokens[slot] = sum(len(s.ids) for s in seqs)
-        lengths[slot] = max(sum(len(s.ids) for s in row) for row in packed)
-    length = max(sum(len(s.ids) for s in row) for row in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), length), dtype=torch.long)
-    tgt = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    for r, row in enumerate(rows):
+    from trial_worker.data import bucket_length
+
+    def put(a, dtype=torch.long):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dtype).to(device, non_blocking=True)
+
+    def layout(seqs: Sequence[Seq], length: Optional[int] = None):
+        """(ids, targets, positions, sequence lengths) of `seqs` back to back, padded to `length` (own sequence)."""
+        lengths = [len(s.ids) for s in seqs]
+        ids = [np.asarray(s.ids, dtype=np.int64) for s in seqs]
+        tgt = [np.asarray(s.targets, dtype=np.int64) for s in seqs]
+        pad = (length if length is not None else bucket_length(sum(lengths))) - sum(lengths)
+        if pad:
+            ids.append(np.full(pad, pad_id, dtype=np.int64))
+            tgt.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
+            lengths.append(pad)
+        starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+        starts[1:] = np.cumsum(lengths)
+        positions = np.arange(starts[-1], dtype=np.int64) - np.repeat(starts[:-1], lengths)
+        return np.concatenate(ids), np.concatenate(tgt), positions, lengths
+
+    tokens = {slot: sum(len(s.ids) for s in seqs) for slot, seqs in parts}
+    if flat:
+        ids, tgt, pos, lengths = layout([s for _, seqs in parts for s in seqs])
+        spans: list[tuple[int, int, Optional[int]]] = []
         at = 0
-        for s in row:
-            n = len(s.ids)
-            ids[r, at:at + n] = torch.tensor(s.ids)
-            tgt[r, at:at + n] = torch.tensor(s.targets)
-            pos[r, at:at + n] = torch.arange(n)
-            at += n
-        pos[r, at:] = torch.arange(length - at)  # the padding: a sequence of its own, no targets
-    return Batch(ids.to(device), pos.to(device), tgt.to(device), spans, tokens, lengths)
+        for slot, _ in parts:
+            spans.append((at, at + tokens[slot], slot))
+            at += tokens[slot]
+        if at < len(ids):
+            spans.append((at, len(ids), None))
+        owner = np.concatenate([np.repeat(np.arange(len(parts)), [tokens[slot] for slot, _ in parts]),
+                                np.zeros(len(ids) - at, dtype=np.int64)])
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        return Batch(put(ids)[None], put(pos)[None], put(tgt)[None], put(starts, torch.int32), int(max(lengths)),
+                     put(owner), spans, tokens)
+    longest = max(tokens.values())
+    rows = [layout(seqs, longest) for _, seqs in parts]
+    return Batch(put(np.stack([r[0] for r in rows])), put(np.stack([r[2] for r in rows])),
+                 put(np.stack([r[1] for r in rows])), None, None, put(np.repeat(np.arange(len(parts)), longest)),
+                 [(i, i + 1, slot) for i, (slot, _) in enumerate(parts)], tokens)

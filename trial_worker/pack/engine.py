@@ -31,14 +31,14 @@ from typing import Any, Callable, Optional
 
 from trial_worker.checkpoint import write_manifest
 from trial_worker.config import REPORT_KEYS, JobConfig
-from trial_worker.pack.batch import IGNORE_INDEX, Seq, build, pack_rows, tokenize
+from trial_worker.pack.batch import Seq, build, pack_rows, tokenize
 
 Report = Callable[[dict, str], None]
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "sweep_trial_state.json"
 CPU_MAX_TRIALS = 8  # on the CPU nothing measures memory: a plain cap on trials per pack
 GPU_MICRO_TOKENS = 8192  # a trial's rows per pack step on a GPU, in max_seq_length-token rows
-LOSS_CHUNK_TOKENS = 8192  # the LM head and its fp32 cross-entropy run this many tokens at a time (recomputed in backward)
+EVAL_TOKENS = 16384  # validation sequences per evaluation forward
 
 
 def pack_key(job: JobConfig) -> str:
@@ -181,7 +181,7 @@ class PackedTrial:
 class PackEngine:
     """The base model of a pack and the trials training on it (`add`, `remove`, `step`, `evaluate`)."""
 
-    def __init__(self, job: JobConfig, *, output_dir: str, row_tokens: Optional[int] = None,
+    def __init__(self, job: JobConfig, *, output_dir: str,
                  max_trials: Optional[int] = None, gradient_checkpointing: Optional[bool] = None):
         import torch
 
@@ -215,8 +215,11 @@ class PackEngine:
             if not seqs:
                 raise ValueError(f"none of the {before} {name} rows has a response token within max_seq_length={L}; "
                                  "raise data.max_seq_length")
-        self.row_tokens = row_tokens or L
-        self.val_rows = pack_rows(self.val_seqs, self.row_tokens)
+        self.val_groups = pack_rows(self.val_seqs, EVAL_TOKENS)  # validation sequences, a forward's worth each
+        from trial_worker.model import _varlen_kernel
+
+        # Padding-free batches where the varlen kernel keeps sequences apart; else one row per trial (pack.batch).
+        self.flat = not self.cpu and _varlen_kernel() is not None
         self.pad_id = self.tokenizer.pad_token_id
         self.output_dir = Path(output_dir)
         self.max_trials = max_trials or (CPU_MAX_TRIALS if self.cpu else 64)
@@ -293,7 +296,10 @@ class PackEngine:
         args = sft_config(job, str(trial.output_dir), cpu=self.cpu)
         opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
         decay = args.weight_decay
-        trial.optimizer = opt_cls([{"params": trial.params, "weight_decay": decay}], **opt_kwargs)
+        from trial_worker._compat import lean_bnb_step
+
+        # bitsandbytes' own step waits for the GPU after every parameter: K trials x 224 waits a pack step.
+        trial.optimizer = lean_bnb_step(opt_cls([{"params": trial.params, "weight_decay": decay}], **opt_kwargs))
         top = trial.rung_steps[-1]
         trial.scheduler = get_scheduler(args.lr_scheduler_type, trial.optimizer,
                                         num_warmup_steps=args.get_warmup_steps(top), num_training_steps=top,
@@ -326,28 +332,20 @@ class PackEngine:
         """(per-part loss sums, real tokens per slot) of one forward of `parts` = [(slot, seqs)];
         `seeds` (slot -> dropout seed) in training, None in evaluation (no dropout)."""
         import torch
-        import torch.nn.functional as F
 
-        from torch.utils.checkpoint import checkpoint
+        from trial_worker.graphs import per_token_nll, varlen_inputs
 
-        batch = build(parts, self.row_tokens, self.pad_id, self.device)
-        self.routing.set(batch.spans, seeds, batch.lengths)
-        hidden = self.model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                          use_cache=False).last_hidden_state
-        owner = torch.empty(batch.input_ids.shape[0], dtype=torch.long)
-        for i, (start, end, _) in enumerate(batch.spans):
-            owner[start:end] = i
-        owner = owner.to(self.device)[:, None].expand_as(batch.targets)
-        mask = batch.targets != IGNORE_INDEX
-        h, targets = hidden[mask], batch.targets[mask]
-
-        def nll_of(h, y):  # a 128k-vocabulary fp32 logits tensor of every target token at once would not fit
-            return F.cross_entropy(self.model.lm_head(h).float(), y, reduction="none")
-
-        chunks = [(h[i:i + LOSS_CHUNK_TOKENS], targets[i:i + LOSS_CHUNK_TOKENS]) for i in range(0, len(targets), LOSS_CHUNK_TOKENS)]
-        grad = torch.is_grad_enabled()
-        nll = torch.cat([checkpoint(nll_of, a, b, use_reentrant=False) if grad else nll_of(a, b) for a, b in chunks])
-        sums = torch.zeros(len(parts), dtype=torch.float32, device=self.device).index_add(0, owner[mask], nll)
+        batch = build(parts, self.pad_id, self.device, flat=self.flat)
+        self.routing.set(batch.spans, seeds, per_token=self.flat, lengths=batch.tokens)
+        inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
+        if self.flat:
+            inputs = varlen_inputs({**inputs, "cu_seq_lens_q": batch.cu_seq_lens, "cu_seq_lens_k": batch.cu_seq_lens,
+                                    "max_length_q": batch.max_length, "max_length_k": batch.max_length})
+        hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        # Every position through the LM head in chunks, no boolean indexing: no host sync mid-step.
+        nll = per_token_nll(hidden.reshape(-1, hidden.shape[-1]), self.model.get_output_embeddings().weight,
+                            batch.targets.reshape(-1))
+        sums = torch.zeros(len(parts), dtype=torch.float32, device=self.device).index_add(0, batch.owner, nll)
         return sums, batch.tokens
 
     def step(self) -> bool:
@@ -378,7 +376,7 @@ class PackEngine:
             self._out_of_memory(trials, e)
             return True
         finally:
-            self.routing.set([], None, {})
+            self.routing.set([], None)
         if bad:
             # A non-finite loss or adapter: the step is dropped for everyone before any backward (activations
             # that overflowed would meet zero gradients, 0 x inf, in the shared matmuls); the trials that went
@@ -467,17 +465,17 @@ class PackEngine:
         t.report(dict(metrics), str(directory))
 
     # --------------------------------------------------------------- evaluation
-    def evaluate(self, slot: Optional[int], rows_per_forward: int = 32) -> dict[str, float]:
+    def evaluate(self, slot: Optional[int]) -> dict[str, float]:
         """{"val_loss", "ppl", "tokens"}: token-mean loss over the validation split with `slot`'s adapter (None: the base)."""
         import torch
 
-        total, n = 0.0, 0
+        total, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
         with torch.no_grad():
-            for i in range(0, len(self.val_rows), rows_per_forward):
-                seqs = [s for row in self.val_rows[i:i + rows_per_forward] for s in row]
+            for seqs in self.val_groups:
                 sums, _ = self._losses([(slot, seqs)])
-                total += float(sums.double().sum())
+                total += sums.double().sum()
                 n += sum(s.n_targets for s in seqs)
-        self.routing.set([], None, {})
+        total = float(total)  # one sync for the whole split
+        self.routing.set([], None)
         val = total / n
         return {"val_loss": val, "ppl": math.exp(min(val, 700.0)), "tokens": n}

@@ -1,14 +1,14 @@
-"""The multi-adapter LoRA layer: one frozen base projection, each trial's rows through its own adapter.
+"""The multi-adapter LoRA layer: one frozen base projection, each trial's tokens through its own adapter.
 
 mLoRA's BatchLoRA (TUDB-Labs/mLoRA, `mlora/model/modules/lora.py`) runs the base weight once over the whole
-batch and adds each adapter's low-rank update on that adapter's slice of the batch. We do the same on row
-ranges of the batch: `Routing` says which rows belong to which trial's slot; a slot absent from a layer (its
-trial did not target that module) adds nothing there. PEFT cannot do this in training (its mixed-adapter
+batch and adds each adapter's low-rank update on that adapter's slice of the batch. We do the same on token
+ranges of the batch (rows, or tokens of a padding-free batch): `Routing` says which belong to which slot; a slot absent
+from a layer (its trial did not target that module) adds nothing there. PEFT cannot do this in training (its mixed-adapter
 batches, `adapter_names`, are inference-only).
 
 Adapters are kept in fp32 (as the solo recipe does), and a trial's numbers do not depend on which other trials
 share its batch: its dropout mask is drawn from a seed
-of (trial seed, step, micro-batch, layer) over the trial's own rows and length (padding beyond it kept), so it
+of (trial seed, step, micro-batch, layer) over the trial's own rows (or tokens), so it
 is the same whoever else is in the batch, and the same again when gradient checkpointing recomputes a layer.
 """
 
@@ -24,16 +24,17 @@ from torch import nn
 
 @dataclass
 class Routing:
-    """Which rows of the current batch go through which adapter slot, and the per-forward dropout seeds."""
+    """Which rows (tokens, in a padding-free batch) go through which adapter slot, and the dropout seeds."""
 
     spans: list[tuple[int, int, Optional[int]]] = field(default_factory=list)  # (first row, end row, slot)
     seeds: dict[int, int] = field(default_factory=dict)  # slot -> dropout seed of this forward (training only)
-    lengths: dict[int, int] = field(default_factory=dict)  # slot -> the length of its own longest row
     training: bool = True
+    per_token: bool = False  # a padding-free batch [1, tokens]: each token is a row (pack.batch.Batch)
+    lengths: dict[int, int] = field(default_factory=dict)  # slot -> its real tokens in its row (row layout)
     _masks: dict = field(default_factory=dict)
 
-    def set(self, spans, seeds: Optional[dict], lengths: dict) -> None:
-        self.spans, self.seeds, self.lengths = spans, seeds or {}, lengths
+    def set(self, spans, seeds: Optional[dict], *, per_token: bool = False, lengths: Optional[dict] = None) -> None:
+        self.spans, self.seeds, self.per_token, self.lengths = spans, seeds or {}, per_token, lengths or {}
         self.training = seeds is not None
         self._masks = {}
 
@@ -99,6 +100,8 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.routing.per_token:
+            x = x.reshape(-1, 1, x.shape[-1])  # [1, tokens, features] -> one "row" per token, as the routing counts
         present = [(slot, self.adapters[str(slot)]) for _, _, slot in self.routing.spans
                    if slot is not None and str(slot) in self.adapters]
         if not present:
@@ -112,7 +115,7 @@ class MultiLoRALinear(nn.Module):
                                               x.device, dtype)
         h = self._dropped(x, dict(present)) @ A.to(dtype).t()
         h = torch.where(keep[:, None, :], h, 0.0) * scale
-        return y + (h @ B.to(dtype).t()).to(y.dtype)
+        return y + (h @ B.to(dtype).t()).to(y.dtype).reshape(y.shape)
 
     def _dropped(self, x: torch.Tensor, adapters: dict) -> torch.Tensor:
         """`x` with each trial's LoRA dropout on its own rows (a mask from its own seed; none in evaluation)."""
@@ -124,8 +127,9 @@ class MultiLoRALinear(nn.Module):
             part, a = x[start:end], adapters.get(slot)
             if a is not None and a.dropout and slot in r.seeds:
                 g = torch.Generator(device=x.device).manual_seed((r.seeds[slot] * 1_000_003 + self.index) % 2**63)
-                keep = torch.ones_like(part)
-                keep[:, :r.lengths.get(slot, part.shape[1])].bernoulli_(1.0 - a.dropout, generator=g)
+                keep = torch.ones_like(part)  # drawn over the trial's own tokens only: the same whoever pads its row
+                keep[:, :part.shape[1] if r.per_token else r.lengths.get(slot, part.shape[1])].bernoulli_(
+                    1.0 - a.dropout, generator=g)
                 part = part * keep / (1.0 - a.dropout)
             pieces.append(part)
         return torch.cat(pieces)
