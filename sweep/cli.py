@@ -300,12 +300,14 @@ def chat(
     model: Path = typer.Argument(..., help="a merged model folder, or a `sweep train` output folder"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
     port: int = typer.Option(7860, "--port"),
+    system: Optional[str] = typer.Option(None, "--system",
+                                         help="system prompt (default: the one the run's training chats share, if any)"),
 ) -> None:
-    """A small Gradio chat with a tuned model: streaming replies, temperature and max new tokens as controls."""
+    """A small Gradio chat with a tuned model: streaming replies; system prompt, temperature, max new tokens as controls."""
     from trial_worker.entry import serve
 
     try:
-        serve(model, host=host, port=port)
+        serve(model, host=host, port=port, system_prompt=system)
     except ImportError as e:
         _fail(f"sweep chat: {e}")
 
