@@ -43,10 +43,12 @@ class ResumeRefused(Exception):
     """`sweep resume` cannot continue this sweep (no such study, the spec was edited, an untrusted run folder)."""
 
 
-def check_resumable(optuna, rstorage, study_name: str, spec: SweepSpec, spec_path: Path, run_dir: Path):
+def check_resumable(optuna, rstorage, study_name: str, spec: SweepSpec, spec_path: Path, run_dir: "Path | str"):
     """(the study to resume, whether Tune saved a run to restore), after checking the study exists, was
     started with this very spec, and that its run folder (if Tune wrote one) may be restored from."""
     from sweep.record import scrub
+
+    run_dir = Path(run_dir)  # a local or mounted folder: a resume on a URI is refused before (controller)
 
     try:
         study = optuna.load_study(study_name=study_name, storage=rstorage)
@@ -247,13 +249,13 @@ def fail_lost_trials(study_name: str, rstorage, *, only: Optional[set] = None, r
 OWNER_ENV = "SWEEP_RAY_OWNER"  # "<controller pid>:<run folder>", in the environment of every process of a local Ray
 
 
-def mark_ray_owner(run_dir: Path) -> None:
+def mark_ray_owner(run_dir: "Path | str") -> None:
     """Name this controller and its run folder in the environment its local Ray (and every Ray process) inherits,
     so that a later `sweep run`/`resume` of the same run folder can find what it leaves behind if killed."""
     os.environ[OWNER_ENV] = f"{os.getpid()}:{run_dir}"
 
 
-def end_orphans(run_dir: Path, *, grace_s: float = 5.0) -> list[int]:
+def end_orphans(run_dir: "Path | str", *, grace_s: float = 5.0) -> list[int]:
     """End the local Ray processes (raylet, GCS, dashboard and runtime-env agents, workers) that a killed
     controller of `run_dir` left running: this user's processes whose environment names `run_dir` and a
     controller that no longer exists. SIGTERM, then SIGKILL after `grace_s`. Returns their pids.
@@ -292,7 +294,7 @@ def _processes_of_this_user() -> list[int]:
     return out
 
 
-def _orphan_of(pid: int, run_dir: Path) -> bool:
+def _orphan_of(pid: int, run_dir: "Path | str") -> bool:
     prefix = f"{OWNER_ENV}=".encode()
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")

@@ -80,7 +80,7 @@ def resume_command(spec_path, spec: SweepSpec, study_name: str, storage: Optiona
     return again
 
 
-def disk_full_message(reason: str, *, run_dir: Path, again: str, state_unsaved: Optional[str] = None) -> str:
+def disk_full_message(reason: str, *, run_dir: "Path | str", again: str, state_unsaved: Optional[str] = None) -> str:
     """What `sweep run` says when a full disk stopped it (`again`: the resume command)."""
     reason = reason.split(" [", 1)[0] if reason.endswith("]") else reason  # the library's own words stay in the study
     return (f"sweep: stopped: {reason.replace('`sweep resume SPEC`', 'resume')}.\n"
@@ -103,7 +103,7 @@ def storage_failure(error: Optional[BaseException]) -> Optional[BaseException]:
     return None
 
 
-def storage_lost_message(failure: BaseException, *, study_name: str, storage_url: str, run_dir: Path, again: str) -> str:
+def storage_lost_message(failure: BaseException, *, study_name: str, storage_url: str, run_dir: "Path | str", again: str) -> str:
     """What `sweep run` says when the study database stayed unreachable (`again`: the resume command)."""
     from sweep.record import safe_url
     from sweep.search import storage_error_text

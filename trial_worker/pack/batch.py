@@ -124,7 +124,7 @@ def build(parts: Sequence[tuple[Optional[int], Sequence[Seq]]], pad_id: int, dev
             ids.append(np.full(pad, pad_id, dtype=np.int64))
             tgt.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
             lengths.append(pad)
-        starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+        starts: Any = np.zeros(len(lengths) + 1, dtype=np.int64)
         starts[1:] = np.cumsum(lengths)
         positions = np.arange(starts[-1], dtype=np.int64) - np.repeat(starts[:-1], lengths)
         return np.concatenate(ids), np.concatenate(tgt), positions, lengths
@@ -141,7 +141,7 @@ def build(parts: Sequence[tuple[Optional[int], Sequence[Seq]]], pad_id: int, dev
             spans.append((at, len(ids), None))
         owner = np.concatenate([np.repeat(np.arange(len(parts)), [tokens[slot] for slot, _ in parts]),
                                 np.zeros(len(ids) - at, dtype=np.int64)])
-        starts = np.concatenate([[0], np.cumsum(lengths)])
+        starts: Any = np.concatenate([[0], np.cumsum(lengths)])
         return Batch(put(ids)[None], put(pos)[None], put(tgt)[None], put(starts, torch.int32), int(max(lengths)),
                      put(owner), spans, tokens)
     longest = max(tokens.values())
