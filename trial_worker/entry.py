@@ -108,13 +108,7 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
         metrics = dict(metrics)
         if note:
             metrics["checkpoint_note"] = note.pop()
-        try:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
-        except OSError:
-            writing.update(step=metrics["steps"], **_storage_checkpoint())
-            raise
-        # Tune has copied the checkpoint into the run's storage; the local copy is dead weight.
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        report_checkpoint(metrics, checkpoint_dir, writing)
 
     output_dir = tempfile.mkdtemp(prefix="sweep-trial-")
     try:
@@ -123,17 +117,41 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
                 then = f"resumed from {Path(resume_from).name}" if resume_from else "restarted from step 0"
                 note.append("; ".join(problems) + f"; {then}")
                 print(f"sweep: {note[0]}", file=sys.stderr, flush=True)
-            run(trial, report=report, resume_from=resume_from, output_dir=output_dir)
+            with disk_full_stops(output_dir, writing):
+                run(trial, report=report, resume_from=resume_from, output_dir=output_dir)
     except (NonFiniteLoss, TrialOOM) as e:
         fatal.parent.mkdir(parents=True, exist_ok=True)
         fatal.write_text(json.dumps({"reason": f"{type(e).__name__}: {e}"}))
         raise
-    except (OSError, RuntimeError) as e:
-        if not _is_disk_full(e, writing.get("path") or output_dir):
-            raise
-        raise DiskFull.writing(e, output_dir=output_dir, **writing) from e
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def report_checkpoint(metrics: dict, checkpoint_dir: str, writing: dict) -> None:
+    """`tune.report` with the checkpoint folder, which is removed once Tune has its copy; when Tune's copy into
+    the run's storage fails, `writing` learns which checkpoint and where (for `disk_full_stops`)."""
+    from ray import tune
+
+    try:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+    except OSError:
+        writing.update(step=metrics["steps"], **_storage_checkpoint())
+        raise
+    # Tune has copied the checkpoint into the run's storage; the local copy is dead weight.
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def disk_full_stops(output_dir: str, writing: dict):
+    """A full disk under the block (ENOSPC/EDQUOT, however the library words it) raised as `DiskFull`, which the
+    controller turns into a stop of the whole sweep; other errors pass as they are. `output_dir`: where the trial
+    writes its own checkpoints; `writing`: filled by `report_checkpoint` when Tune's copy failed."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, DiskFull) or not _is_disk_full(e, writing.get("path") or output_dir):
+            raise
+        raise DiskFull.writing(e, output_dir=output_dir, **writing) from e
 
 
 def fatal_path(run_dir: str | None) -> Path:

@@ -94,6 +94,27 @@ def per_token_nll(hidden, weight, labels):
     return _NLL.apply(hidden, weight, labels, max(1, LOGIT_CHUNK_ELEMENTS // weight.shape[0]))
 
 
+# Config fields with which a model's logits are more than `hidden @ W^T` (TRL's fused head reads the same ones).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def lm_head_not_plain(model) -> Optional[str]:
+    """Why `per_token_nll` cannot stand for this model's LM head (None: it can): a logit softcap or scale in its
+    config, a bias, or a trainable head (`per_token_nll` computes no weight gradient)."""
+    backbone, head = causal_lm_parts(model)
+    config = backbone.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(text, name, None)
+        if value is not None and value != 1.0:
+            return f"its config sets {name}={value}"
+    if getattr(head, "bias", None) is not None:
+        return "its LM head has a bias"
+    if head.weight.requires_grad:
+        return "its LM head is trained"
+    return None
+
+
 def causal_lm_parts(model):
     """(backbone, LM head) of a (PEFT-wrapped) causal LM: the head is applied by `token_nll`, in chunks."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model

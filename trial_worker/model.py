@@ -125,7 +125,15 @@ def load_base(cfg: ModelConfig, *, cpu: bool):
     kwargs["attn_implementation"] = cfg.attn_implementation or FLAT_ATTENTION
     if q.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    except ValueError as e:
+        # Ours is sdpa underneath; an architecture transformers runs without sdpa (Gemma 2's attention softcap,
+        # say) gets transformers' own choice for it, unless the spec named one.
+        if cfg.attn_implementation or "does not support an attention implementation" not in str(e):
+            raise
+        kwargs.pop("attn_implementation")
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     model.config.use_cache = False  # training; the KV cache only costs memory here
     if cpu and q.load_in_4bit:
         keep_cpu_4bit_trainable(model)

@@ -37,7 +37,7 @@ from trial_worker.evaluate import validation_loss
 from trial_worker.execution import (Execution, as_written, cap_gpu_memory, memory_figures, peak_memory_gb, probe_gpu,
                                     reset_peak_memory, smaller)
 from trial_worker.formats import rung_steps, sft_config
-from trial_worker.graphs import StepGraphs, causal_lm_parts, graphs_wanted, token_nll, varlen_inputs
+from trial_worker.graphs import StepGraphs, graphs_wanted, lm_head_not_plain, token_nll, varlen_inputs
 from trial_worker.model import load_model, use_cpu
 
 Report = Callable[[dict, str], None]
@@ -171,9 +171,10 @@ class QLoRATrial:
         self.trainer.remove_callback(PrinterCallback)  # the rung reports are the output
         tr = self.trainer
         tr._sweep_autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(tr.accelerator.mixed_precision))
-        head = causal_lm_parts(model)[1]
+        # Our sync-free loss stands for the LM head only where it is hidden @ W^T, frozen; else TRL's fused head.
+        tr._sweep_plain_head = lm_head_not_plain(model) is None
         tr._sweep_graphs = (StepGraphs(model, row_slots=self.execution.micro_batch + 1, autocast_dtype=tr._sweep_autocast)
-                            if graphs and not head.weight.requires_grad else None)
+                            if graphs and tr._sweep_plain_head else None)
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self) -> dict[str, float]:
@@ -335,11 +336,17 @@ def _lean_trainer_class():
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             mask = inputs.get("attention_mask")
-            inputs = varlen_inputs(inputs)
-            graphs = getattr(self, "_sweep_graphs", None)
-            loss = graphs.run(inputs, num_items_in_batch) if graphs is not None else None
-            if loss is None:
-                loss = token_nll(model, inputs, num_items_in_batch, autocast_dtype=getattr(self, "_sweep_autocast", None))
+            if getattr(self, "_sweep_plain_head", False):
+                inputs = varlen_inputs(inputs)
+                graphs = getattr(self, "_sweep_graphs", None)
+                loss = graphs.run(inputs, num_items_in_batch) if graphs is not None else None
+                if loss is None:
+                    loss = token_nll(model, inputs, num_items_in_batch, autocast_dtype=getattr(self, "_sweep_autocast", None))
+            else:  # TRL's fused LM head (softcap/scale/bias/trained head handled), eagerly
+                inputs["use_cache"] = False
+                outputs = model(**inputs, fused_lm_head=True)
+                n = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+                loss = -outputs.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
             if real_tokens is not None:
                 tokens = real_tokens
             else:

@@ -79,10 +79,12 @@ def _snapshot(study):
                        t.user_attrs.get("fail_reason")) for t in study.trials}
 
 
-def test_a_full_disk_fails_the_trial_clearly_stops_the_sweep_and_resume_finishes_it(tmp_path, assets, fault_row):
+@pytest.mark.parametrize("packing", ["off", "on"])  # one trial per process; trials trained by a pack process
+def test_a_full_disk_fails_the_trial_clearly_stops_the_sweep_and_resume_finishes_it(tmp_path, assets, fault_row, packing):
     name = "diskfull"
     spec = small_spec(tmp_path, assets, name=name, rungs=RUNGS, budget=BUDGET,
-                      params={"learning_rate": {"type": "choice", "values": LRS}})
+                      params={"learning_rate": {"type": "choice", "values": LRS}},
+                      resources={"gpus_per_trial": 0, "cpus_per_trial": 1, "max_concurrent_trials": 2, "packing": packing})
     runs = tmp_path / "runs"
     _mount_tmpfs(runs, TMPFS_MB)
     env = sweep_env(tmp_path)

@@ -7,6 +7,8 @@ micro-steps replay CUDA graphs trains the same model as the same trial run eager
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -126,3 +128,48 @@ def test_graphed_and_eager_micro_steps_train_the_same_model(make_job, tmp_path, 
         assert b == pytest.approx(a, rel=2e-3), f"step {step}: eager {a:.5f} vs graphed {b:.5f}"
     for a, b in zip(eager_reports, graphed_reports):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=2e-3)
+
+
+def test_a_softcapped_lm_head_falls_back_to_trls_loss_and_is_refused_by_packs(tmp_path, make_job):
+    """Our loss is hidden @ W^T and a cross-entropy: a model whose logits are soft-capped (Gemma 2) trains through
+    TRL's fused head instead, with the model's own loss, and packed trials refuse it by name."""
+    import shutil
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from trial_worker.pack.engine import PackEngine
+    from trial_worker.recipe import QLoRATrial
+
+    job = make_job(lora={"dropout": 0.0}, training={"logging_steps": 1}, budget={"min": 2, "max": 2})
+    llama = job.model.name_or_path
+    _, model = load_model(job.model, job.training)
+    assert graphs.lm_head_not_plain(model) is None
+    gemma_dir = tmp_path / "gemma2"
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=model.config.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=3.0, initializer_range=0.5,
+                       pad_token_id=model.config.pad_token_id, bos_token_id=model.config.bos_token_id,
+                       eos_token_id=model.config.eos_token_id)
+    Gemma2ForCausalLM(cfg).save_pretrained(gemma_dir)
+    for f in Path(llama).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, gemma_dir / f.name)
+    data = job.model_dump()
+    data["model"]["name_or_path"] = str(gemma_dir)
+    gemma_job = type(job).model_validate(data)
+
+    trial = QLoRATrial(gemma_job, output_dir=tmp_path / "out").setup()
+    try:
+        assert trial.trainer._sweep_plain_head is False and trial.trainer._sweep_graphs is None
+        assert "final_logit_softcapping=3.0" in graphs.lm_head_not_plain(trial.trainer.model)
+        batch = next(iter(trial.trainer.get_train_dataloader()))
+        batch.pop("num_tokens", None)
+        own = trial.trainer.model(**{k: v for k, v in batch.items()}).loss  # the model's own loss, softcap applied
+        ours = trial.trainer.compute_loss(trial.trainer.model, dict(batch))
+        plain = graphs.token_nll(trial.trainer.model, dict(batch), None)  # what ignoring the softcap would give
+        assert ours.item() == pytest.approx(own.item(), rel=1e-4)
+        assert abs(plain.item() - own.item()) > 1e-3  # the softcap matters here: the check has teeth
+    finally:
+        trial.cleanup()
+    with pytest.raises(ValueError, match="final_logit_softcapping=3.0.*resources.packing: off"):
+        PackEngine(gemma_job, output_dir=str(tmp_path / "pack"))

@@ -200,6 +200,12 @@ class PackEngine:
         self.tokenizer = load_tokenizer(job.model)
         self.model = load_base(job.model, cpu=self.cpu)
         freeze_base(self.model)
+        from trial_worker.graphs import lm_head_not_plain
+
+        why = lm_head_not_plain(self.model)
+        if why:  # the pack's loss is `graphs.per_token_nll`: hidden @ W^T and a cross-entropy, nothing more
+            raise ValueError(f"packed trials cannot train {job.model.name_or_path}: {why}, which the pack's loss does "
+                             "not apply; set resources.packing: off")
         self.routing = Routing()
         self.layers = install(self.model, self.routing)
         # Checkpointing is a systems choice, as in the solo worker (execution.py): a pack runs without it (the

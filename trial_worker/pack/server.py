@@ -44,13 +44,13 @@ class PackServer:
 
     # ------------------------------------------------------------ called by Tune trials and the controller
     def info(self) -> dict:
-        """Who this pack is: name, process id, node, and how many trials it holds or queues."""
+        """Who this pack is: name, process id, node, its checkpoint folder, and how many trials it holds or queues."""
         import ray
 
         with self.lock:
             held = len(self.engine.trials) if self.engine else 0
             return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                    "trials": held + len(self.queue), "error": self.error}
+                    "trials": held + len(self.queue), "error": self.error, "output_dir": self.output_dir}
 
     def join(self, trial_id: str, job: dict, resume_from: Optional[str] = None) -> None:
         """Queue a trial for admission; it starts at the first pack step after there is room for it."""

@@ -10,7 +10,7 @@ unchanged. Reports carry `pack`, the pack the trial ran in.
 
 from __future__ import annotations
 
-import shutil
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -101,14 +101,14 @@ def _new_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialPl
 
 
 def _choose_pack(names: list[str]):
-    """The least busy pack on this trial's node (its checkpoints are handed over as local folders)."""
+    """(actor, info) of the least busy pack on this trial's node (its checkpoints are handed over as local folders)."""
     import ray
 
     here = ray.get_runtime_context().get_node_id()
     actors = [ray.get_actor(n) for n in names]
     infos = ray.get([a.info.remote() for a in actors])
     order = sorted(range(len(actors)), key=lambda i: (infos[i]["node"] != here, infos[i]["trials"], i))
-    return actors[order[0]], infos[order[0]]["name"]
+    return actors[order[0]], infos[order[0]]
 
 
 def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] = None,
@@ -127,7 +127,8 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
     vanished = entry._VANISHED_CHECKPOINT.pop("path", None)
     trial = entry.trial_job(config, job, cpus=pack_cpus)
     trial_id = tune.get_context().get_trial_id()
-    pack, pack_name = _choose_pack(list(packs))
+    pack, info = _choose_pack(list(packs))
+    pack_name = info["name"]
     note: list[str] = []
     try:
         with entry._resume_point(tune.get_checkpoint(), vanished) as (resume_from, problems):
@@ -135,18 +136,21 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
                 then = f"resumed from {Path(resume_from).name}" if resume_from else "restarted from step 0"
                 note.append("; ".join(problems) + f"; {then}")
                 print(f"sweep: {note[0]}", file=sys.stderr, flush=True)
-            _relay(pack, pack_name, trial_id, trial.model_dump(mode="json"), resume_from, note)
+            writing: dict = {}
+            # A full disk, in the pack's checkpoint save or in Tune's copy, stops the sweep as in a solo trial.
+            with entry.disk_full_stops(os.path.join(info["output_dir"], trial_id), writing):
+                _relay(pack, pack_name, trial_id, trial.model_dump(mode="json"), resume_from, note, writing)
     except (recipe.NonFiniteLoss, recipe.TrialOOM) as e:
         fatal.parent.mkdir(parents=True, exist_ok=True)
         fatal.write_text(json.dumps({"reason": f"{type(e).__name__}: {e}"}))
         raise
 
 
-def _relay(pack, pack_name: str, trial_id: str, job: dict, resume_from: Optional[str], note: list[str]) -> None:
+def _relay(pack, pack_name: str, trial_id: str, job: dict, resume_from: Optional[str], note: list[str],
+           writing: dict) -> None:
     import ray
-    from ray import tune
 
-    from trial_worker import recipe
+    from trial_worker import entry, recipe
 
     ray.get(pack.join.remote(trial_id, job, resume_from))
     try:
@@ -163,9 +167,7 @@ def _relay(pack, pack_name: str, trial_id: str, job: dict, resume_from: Optional
                 metrics = dict(event["metrics"], pack=event["pack"])
                 if note:
                     metrics["checkpoint_note"] = note.pop()
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(event["checkpoint"]))
-                # Tune has its copy, and did not stop the trial: the local copy goes, the trial goes on.
-                shutil.rmtree(event["checkpoint"], ignore_errors=True)
-                pack.proceed.remote(trial_id)
+                entry.report_checkpoint(metrics, event["checkpoint"], writing)
+                pack.proceed.remote(trial_id)  # Tune has its copy and did not stop the trial: it goes on
     finally:
         pack.leave.remote(trial_id)
