@@ -152,19 +152,26 @@ def token_nll(model, batch: dict, n_items, *, autocast_dtype=None):
 _MASKS: dict = {}
 
 
-def varlen_inputs(batch: dict) -> dict:
-    """`batch`, with a 4-D placeholder attention mask where the varlen kernel will run (model.flat_attention).
+def runs_varlen(model) -> bool:
+    """Whether `model` attends with `model.FLAT_ATTENTION` (sdpa, and the varlen kernel for padding-free batches)."""
+    from trial_worker.model import FLAT_ATTENTION, _varlen_kernel
+
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == FLAT_ATTENTION and _varlen_kernel() is not None
+
+
+def varlen_inputs(batch: dict, model) -> dict:
+    """`batch`, with a 4-D placeholder attention mask where `model`'s varlen kernel will run (model.flat_attention).
 
     transformers returns a 4-D mask as it is (`masking_utils._preprocess_mask_arguments`), so no
     [tokens x tokens] mask is built from the position ids of a padding-free micro-batch (1 GiB at
-    32k tokens, and a host sync), which the varlen kernel never reads. Elsewhere (the CPU, no
-    varlen kernel) `batch` is returned unchanged: sdpa needs that mask.
+    32k tokens, and a host sync), which the varlen kernel never reads. Anywhere else (the CPU, another
+    attention implementation, which would read the placeholder as "attend to everything") `batch` is
+    returned unchanged: the mask built from the position ids is what keeps its rows apart.
     """
-    from trial_worker.model import _varlen_kernel
-
     cu = batch.get("cu_seq_lens_q")
     if cu is None or not cu.is_cuda or batch["input_ids"].shape[0] != 1 or "attention_mask" in batch \
-            or _varlen_kernel() is None:
+            or not runs_varlen(model):
         return batch
     import torch
 
@@ -259,7 +266,7 @@ class StepGraphs:
     def _inputs(self, static: dict) -> dict:
         length = static["input_ids"].shape[1]
         return varlen_inputs({**static, "cu_seq_lens_k": static["cu_seq_lens_q"], "max_length_q": length,
-                              "max_length_k": length})
+                              "max_length_k": length}, causal_lm_parts(self.model)[0])
 
     def _capture(self, batch: dict, n_items) -> Optional[_Graph]:
         import torch

@@ -122,15 +122,16 @@ def load_base(cfg: ModelConfig, *, cpu: bool):
         device_map={"": "cpu"} if cpu else {"": torch.cuda.current_device()},
     )
     register_attention()
-    kwargs["attn_implementation"] = cfg.attn_implementation or FLAT_ATTENTION
+    # Ours is sdpa, with torch's varlen kernel for padding-free micro-batches on CUDA: "sdpa" in a spec gets it too.
+    kwargs["attn_implementation"] = FLAT_ATTENTION if cfg.attn_implementation in (None, "sdpa") else cfg.attn_implementation
     if q.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     except ValueError as e:
         # Ours is sdpa underneath; an architecture transformers runs without sdpa (Gemma 2's attention softcap,
-        # say) gets transformers' own choice for it, unless the spec named one.
-        if cfg.attn_implementation or "does not support an attention implementation" not in str(e):
+        # say) gets transformers' own choice for it, unless the spec named another.
+        if cfg.attn_implementation not in (None, "sdpa") or "does not support an attention implementation" not in str(e):
             raise
         kwargs.pop("attn_implementation")
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)

@@ -37,7 +37,7 @@ from trial_worker.evaluate import validation_loss
 from trial_worker.execution import (Execution, as_written, cap_gpu_memory, memory_figures, peak_memory_gb, probe_gpu,
                                     reset_peak_memory, smaller)
 from trial_worker.formats import rung_steps, sft_config
-from trial_worker.graphs import StepGraphs, graphs_wanted, lm_head_not_plain, token_nll, varlen_inputs
+from trial_worker.graphs import StepGraphs, causal_lm_parts, graphs_wanted, lm_head_not_plain, token_nll, varlen_inputs
 from trial_worker.model import load_model, use_cpu
 
 Report = Callable[[dict, str], None]
@@ -337,7 +337,7 @@ def _lean_trainer_class():
                                             num_items_in_batch=num_items_in_batch)
             mask = inputs.get("attention_mask")
             if getattr(self, "_sweep_plain_head", False):
-                inputs = varlen_inputs(inputs)
+                inputs = varlen_inputs(inputs, causal_lm_parts(model)[0])
                 graphs = getattr(self, "_sweep_graphs", None)
                 loss = graphs.run(inputs, num_items_in_batch) if graphs is not None else None
                 if loss is None:

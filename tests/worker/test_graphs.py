@@ -173,3 +173,21 @@ def test_a_softcapped_lm_head_falls_back_to_trls_loss_and_is_refused_by_packs(tm
         trial.cleanup()
     with pytest.raises(ValueError, match="final_logit_softcapping=3.0.*resources.packing: off"):
         PackEngine(gemma_job, output_dir=str(tmp_path / "pack"))
+
+
+@pytest.mark.parametrize("attn", [None, "sdpa", "eager"])
+def test_only_our_varlen_attention_gets_the_placeholder_mask(make_job, attn):
+    """The 4-D placeholder mask means "the varlen kernel keeps rows apart": any other attention would read it as
+    "attend to everything" (bidirectional, across rows). "sdpa" in a spec is ours (sdpa + the varlen kernel)."""
+    from trial_worker.model import FLAT_ATTENTION
+
+    job = make_job(model={"attn_implementation": attn})
+    _, model = load_model(job.model, job.training)
+    backbone = graphs.causal_lm_parts(model)[0]
+    assert graphs.runs_varlen(backbone) == (attn != "eager")
+    assert (backbone.config._attn_implementation == FLAT_ATTENTION) == (attn != "eager")
+    if torch.cuda.is_available():
+        tok_ids = [[5, 6, 7, 8], [9, 10, 11]]
+        batch = {k: v.cuda() if hasattr(v, "cuda") else v
+                 for k, v in FlatCollator(0)([{"input_ids": r} for r in tok_ids]).items()}
+        assert ("attention_mask" in graphs.varlen_inputs(batch, backbone)) == (attn != "eager")

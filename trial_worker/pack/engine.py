@@ -222,10 +222,10 @@ class PackEngine:
                 raise ValueError(f"none of the {before} {name} rows has a response token within max_seq_length={L}; "
                                  "raise data.max_seq_length")
         self.val_groups = pack_rows(self.val_seqs, EVAL_TOKENS)  # validation sequences, a forward's worth each
-        from trial_worker.model import _varlen_kernel
+        from trial_worker.graphs import runs_varlen
 
         # Padding-free batches where the varlen kernel keeps sequences apart; else one row per trial (pack.batch).
-        self.flat = not self.cpu and _varlen_kernel() is not None
+        self.flat = not self.cpu and runs_varlen(self.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.output_dir = Path(output_dir)
         self.max_trials = max_trials or (CPU_MAX_TRIALS if self.cpu else 64)
@@ -346,7 +346,7 @@ class PackEngine:
         inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
         if self.flat:
             inputs = varlen_inputs({**inputs, "cu_seq_lens_q": batch.cu_seq_lens, "cu_seq_lens_k": batch.cu_seq_lens,
-                                    "max_length_q": batch.max_length, "max_length_k": batch.max_length})
+                                    "max_length_q": batch.max_length, "max_length_k": batch.max_length}, self.model)
         hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
         # Every position through the LM head in chunks, no boolean indexing: no host sync mid-step.
         nll = per_token_nll(hidden.reshape(-1, hidden.shape[-1]), self.model.get_output_embeddings().weight,
