@@ -274,6 +274,9 @@ class StepGraphs:
         static = {k: batch[k].clone() for k in self.STATIC}
         n = torch.as_tensor(n_items, dtype=torch.float32).to(static["input_ids"].device).clone()
         graph = torch.cuda.CUDAGraph()
+        # The blocks the eager micro-steps left cached go back to the device first, so the graph's own pool can
+        # reuse that memory instead of adding to it (as `torch.cuda.graph` does; one sync per capture).
+        torch.cuda.empty_cache()
         self.stream.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(self.stream):
