@@ -265,17 +265,24 @@ def end_orphans(run_dir: "Path | str", *, grace_s: float = 5.0) -> list[int]:
     import signal
     import time
 
-    found = [pid for pid in _processes_of_this_user() if _orphan_of(pid, run_dir)]
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
-        for pid in found:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.time() + wait
-        while time.time() < deadline and any(_exists(p) for p in found):
-            time.sleep(0.1)
-    return found
+    ended: list[int] = []
+    # Looked for again after each round: a raylet given SIGTERM restarts the agents it sees die while it shuts
+    # down, and those new agents (the same environment) were not in the first list.
+    for _ in range(3):
+        found = [pid for pid in _processes_of_this_user() if _orphan_of(pid, run_dir) and pid not in ended]
+        if not found:
+            break
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+            for pid in found:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.time() + wait
+            while time.time() < deadline and any(_exists(p) for p in found):
+                time.sleep(0.1)
+        ended += found
+    return ended
 
 
 def _processes_of_this_user() -> list[int]:
