@@ -137,6 +137,10 @@ def run_sweep(
                                                     run_dir=run_dir, again=again)) from None
     finally:
         ray.shutdown()
+        if not address:
+            # Ray's dashboard and runtime-env agents can outlive `ray.shutdown()` for many seconds (they wait to
+            # notice their raylet is gone): this controller's local Ray ends with it.
+            end_orphans(run_dir, grace_s=2.0, own=True)
 
     return _summary(study, study_name, storage_url, errors=errors, rows=rows)
 

@@ -255,10 +255,11 @@ def mark_ray_owner(run_dir: "Path | str") -> None:
     os.environ[OWNER_ENV] = f"{os.getpid()}:{run_dir}"
 
 
-def end_orphans(run_dir: "Path | str", *, grace_s: float = 5.0) -> list[int]:
+def end_orphans(run_dir: "Path | str", *, grace_s: float = 5.0, own: bool = False) -> list[int]:
     """End the local Ray processes (raylet, GCS, dashboard and runtime-env agents, workers) that a killed
     controller of `run_dir` left running: this user's processes whose environment names `run_dir` and a
-    controller that no longer exists. SIGTERM, then SIGKILL after `grace_s`. Returns their pids.
+    controller that no longer exists (`own`: or this very process, after its `ray.shutdown()`). SIGTERM, then
+    SIGKILL after `grace_s`. Returns their pids.
 
     Ray's agents outlive a `kill -9` of the driver by minutes; nothing else ends them (Linux: read from /proc).
     """
@@ -269,7 +270,7 @@ def end_orphans(run_dir: "Path | str", *, grace_s: float = 5.0) -> list[int]:
     # Looked for again after each round: a raylet given SIGTERM restarts the agents it sees die while it shuts
     # down, and those new agents (the same environment) were not in the first list.
     for _ in range(3):
-        found = [pid for pid in _processes_of_this_user() if _orphan_of(pid, run_dir) and pid not in ended]
+        found = [pid for pid in _processes_of_this_user() if _orphan_of(pid, run_dir, own=own) and pid not in ended]
         if not found:
             break
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
@@ -301,7 +302,7 @@ def _processes_of_this_user() -> list[int]:
     return out
 
 
-def _orphan_of(pid: int, run_dir: "Path | str") -> bool:
+def _orphan_of(pid: int, run_dir: "Path | str", *, own: bool = False) -> bool:
     prefix = f"{OWNER_ENV}=".encode()
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -311,7 +312,9 @@ def _orphan_of(pid: int, run_dir: "Path | str") -> bool:
     if owner is None:
         return False
     controller, _, folder = owner.partition(":")
-    return folder == str(run_dir) and controller.isdigit() and not _exists(int(controller))
+    if folder != str(run_dir) or not controller.isdigit():
+        return False
+    return (own and int(controller) == os.getpid()) or not _exists(int(controller))
 
 
 def _exists(pid: int) -> bool:
