@@ -18,8 +18,8 @@ from typing import Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from sweep._compat.ray import ray_temp_dir as _ray_temp_dir  # noqa: F401  (the fault tests find Ray's folders by it)
-from sweep.resume import (UNFINISHED_REASON, ResumeRefused, check_resumable, end_orphans, fail_lost_trials,
-                          mark_ray_owner, record_controller)
+from sweep.resume import (UNFINISHED_REASON, ResumeRefused, check_resumable, end_orphans, end_processes, fail_lost_trials,
+                          mark_ray_owner, own_ray, record_controller)
 from sweep.spec import SweepSpec, default_storage, is_uri, public_dict, resolve_paths, run_storage, spec_hash
 from sweep.stops import (DiskFullStop, QuietStops, StudyStorageLost, disk_full_message, resume_command,
                          storage_failure, storage_lost_message)
@@ -136,11 +136,12 @@ def run_sweep(
         raise StudyStorageLost(storage_lost_message(failure, study_name=study_name, storage_url=storage_url,
                                                     run_dir=run_dir, again=again)) from None
     finally:
+        # Ray's dashboard and runtime-env agents can outlive `ray.shutdown()` for many seconds (they wait to notice
+        # their raylet is gone): what this controller's local Ray started ends with it.
+        ours = own_ray(run_dir) if not address else []
         ray.shutdown()
-        if not address:
-            # Ray's dashboard and runtime-env agents can outlive `ray.shutdown()` for many seconds (they wait to
-            # notice their raylet is gone): this controller's local Ray ends with it.
-            end_orphans(run_dir, grace_s=2.0, own=True)
+        if ours:
+            end_processes(ours, grace_s=2.0)
 
     return _summary(study, study_name, storage_url, errors=errors, rows=rows)
 

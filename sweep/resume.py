@@ -255,35 +255,67 @@ def mark_ray_owner(run_dir: "Path | str") -> None:
     os.environ[OWNER_ENV] = f"{os.getpid()}:{run_dir}"
 
 
-def end_orphans(run_dir: "Path | str", *, grace_s: float = 5.0, own: bool = False) -> list[int]:
+def end_orphans(run_dir: "Path | str", *, grace_s: float = 5.0) -> list[int]:
     """End the local Ray processes (raylet, GCS, dashboard and runtime-env agents, workers) that a killed
     controller of `run_dir` left running: this user's processes whose environment names `run_dir` and a
-    controller that no longer exists (`own`: or this very process, after its `ray.shutdown()`). SIGTERM, then
-    SIGKILL after `grace_s`. Returns their pids.
+    controller that no longer exists, with every process they started. SIGTERM,
+    then SIGKILL after `grace_s`. Returns their pids.
 
     Ray's agents outlive a `kill -9` of the driver by minutes; nothing else ends them (Linux: read from /proc).
+    They do not always carry the environment mark (Ray starts them with an environment of its own at times), so
+    the children of the marked processes go too.
     """
+    ended: list[int] = []
+    # Looked for again after each round: a raylet under SIGTERM may start agents again while it shuts down.
+    for _ in range(3):
+        marked = [pid for pid in _processes_of_this_user() if _orphan_of(pid, run_dir)]
+        found = [pid for pid in _with_descendants(marked) if pid not in ended]
+        if not found:
+            break
+        end_processes(found, grace_s=grace_s)
+        ended += found
+    return ended
+
+
+def own_ray(run_dir: "Path | str") -> list[int]:
+    """The processes of this controller's local Ray for `run_dir` (marked with this process), and all below them."""
+    me = (os.getpid(), str(run_dir))
+    return _with_descendants([pid for pid in _processes_of_this_user() if _owner(pid) == me])
+
+
+def end_processes(pids: list[int], *, grace_s: float) -> None:
+    """SIGTERM `pids`, then SIGKILL those left after `grace_s`."""
     import signal
     import time
 
-    ended: list[int] = []
-    # Looked for again after each round: a raylet given SIGTERM restarts the agents it sees die while it shuts
-    # down, and those new agents (the same environment) were not in the first list.
-    for _ in range(3):
-        found = [pid for pid in _processes_of_this_user() if _orphan_of(pid, run_dir, own=own) and pid not in ended]
-        if not found:
-            break
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
-            for pid in found:
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        for pid in pids:
+            if _exists(pid):
                 try:
                     os.kill(pid, sig)
                 except (ProcessLookupError, PermissionError):
                     pass
-            deadline = time.time() + wait
-            while time.time() < deadline and any(_exists(p) for p in found):
-                time.sleep(0.1)
-        ended += found
-    return ended
+        deadline = time.time() + wait
+        while time.time() < deadline and any(_exists(p) for p in pids):
+            time.sleep(0.1)
+
+
+def _with_descendants(pids: list[int]) -> list[int]:
+    """`pids` and every process below them (Linux: parents read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for pid in _processes_of_this_user():
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(pid)
+    out, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.append(pid)
+            todo += children.get(pid, [])
+    return out
 
 
 def _processes_of_this_user() -> list[int]:
@@ -302,19 +334,21 @@ def _processes_of_this_user() -> list[int]:
     return out
 
 
-def _orphan_of(pid: int, run_dir: "Path | str", *, own: bool = False) -> bool:
+def _owner(pid: int) -> Optional[tuple[int, str]]:
+    """(controller pid, run folder) from process `pid`'s `OWNER_ENV` mark, or None."""
     prefix = f"{OWNER_ENV}=".encode()
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
-        return False
+        return None
     owner = next((e[len(prefix):].decode(errors="replace") for e in env if e.startswith(prefix)), None)
-    if owner is None:
-        return False
-    controller, _, folder = owner.partition(":")
-    if folder != str(run_dir) or not controller.isdigit():
-        return False
-    return (own and int(controller) == os.getpid()) or not _exists(int(controller))
+    controller, _, folder = (owner or "").partition(":")
+    return (int(controller), folder) if controller.isdigit() else None
+
+
+def _orphan_of(pid: int, run_dir: "Path | str") -> bool:
+    owner = _owner(pid)
+    return owner is not None and owner[1] == str(run_dir) and not _exists(owner[0])
 
 
 def _exists(pid: int) -> bool:

@@ -11,7 +11,7 @@ What is captured, per micro-batch shape: the model's forward over a padding-free
 parameters (`torch.autograd.grad`) into static buffers. What stays eager: the optimizer step,
 gradient clipping, the LR schedule, logging, checkpoints and evaluation. The graph's gradients
 reach the parameters through the backward of the loss tensor `StepGraphs.run` returns
-(`_GraphGrads`), multiplied by whatever gradient the Trainer's backward sends in, so the
+(`GraphGrads`), multiplied by whatever gradient the Trainer's backward sends in, so the
 Trainer's own loss scaling and gradient accumulation apply exactly as for an eager step.
 
 Shapes: a graph is keyed by the micro-batch's token count, which the collator rounds up to a
@@ -22,8 +22,10 @@ it). All graphs share one memory pool: each graph's intermediates are dead when 
 graphs never run concurrently.
 
 Left eager (and so no graphs): the CPU, gradient checkpointing (its recomputation saves and
-restores RNG state, which a capture cannot), a trainable LM head, TRL's own packing, and
-anything `capture` fails on (the trial then runs eagerly, and says so once on stderr).
+restores RNG state, which a capture cannot), an LM head that is more than hidden @ W^T or is
+trained (`lm_head_not_plain`: TRL's fused head then), an attention other than ours
+(`runs_varlen`), TRL's own packing, and anything `capture` fails on (the trial then runs
+eagerly, and says so once on stderr).
 """
 
 from __future__ import annotations
