@@ -269,12 +269,35 @@ def end_orphans(run_dir: "Path | str", *, grace_s: float = 5.0) -> list[int]:
     # Looked for again after each round: a raylet under SIGTERM may start agents again while it shuts down.
     for _ in range(3):
         marked = [pid for pid in _processes_of_this_user() if _orphan_of(pid, run_dir)]
-        found = [pid for pid in _with_descendants(marked) if pid not in ended]
+        found = [pid for pid in _with_descendants(marked) + _stray_agents() if pid not in ended]
         if not found:
             break
         end_processes(found, grace_s=grace_s)
         ended += found
     return ended
+
+
+RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
+
+
+def _stray_agents() -> list[int]:
+    """This user's Ray agents whose raylet is gone (their parent is no raylet any more): leaks of a Ray that
+    was killed, which do not always carry the mark `_orphan_of` reads and can outlive it by minutes."""
+    out = []
+    for pid in _processes_of_this_user():
+        try:
+            if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(RAY_AGENTS):
+                continue
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        try:
+            under_raylet = b"raylet" in Path(f"/proc/{parent}/cmdline").read_bytes()
+        except OSError:
+            under_raylet = False
+        if not under_raylet:
+            out.append(pid)
+    return out
 
 
 def own_ray(run_dir: "Path | str") -> list[int]:
