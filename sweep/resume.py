@@ -288,8 +288,10 @@ def _stray_agents() -> list[int]:
         try:
             if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(RAY_AGENTS):
                 continue
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+        except OSError:
+            continue
+        parent = _parent(pid)
+        if parent is None:
             continue
         try:
             under_raylet = b"raylet" in Path(f"/proc/{parent}/cmdline").read_bytes()
@@ -327,11 +329,9 @@ def _with_descendants(pids: list[int]) -> list[int]:
     """`pids` and every process below them (Linux: parents read from /proc)."""
     children: dict[int, list[int]] = {}
     for pid in _processes_of_this_user():
-        try:
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(pid)
+        parent = _parent(pid)
+        if parent is not None:
+            children.setdefault(parent, []).append(pid)
     out, todo = [], list(pids)
     while todo:
         pid = todo.pop()
@@ -339,6 +339,14 @@ def _with_descendants(pids: list[int]) -> list[int]:
             out.append(pid)
             todo += children.get(pid, [])
     return out
+
+
+def _parent(pid: int) -> Optional[int]:
+    """Process `pid`'s parent (Linux: /proc), or None if it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _processes_of_this_user() -> list[int]:
