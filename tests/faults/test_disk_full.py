@@ -15,6 +15,7 @@ disk-full reason could not be recorded in a database on the full disk anyway.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -48,11 +49,22 @@ def _free(directory: Path) -> int:
 
 def _fill(directory: Path, leave: int) -> Path:
     """A ballast file taking every free byte of the filesystem of `directory` but `leave` (less than a checkpoint:
-    the next checkpoint fills the disk while it is being written, as on a real disk filling up)."""
+    the next checkpoint fills the disk while it is being written, as on a real disk filling up).
+
+    The sweep keeps writing meanwhile (another trial's checkpoint may land between reading the free space and
+    taking it), so the ballast grows in steps, re-reading the free space after each, until at most `leave` is free."""
     ballast = directory / "ballast"
     fd = os.open(ballast, os.O_CREAT | os.O_WRONLY, 0o600)
     try:
-        os.posix_fallocate(fd, 0, _free(directory) - leave)
+        for _ in range(100):
+            want = _free(directory) - leave
+            if want <= 0:
+                break
+            try:
+                os.posix_fallocate(fd, os.fstat(fd).st_size, want)
+            except OSError as e:  # the sweep took some of it first: read the free space again
+                if e.errno != errno.ENOSPC:
+                    raise
     finally:
         os.close(fd)
     return ballast
@@ -100,7 +112,7 @@ def test_a_full_disk_fails_the_trial_clearly_stops_the_sweep_and_resume_finishes
             checkpoint_bytes = min(_size(c) for c in run_dir.glob("*/checkpoint_*"))
             ballast = _fill(runs, leave=checkpoint_bytes // 2)
             free_after_fill = _free(runs)
-            assert 0 < free_after_fill < checkpoint_bytes, (free_after_fill, checkpoint_bytes)
+            assert free_after_fill < checkpoint_bytes, (free_after_fill, checkpoint_bytes)
             run.proc.wait(300)
         finally:
             returncode = run.finish()  # and kills whatever of Ray is left
