@@ -1,6 +1,7 @@
 """Resume at any moment (#11 item 2): one sweep's controller is killed (`kill -9` of the `sweep run`/`sweep
 resume` process) at 20+ moments spread over its life, each kill followed by `sweep resume SPEC`, which is
-killed in turn at the next moment; the last resume finishes the sweep.
+killed in turn at the next moment; the last resume finishes the sweep. The same again with packed trials
+(`resources.packing: on`: a pack server trains the trials) at 11 of those moments.
 
 The moments are found by watching the CLI's own lines (Ray starting, the base evaluation, a trial started, a
 rung reported, a trial finished, the leaderboard), the run folder (a checkpoint folder appearing: killed while
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 
 from sweep_helpers import LiveCli, kill_processes_with_env, processes_with_env, small_spec, sweep_cli, sweep_env
 
@@ -123,11 +125,19 @@ def _wait_and_kill(cli: LiveCli, how: tuple, run_dir: Path, db: Path, t0: float,
     return caught or "time out"
 
 
-def test_a_sweep_killed_at_any_moment_resumes_with_nothing_lost_or_trained_twice(tmp_path, assets, fault_row):
+# Packed trials (`resources.packing: on`): the same sweep with its trials trained by a pack server (a Ray actor
+# the controller owns, killed with it), at the moments where a pack holds trials, fewer of them (CI time).
+PACKED_POINTS = [POINTS[i] for i in (1, 4, 5, 6, 7, 9, 12, 13, 14, 18, 21)]
+
+
+@pytest.mark.parametrize("packing", ["off", "on"])
+def test_a_sweep_killed_at_any_moment_resumes_with_nothing_lost_or_trained_twice(tmp_path, assets, fault_row, packing):
+    points, min_kills = (POINTS, 20) if packing == "off" else (PACKED_POINTS, 9)
     spec = small_spec(tmp_path, assets, name="anywhere", rungs=RUNGS, params={},
                       search={"sampler": "random", "seed": 1, "num_trials": NUM_TRIALS, "params": {
                           "learning_rate": {"type": "loguniform", "low": 1e-3, "high": 3e-2},
-                          "lora_r": {"type": "choice", "values": [2, 4, 8]}}})
+                          "lora_r": {"type": "choice", "values": [2, 4, 8]}}},
+                      resources={"gpus_per_trial": 0, "cpus_per_trial": 1, "max_concurrent_trials": 2, "packing": packing})
     env = sweep_env(tmp_path)
     marker = f"SWEEP_HOME={env['SWEEP_HOME']}\0".encode()
     db, run_dir = tmp_path / "anywhere.db", tmp_path / "runs" / "anywhere"
@@ -135,7 +145,7 @@ def test_a_sweep_killed_at_any_moment_resumes_with_nothing_lost_or_trained_twice
     t_start = time.perf_counter()
     table, finished_at_kill, rows_at_kill, status_said = [], {}, {}, ""
     try:
-        for i, (what, how) in enumerate(POINTS):
+        for i, (what, how) in enumerate(points):
             t0 = time.time()
             cli = LiveCli("run" if i == 0 else "resume", spec, cwd=tmp_path, env=env)
             caught = _wait_and_kill(cli, how, run_dir, db, t0)
@@ -182,7 +192,7 @@ def test_a_sweep_killed_at_any_moment_resumes_with_nothing_lost_or_trained_twice
 
     after = _snapshot(storage)
     kills = sum(1 for _, o, _ in table if o.startswith("killed"))
-    assert kills >= 20, table
+    assert kills >= min_kills, table
     assert len(after) == NUM_TRIALS, (after, table)
     assert not [n for n, t in after.items() if t["state"] == "RUNNING"], after
     for n, t in finished_at_kill.items():  # finished before a kill: exactly as recorded then
@@ -192,7 +202,7 @@ def test_a_sweep_killed_at_any_moment_resumes_with_nothing_lost_or_trained_twice
     assert not trained_again, trained_again  # no report (rung trained) of a finished trial after its end
     params = [tuple(sorted(t["params"].items())) for t in after.values()]
     assert len(set(params)) == len(params), params  # never the same params twice (the space is continuous)
-    fault_row(fault="controller killed at any moment, resumed each time",
+    fault_row(fault="controller killed at any moment, resumed each time" + (", packed trials" if packing == "on" else ""),
               injected=f"`kill -9` of the controller at {kills} moments chained over one sweep ({NUM_TRIALS} trials, 2 at "
                        "once): " + "; ".join(f"{w} ({o.split(';')[0]})" for w, o, _ in table[:-1]),
               lost=f"0: last resume exit 0, {NUM_TRIALS} trials, none RUNNING, {len(finished_at_kill)} finished before a "
