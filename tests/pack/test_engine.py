@@ -193,6 +193,54 @@ def test_the_pack_scores_validation_as_the_solo_worker_does(engine, jobs):
     assert math.isclose(packed["val_loss"], alone["val_loss"], rel_tol=1e-5)
 
 
+def _rows(fmt: str, n: int, rng) -> list[dict]:
+    """`n` raw rows of `fmt`, written here (not by the demo's task generator): multi-turn chats with a system
+    turn, instructions with and without input, plain text and text with an instruction marker."""
+    words = "apple banana cherry delta echo fox golf hotel india juliet kilo lima mike".split()
+
+    def say(k: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(k))
+
+    out = []
+    for i in range(n):
+        if fmt == "sharegpt":
+            conv = [{"from": "system", "value": say(3)}]
+            for _ in range(rng.randint(1, 3)):
+                conv += [{"from": "human", "value": say(rng.randint(2, 6))}, {"from": "gpt", "value": say(rng.randint(2, 8))}]
+            out.append({"conversations": conv})
+        elif fmt == "messages":
+            turns = [[{"role": "user", "content": say(4)}, {"role": "assistant", "content": say(5)}]
+                     for _ in range(rng.randint(2, 3))]
+            out.append({"messages": [m for t in turns for m in t]})
+        elif fmt == "instruction":
+            out.append({"instruction": say(4), "input": say(2) if i % 2 else "", "output": say(6)})
+        elif fmt == "text":
+            out.append({"text": say(rng.randint(5, 30)) if i % 2 else f"[INST] {say(4)} [/INST] {say(6)}"})
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "messages", "instruction", "text"])
+def test_the_pack_tokenizes_every_format_as_the_solo_worker_does(jobs, tmp_path, fmt):
+    # Multi-turn chats: every assistant turn is a target in both (not only the last one), rows cut at
+    # max_seq_length the same way; the base model's validation loss and token count agree.
+    import json
+    import random
+
+    from trial_worker.pack.engine import PackEngine
+    from trial_worker.recipe import evaluate_base
+
+    rng = random.Random(fmt)
+    for split, n in (("train", 16), ("validation", 12)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in _rows(fmt, n, rng))
+    data = jobs["a"].model_dump()
+    data["data"].update(path=str(tmp_path), max_seq_length=96)
+    job = JobConfig.model_validate(data)
+    alone, packed = evaluate_base(job), PackEngine(job, output_dir=str(tmp_path / "out")).evaluate(None)
+    assert packed["tokens"] == alone["tokens"] > 0
+    assert math.isclose(packed["val_loss"], alone["val_loss"], rel_tol=1e-5)
+
+
 @pytest.mark.gpu
 def test_packed_equals_alone_on_a_gpu_in_bf16(jobs, tmp_path):
     """On a GPU (bf16 compute, bitsandbytes' CUDA 4-bit path, each trial's effective batch in one pack step):

@@ -2,8 +2,8 @@
 
 A row is (input ids, targets): `targets[t]` is the token that position t must predict when that token is part
 of the response, else -100 (the prompt is masked, as TRL's `completion_only_loss` does). The tokenisation is
-TRL's for prompt-completion rows: the prompt rendered with the chat template and a generation prompt, the
-whole conversation rendered, the response starting where the two diverge.
+the solo worker's: chat rows as `data.tokenize_chats` tokenized them (every assistant turn a target), text
+rows as TRL tokenizes prompt-completion strings.
 
 A pack step's batch is padding-free, as the solo worker's (`data.FlatCollator`): every trial's sequences
 concatenated into one sequence, each trial's contiguous, positions restarting at 0 for each sequence, and the
@@ -42,20 +42,26 @@ def _prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def tokenize_row(row: dict, tokenizer, max_length: int) -> Optional[Seq]:
-    """One prompt-completion row as a `Seq` of at most `max_length` tokens (None: no response token left)."""
-    prompt, completion = row["prompt"], row["completion"]
-    if isinstance(prompt, list):  # conversational
-        p_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
+    """One row as a `Seq` of at most `max_length` tokens (None: no response token left).
+
+    Chat rows arrive tokenized by `data.tokenize_chats` (`input_ids`, and `completion_mask`: 1 on every assistant
+    turn), the solo worker's rows too: the same tokens and targets. Text rows (prompt-completion strings) are
+    tokenized here as TRL tokenizes them for the solo worker: prompt, then prompt + completion + EOS, the
+    response starting where the two diverge."""
+    if row.get("completion_mask") is not None:
+        ids, mask = list(row["input_ids"])[:max_length], list(row["completion_mask"])[:max_length]
+        targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])] + [IGNORE_INDEX]
     else:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, list):
+            raise ValueError("a chat row reached the pack untokenized: load it with data.load_splits(..., tokenizer=)")
         p_ids = tokenizer(prompt)["input_ids"]
         text = prompt + completion
         if tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
             text += tokenizer.eos_token
-        ids = tokenizer(text)["input_ids"]
-    start = _prefix(p_ids, ids)
-    ids = list(ids)[:max_length]
-    targets = [t if i + 1 >= start else IGNORE_INDEX for i, t in enumerate(ids[1:])] + [IGNORE_INDEX]
+        ids = list(tokenizer(text)["input_ids"])[:max_length]
+        start = _prefix(p_ids, ids)
+        targets = [t if i + 1 >= start else IGNORE_INDEX for i, t in enumerate(ids[1:])] + [IGNORE_INDEX]
     seq = Seq(tuple(ids), tuple(targets))
     return seq if seq.n_targets else None
 
