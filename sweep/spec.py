@@ -295,6 +295,17 @@ def check_rules(spec: SweepSpec) -> list[Problem]:
     if cap is not None and 0 < share < 1 and cap > share:
         problems.append(Problem("training.gpu_memory_fraction", f"trials share a GPU (resources.gpus_per_trial: {share:g}), so each may "
                                 f"cap its memory at {share:g} at most (leave it unset for exactly that)", cap))
+    if spec.resources.packing == "on":
+        from trial_worker.entry import unpackable
+
+        search = spec.search.model_dump()["params"] if spec.search else None
+        for field, value, why in unpackable(job.model_dump(mode="json"), search):
+            problems.append(Problem(field, f"resources.packing is on, and {why}: packed trials would not train this "
+                                    "setting as written; change it, or set resources.packing: off", value))
+        if spec.resources.gpus_per_trial > 1:
+            problems.append(Problem("resources.gpus_per_trial", "resources.packing is on: a pack trains on one GPU, so a "
+                                    "trial needs at most 1; set resources.packing: off for trials on several GPUs",
+                                    spec.resources.gpus_per_trial))
     q = job.model.quantization
     if job.training.bf16 and q.load_in_4bit and q.bnb_4bit_compute_dtype == "float16":
         problems.append(Problem("model.quantization.bnb_4bit_compute_dtype", "training.bf16 is true: use bfloat16 compute (or fp16 training)", "float16"))

@@ -36,6 +36,7 @@ __all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_j
     "GGUFExportError": "trial_worker.gguf_export",
     "check_job": "trial_worker.check_inputs",
     "trial_plan": "trial_worker.pack.tune",  # packed or one-trial-per-process: the controller's one choice
+    "unpackable": "trial_worker.pack",  # what packed trials would not train as written (sweep validate)
 })]
 
 

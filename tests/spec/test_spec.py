@@ -84,6 +84,14 @@ def test_rungs_follow_the_ladder():
         ("search: {sampler: annealing, params: {learning_rate: {type: choice, values: [1]}}}", "search.sampler", "'tpe', 'random' or 'grid'"),
         ("storage: 'http://x'", "storage", "SQLAlchemy URL"),
         ("resources: {gpus_per_trial: 1.5}", "resources.gpus_per_trial", "whole number"),
+        # settings a pack would not train as written, with packed trials asked for
+        ("resources: {packing: 'on'}\ndata: {path: d, packing: true}", "data.packing", "TRL's sequence packing"),
+        ("resources: {packing: 'on'}\nmodel: {name_or_path: m, lora: {bias: all}}", "model.lora.bias", "not the base's biases"),
+        ("resources: {packing: 'on'}\ntraining: {fp16: true, bf16: false}\nmodel: {name_or_path: m, quantization: "
+         "{bnb_4bit_compute_dtype: float16}}", "training.fp16", "without fp16 loss scaling"),
+        ("resources: {packing: 'on'}\nsearch: {params: {packing: {type: choice, values: [false, true]}}}",
+         "search.params.packing", "resources.packing: off"),
+        ("resources: {packing: 'on', gpus_per_trial: 2}", "resources.gpus_per_trial", "a pack trains on one GPU"),
     ],
 )
 def test_each_rule_names_the_field(extra, field, words):
@@ -92,6 +100,11 @@ def test_each_rule_names_the_field(extra, field, words):
     msg = str(exc.value)
     assert f" {field}" in msg, msg
     assert words in msg, msg
+
+
+def test_packs_take_every_setting_they_train_as_written():
+    spec_with("resources: {packing: 'on'}\ndata: {path: d, packing: false}\nmodel: {name_or_path: m, lora: {bias: none}}")
+    spec_with("resources: {packing: 'off', gpus_per_trial: 2}\ndata: {path: d, packing: true}")  # one trial per process
 
 
 def test_every_problem_is_reported_at_once(tmp_path):

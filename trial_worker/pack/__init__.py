@@ -15,3 +15,36 @@ dispatcher that builds one batch from several trials' micro-batches are separate
             runs the engine in a thread; `tune` the Tune trainable that hands a trial's work to a pack server and
             relays its reports and checkpoints.
 """
+
+from typing import Any, Optional
+
+# Settings a pack would not train as written (a pack has no sequence packing, no trained biases, no fp16 loss
+# scaling, its own data order): field -> (the setting packs take, why not the others). Checked with
+# `resources.packing: on` (sweep validate) and by `packing: auto`, which then runs one trial per process.
+_AS_PACKS_TRAIN = {
+    "data.packing": (False, "TRL's sequence packing (rows concatenated to max_seq_length) is not how a pack batches rows"),
+    "model.lora.bias": ("none", "a pack trains LoRA adapters only, not the base's biases"),
+    "training.fp16": (False, "a pack trains in the base's compute dtype without fp16 loss scaling (use bf16)"),
+    "training.group_by_length": (False, "a pack draws each trial's rows in its own seeded order, not grouped by length"),
+}
+_SEARCH_NAMES = {"packing": "data.packing", "group_by_length": "training.group_by_length", "fp16": "training.fp16"}
+
+
+def unpackable(job: dict, search_params: Optional[dict] = None) -> list[tuple[str, Any, str]]:
+    """What packed trials could not train as written: [(field, value, why)], from the job (a `JobConfig` as a
+    dict) and the values a search may give it (`search.params` as a dict); [] when a pack can train every trial."""
+    out = []
+    for field, (ok, why) in _AS_PACKS_TRAIN.items():
+        node: Any = job
+        for part in field.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and node != ok:
+            out.append((field, node, why))
+    for name, p in (search_params or {}).items():
+        if name not in _SEARCH_NAMES:
+            continue
+        ok, why = _AS_PACKS_TRAIN[_SEARCH_NAMES[name]]
+        bad = [v for v in (p.get("values", []) if isinstance(p, dict) else []) if v != ok]
+        if bad:
+            out.append((f"search.params.{name}", bad[0], why))
+    return out

@@ -278,6 +278,10 @@ class PackEngine:
 
         from trial_worker.formats import sft_config
 
+        from trial_worker.pack import unpackable
+
+        for field, value, why in unpackable(job.model_dump(mode="json")):
+            raise ValueError(f"packed trials cannot train {field}={value!r}: {why}; set resources.packing: off")
         if pack_key(job) != self.key:
             raise ValueError(f"trial {trial_id} does not share this pack's base model, data and precision")
         if trial_id in self.trials:

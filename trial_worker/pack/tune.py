@@ -37,29 +37,32 @@ class TrialPlan:
 AUTO_PACKS = False
 
 
-def packing_applies(resources: dict, job: dict, gpus_in_cluster: float) -> bool:
+def packing_applies(resources: dict, job: dict, gpus_in_cluster: float, search_params: Optional[dict] = None) -> bool:
     """`resources.packing`: on, off, or auto (with `AUTO_PACKS`: on where there are GPUs, a trial fits one GPU,
-    and the job does not ask to run exactly as written)."""
+    the job does not ask to run exactly as written, and a pack trains every trial's settings as written)."""
+    from trial_worker.pack import unpackable
+
     mode = resources.get("packing", "auto")
     if mode in ("on", "off"):
         return mode == "on"
     return (AUTO_PACKS and gpus_in_cluster > 0 and 0 < resources["gpus_per_trial"] <= 1
-            and job["training"].get("execution", "auto") != "as_written")
+            and job["training"].get("execution", "auto") != "as_written" and not unpackable(job, search_params))
 
 
-def trial_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialPlan:
-    """The sweep's `TrialPlan` (call after `ray.init`): packed or one trial per process, per `resources.packing`.
+def trial_plan(job: dict, *, resources: dict, run_dir: str, name: str, search_params: Optional[dict] = None) -> TrialPlan:
+    """The sweep's `TrialPlan` (call after `ray.init`): packed or one trial per process, per `resources.packing`
+    (`search_params`: the values trials may take, which `packing: auto` checks too).
     The same run asking again (same name, same Ray session) gets the same plan and pack servers."""
     import ray
 
     key = (name, ray.get_runtime_context().get_job_id())
     if key not in _PLANS:
         _PLANS.clear()  # plans of an earlier Ray session: their packs went with it
-        _PLANS[key] = _new_plan(job, resources=resources, run_dir=run_dir, name=name)
+        _PLANS[key] = _new_plan(job, resources=resources, run_dir=run_dir, name=name, search_params=search_params)
     return _PLANS[key]
 
 
-def _new_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialPlan:
+def _new_plan(job: dict, *, resources: dict, run_dir: str, name: str, search_params: Optional[dict] = None) -> TrialPlan:
     import ray
     from ray import tune
 
@@ -67,7 +70,7 @@ def _new_plan(job: dict, *, resources: dict, run_dir: str, name: str) -> TrialPl
 
     cpus, gpus = resources["cpus_per_trial"], resources["gpus_per_trial"]
     in_cluster = ray.cluster_resources().get("GPU", 0)
-    if not packing_applies(resources, job, in_cluster):
+    if not packing_applies(resources, job, in_cluster, search_params):
         def solo_base(j) -> dict:
             return ray.get(ray.remote(evaluate_base).options(num_cpus=cpus, num_gpus=gpus).remote(j))
 
