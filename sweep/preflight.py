@@ -52,8 +52,9 @@ def preflight(spec: SweepSpec, spec_path: Union[str, os.PathLike], *, storage_ur
                                                 ("data", job.data.path, job.data.generate))
                    if gen and not Path(path).exists()]
         if pending:
-            return [f"{spec_path}: note: the generated {' and '.join(pending)} are not written yet (`sweep run` "
-                    "writes them), so they are not checked"]
+            verb, them = ("are", "them") if len(pending) > 1 else ("is", "it")
+            return [f"{spec_path}: note: the generated {' and '.join(pending)} {verb} not written yet (`sweep run` "
+                    f"writes {them}), so {'they are' if len(pending) > 1 else 'it is'} not checked"]
     found = check_job(job, hub=hub and not local_only)
     problems = [Problem(f.field, f.message, _shown(spec, f.field, f.value)) for f in found.problems]
     if not local_only:
