@@ -355,3 +355,37 @@ def test_a_rung_whose_write_fails_leaves_nothing_half_written(storage_url, drive
     search.on_trial_result("t1", drive.result(10, 2.0, 0))  # the database is back: the rung is written whole
     t = load_study(storage_url, "s").trials[0]
     assert t.intermediate_values == {10: 2.0} and t.user_attrs["rung_10"]["val_loss"] == 2.0
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_a_discrete_space_gets_no_config_twice_until_every_one_is_tried(storage_url, sampler):
+    # 2 x 3 x 2 = 12 configs: the sweep's sampler (made from the spec, as the controller makes it), asked
+    # through the study as Tune asks, gives 12 different ones (plain TPE repeats its favourites), then repeats.
+    from sweep.search import StudySearch
+    from sweep.space import make_sampler, optuna_space
+    from sweep.spec import parse_spec
+
+    spec = parse_spec(f"""
+name: s
+model: {{name_or_path: m}}
+data: {{path: d}}
+budget: {{min: 10, max: 40}}
+search:
+  sampler: {sampler}
+  n_startup_trials: 3
+  params:
+    learning_rate: {{type: choice, values: [1.0e-4, 3.0e-4]}}
+    lora_r: {{type: choice, values: [4, 8, 16]}}
+    lr_scheduler_type: {{type: choice, values: [linear, cosine]}}
+""", "s.yaml")
+    search = StudySearch(optuna_space(spec), sampler=make_sampler(spec), study_name="s", storage=open_storage(storage_url),
+                         top_rung=40)
+    configs = []
+    for i in range(13):
+        config = search.suggest(f"t{i}")
+        configs.append(tuple(sorted(config.items())))
+        # a favourite: the first config scores best, so TPE keeps proposing it
+        search.on_trial_complete(f"t{i}", {"steps": 40, "val_loss": 1.0 if i == 0 else 2.0 + i, "training_iteration": 1})
+    assert len(set(configs[:12])) == 12, configs
+    assert configs[12] in configs[:12]
+    assert len(load_study(storage_url, "s").trials) == 13
