@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from sweep._compat.optuna import cached_frozen, study_storage, write_running_trial
+from sweep._compat.optuna import cached_frozen, study_storage, suggest_param, write_running_trial
 from sweep._compat.optuna import trial_id as storage_id
 from sweep._compat.ray import completed_trials, pop_searcher_trials, searcher_trials, set_searcher_trials
 from sweep.record import FAIL_REASON_MAX_CHARS, finite_or_none, set_trial_user_attr_any_state
@@ -402,7 +402,13 @@ class StudySearch(OptunaSearch):
         self._retry("set ray_trial_id", lambda: ot_trial.set_user_attr("ray_trial_id", trial_id))
         logger.info("trial %d (asked for before the controller was killed) runs again from step 0 as %s",
                     ot_trial.number, trial_id)
-        return dict(cached_frozen(ot_trial).params)
+        params = dict(cached_frozen(ot_trial).params)
+        # A kill inside the ask leaves a trial with some or none of its params written: the sampler draws the
+        # rest now, as the ask would have (never the spec's defaults under a trial's number).
+        for name, dist in self._space.items():
+            if name not in params:
+                params[name] = self._retry(f"suggest {name}", lambda n=name, d=dist: suggest_param(ot_trial, n, d))
+        return params
 
     def _setup_study(self, mode):
         # No warm-start points here; the stock set-up creates or loads the study.

@@ -36,6 +36,19 @@ def _rdb_backend(storage: optuna.storages.BaseStorage) -> Optional[optuna.storag
     return storage if isinstance(storage, optuna.storages.RDBStorage) else None
 
 
+def suggest_param(trial: optuna.trial.Trial, name: str, dist: optuna.distributions.BaseDistribution) -> Any:
+    """`trial`'s value of `name` drawn by its study's sampler from `dist`, through the public `suggest_*` call that
+    matches the distribution (and written to the study, as any suggest is)."""
+    d = optuna.distributions
+    if isinstance(dist, d.CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, d.FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    if isinstance(dist, d.IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    raise TypeError(f"no suggest call for {type(dist).__name__} ({name})")
+
+
 def write_running_trial(trial: optuna.trial.Trial, user_attrs: Mapping[str, Any],
                         report: Optional[tuple[int, float]] = None) -> None:
     """Set several user attrs of a running trial, and report one intermediate value (`report`: (step, value)),

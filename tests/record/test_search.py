@@ -274,6 +274,31 @@ def test_a_searcher_restored_from_an_older_save_agrees_with_the_study(storage_ur
     assert fresh != lost and fresh != study.trials[0].params  # the sampler's draws after the save are not repeated
 
 
+@pytest.mark.parametrize("written", [0, 1])
+def test_a_trial_killed_inside_its_ask_gets_the_rest_of_its_params_on_resume(storage_url, drive, tmp_path, written):
+    """The controller killed while Optuna writes a new trial's params (after the trial row, before or between its
+    params): the resumed sweep hands that trial out with every param of the space, those written kept and the
+    rest drawn by the sampler, never with none (which would train the spec's defaults under that trial's number)."""
+    space = drive.SPACE
+    storage = open_storage(storage_url)
+    search = drive.make_search(storage)
+    search.save(str(tmp_path / "searcher.pkl"))  # Tune's last save before the kill
+    cut = optuna.load_study(study_name="s", storage=storage_url)
+    half = cut.ask()  # the kill came inside the ask: the trial is there with `written` of its params
+    kept = dict(list({"learning_rate": 1e-3, "lora_r": 8}.items())[:written])
+    for name, value in kept.items():
+        cut._storage.set_trial_param(half._trial_id, name, space[name].to_internal_repr(value), space[name])
+
+    restored = drive.make_search(open_storage(storage_url))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    config = restored.suggest("t1")
+    assert set(config) == set(space) and restored.trial_number("t1") == 0
+    assert {n: config[n] for n in kept} == kept
+    assert all(space[n]._contains(space[n].to_internal_repr(v)) for n, v in config.items())
+    study = load_study(storage_url, "s")
+    assert len(study.trials) == 1 and study.trials[0].params == config  # the study holds what the trial runs
+
+
 def test_a_write_to_a_trial_the_study_has_finished_is_skipped_not_fatal(storage_url, drive):
     from sweep.record import fail_running_trials
 
