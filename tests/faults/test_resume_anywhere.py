@@ -1,7 +1,7 @@
 """Resume at any moment (#11 item 2): one sweep's controller is killed (`kill -9` of the `sweep run`/`sweep
 resume` process) at 20+ moments spread over its life, each kill followed by `sweep resume SPEC`, which is
 killed in turn at the next moment; the last resume finishes the sweep. The same again with packed trials
-(`resources.packing: on`: a pack server trains the trials) at 11 of those moments.
+(`resources.packing: on`: a pack server trains the trials) at 8 of those moments.
 
 The moments are found by watching the CLI's own lines (Ray starting, the base evaluation, a trial started, a
 rung reported, a trial finished, the leaderboard), the run folder (a checkpoint folder appearing: killed while
@@ -127,12 +127,12 @@ def _wait_and_kill(cli: LiveCli, how: tuple, run_dir: Path, db: Path, t0: float,
 
 # Packed trials (`resources.packing: on`): the same sweep with its trials trained by a pack server (a Ray actor
 # the controller owns, killed with it), at the moments where a pack holds trials, fewer of them (CI time).
-PACKED_POINTS = [POINTS[i] for i in (1, 4, 5, 6, 7, 9, 12, 13, 14, 18, 21)]
+PACKED_POINTS = [POINTS[i] for i in (1, 4, 6, 7, 9, 12, 14, 21)]
 
 
 @pytest.mark.parametrize("packing", ["off", "on"])
 def test_a_sweep_killed_at_any_moment_resumes_with_nothing_lost_or_trained_twice(tmp_path, assets, fault_row, packing):
-    points, min_kills = (POINTS, 20) if packing == "off" else (PACKED_POINTS, 9)
+    points, min_kills = (POINTS, 20) if packing == "off" else (PACKED_POINTS, 7)
     spec = small_spec(tmp_path, assets, name="anywhere", rungs=RUNGS, params={},
                       search={"sampler": "random", "seed": 1, "num_trials": NUM_TRIALS, "params": {
                           "learning_rate": {"type": "loguniform", "low": 1e-3, "high": 3e-2},
