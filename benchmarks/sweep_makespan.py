@@ -162,7 +162,9 @@ def run_mode(work: Path, spec: Path, mode: str, max_s: float | None = None) -> d
             continue
         last, first = rungs[-1][1], rungs[0][1]
         tokens += (last.get("tokens_per_s") or 0.0) * (last.get("train_s") or 0.0)
-        setups.append((first.get("wall_s") or 0.0) - (first.get("train_s") or 0.0))
+        # From the trial's start to its first step (`setup_s`; reports before it had only wall - train time)
+        setups.append(first["setup_s"] if first.get("setup_s") is not None
+                      else (first.get("wall_s") or 0.0) - (first.get("train_s") or 0.0))
         if t.user_attrs.get("pack"):
             packs.add(t.user_attrs["pack"])
     makespan = t1 - t0

@@ -294,6 +294,7 @@ REPORT_KEYS = (
     "peak_mem_gb",     # peak accelerator memory (GPU), or peak RSS on CPU
     "wall_s",          # seconds since the trial started
     "train_s",         # seconds spent in training steps
+    "setup_s",         # seconds from the trial's start (this attempt: started, retried or resumed) to its first step
     "micro_batch",     # the execution chosen for the effective batch (see trial_worker.execution)
     "accumulation",
     "gradient_checkpointing",

@@ -92,12 +92,14 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
     reason instead of training into the same wall again.
     """
     import json
+    import time
 
     import ray
     from ray import tune
 
     from trial_worker.recipe import NonFiniteLoss, TrialOOM, run
 
+    started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
     fatal = fatal_path(run_dir)
     vanished = _VANISHED_CHECKPOINT.pop("path", None)  # see `trainable`
     assigned = ray.get_runtime_context().get_assigned_resources()
@@ -119,7 +121,7 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
                 note.append("; ".join(problems) + f"; {then}")
                 print(f"sweep: {note[0]}", file=sys.stderr, flush=True)
             with disk_full_stops(output_dir, writing):
-                run(trial, report=report, resume_from=resume_from, output_dir=output_dir)
+                run(trial, report=report, resume_from=resume_from, output_dir=output_dir, started_at=started_at)
     except (NonFiniteLoss, TrialOOM) as e:
         fatal.parent.mkdir(parents=True, exist_ok=True)
         fatal.write_text(json.dumps({"reason": f"{type(e).__name__}: {e}"}))

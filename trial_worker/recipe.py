@@ -80,8 +80,10 @@ class QLoRATrial:
     """One QLoRA SFT trial of `job`, writing checkpoints under `output_dir`."""
 
     def __init__(self, job: JobConfig, *, output_dir: str | os.PathLike, report: Optional[Report] = None,
-                 execution: Optional[Execution] = None):
+                 execution: Optional[Execution] = None, started_at: Optional[float] = None):
         self.job = job
+        self.started_at = started_at or time.time()  # the trial's start (`setup_s` counts from it)
+        self.setup_s = 0.0
         self.forced_execution = execution  # an OOM retry's smaller micro-batch (see `run`)
         self.output_dir = str(output_dir)
         self.report = report or (lambda metrics, checkpoint_dir: None)
@@ -249,6 +251,7 @@ class QLoRATrial:
             "peak_mem_gb": peak_memory_gb(),
             "wall_s": wall_s,
             "train_s": train_s,
+            "setup_s": self.setup_s,
             "micro_batch": self.execution.micro_batch,
             "accumulation": self.execution.accumulation,
             "gradient_checkpointing": self.execution.gradient_checkpointing,
@@ -279,6 +282,7 @@ def _RungCallback(trial: QLoRATrial):
             trial.start_step = state.global_step
             trial.last_logged_step = state.global_step
             trial.t_mark = time.perf_counter()
+            trial.setup_s = time.time() - trial.started_at
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step in trial.rung_steps:
@@ -369,8 +373,9 @@ def _lean_trainer_class():
 
 
 def run(job: JobConfig, *, report: Optional[Report] = None, resume_from: Optional[str] = None,
-        output_dir: str | os.PathLike) -> Optional[dict]:
+        output_dir: str | os.PathLike, started_at: Optional[float] = None) -> Optional[dict]:
     """Run one QLoRA trial of `job` up to its top rung, calling `report(metrics, checkpoint_dir)` at each rung.
+    `started_at` (`time.time()`): when the trial started, for its reports' `setup_s` (default: now).
 
     `resume_from` is a checkpoint folder a previous `report` handed out: training continues
     from its step with the same optimizer, LR schedule, RNG and data position.
@@ -392,7 +397,7 @@ def run(job: JobConfig, *, report: Optional[Report] = None, resume_from: Optiona
 
     execution, tried = None, []
     while True:
-        trial = QLoRATrial(job, output_dir=output_dir, report=report_once, execution=execution)
+        trial = QLoRATrial(job, output_dir=output_dir, report=report_once, execution=execution, started_at=started_at)
         error = None
         try:
             trial.setup()

@@ -193,6 +193,23 @@ def test_the_pack_scores_validation_as_the_solo_worker_does(engine, jobs):
     assert math.isclose(packed["val_loss"], alone["val_loss"], rel_tol=1e-5)
 
 
+def test_reports_count_a_trials_set_up_from_its_start_to_its_first_pack_step(engine, jobs):
+    import time
+
+    from trial_worker.config import REPORT_KEYS
+
+    reports: list[dict] = []
+    t = engine.add("timed", jobs["a"], lambda m, d: reports.append(m), started_at=time.time() - 50.0)
+    for _ in range(1000):
+        if t.state == "parked":
+            t.state = "running"
+        if not engine.step():
+            break
+    engine.remove("timed")
+    assert len(reports) == 2 and all(set(m) == set(REPORT_KEYS) for m in reports)
+    assert 50 < reports[0]["setup_s"] == reports[1]["setup_s"] < 50 + reports[0]["wall_s"]
+
+
 @pytest.mark.parametrize("change", [{"model": {"lora": {"bias": "all"}}}, {"data": {"packing": True}}])
 def test_a_setting_a_pack_would_not_train_as_written_is_refused_by_name(engine, jobs, change):
     # a search may give one trial such a setting: that trial fails with the reason, the pack holds nothing of it

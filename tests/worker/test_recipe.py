@@ -1,5 +1,6 @@
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def full_run(tiny_model, task_data, tmp_path_factory):
     job = _job(tiny_model, task_data)
     out = tmp_path_factory.mktemp("full")
     reports = []
-    last = run(job, report=lambda m, d: reports.append((m, d)), output_dir=out)
+    last = run(job, report=lambda m, d: reports.append((m, d)), output_dir=out, started_at=time.time() - 100.0)
     assert last == reports[-1][0]
     return job, reports, out
 
@@ -42,6 +43,8 @@ def test_reports_at_every_rung_with_a_resumable_checkpoint(full_run):
         assert metrics["ppl"] == pytest.approx(math.exp(metrics["val_loss"]))
         assert metrics["tokens_per_s"] > 0 and metrics["peak_mem_gb"] > 0
         assert 0 < metrics["train_s"] < metrics["wall_s"]
+        # set-up counts from when the trial started (here 100 s before `run`: a slow start is seen) to its first step
+        assert 100 < metrics["setup_s"] == reports[0][0]["setup_s"] < 100 + metrics["wall_s"]
         files = {p.name for p in Path(ckpt).iterdir()}
         assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                 "trainer_state.json"} <= files

@@ -79,6 +79,8 @@ class PackedTrial:
         self.tokens = 0.0
         self.train_s = 0.0
         self.t_start = time.perf_counter()
+        self.started_at = time.time()  # when the trial started (set by `PackEngine.add`): `setup_s` counts from it
+        self.setup_s: Optional[float] = None  # set at its first pack step
         self.offset = {"wall_s": 0.0, "train_s": 0.0, "tokens": 0.0}
         self.micro_rows = engine.micro_rows(job)
         self.params_ok = None  # a device flag: the adapter is finite after its last optimizer step
@@ -271,8 +273,10 @@ class PackEngine:
             if t.state == "waiting" and self.fits():
                 t.state = "running"
 
-    def add(self, trial_id: str, job: JobConfig, report: Report, resume_from: Optional[str] = None) -> PackedTrial:
-        """Join a trial (a fresh LoRA from its seed, or its checkpoint `resume_from`); it trains from the next step."""
+    def add(self, trial_id: str, job: JobConfig, report: Report, resume_from: Optional[str] = None,
+            started_at: Optional[float] = None) -> PackedTrial:
+        """Join a trial (a fresh LoRA from its seed, or its checkpoint `resume_from`); it trains from the next step.
+        `started_at` (`time.time()`, default now): when the trial started, for its reports' `setup_s`."""
         import torch
         from transformers import Trainer, get_scheduler
 
@@ -288,6 +292,7 @@ class PackEngine:
             raise ValueError(f"trial {trial_id} is already in this pack")
         slot = min(set(range(len(self.trials) + 1)) - {t.slot for t in self.trials.values()})
         trial = PackedTrial(self, trial_id, job, slot, report, self.output_dir / trial_id)
+        trial.started_at = started_at or time.time()
         lora = job.model.lora
         init = torch.Generator().manual_seed(job.training.seed)
         named = {}
@@ -367,6 +372,8 @@ class PackEngine:
             return False
         t0 = time.perf_counter()
         for t in trials:
+            if t.setup_s is None:
+                t.setup_s = time.time() - t.started_at
             if t.window is None:
                 t.start_window()
         windows = [t.window for t in trials if t.window is not None]
@@ -464,6 +471,7 @@ class PackEngine:
             "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
             "samples_per_s": (step - t.start_step) * eff / t.train_s if t.train_s > 0 else 0.0,
             "peak_mem_gb": peak_memory_gb(), "wall_s": wall_s, "train_s": train_s,
+            "setup_s": t.setup_s or 0.0,
             "micro_batch": t.micro_rows,
             "accumulation": eff // t.micro_rows,
             "gradient_checkpointing": self.checkpointing,

@@ -35,7 +35,7 @@ class PackServer:
         self.engine: Optional[Any] = None  # the PackEngine, built by the first trial (or base evaluation)
         self.lock = threading.Condition()
         self.commands: deque = deque()  # (op, args), applied by the loop between pack steps
-        self.queue: list = []  # trials waiting for room: (trial_id, job, resume_from)
+        self.queue: list = []  # trials waiting for room: (trial_id, job, resume_from, started_at)
         self.events: dict[str, list] = {}
         self.seen: dict[str, float] = {}
         self.error: Optional[str] = None
@@ -52,12 +52,13 @@ class PackServer:
             return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                     "trials": held + len(self.queue), "error": self.error, "output_dir": self.output_dir}
 
-    def join(self, trial_id: str, job: dict, resume_from: Optional[str] = None) -> None:
-        """Queue a trial for admission; it starts at the first pack step after there is room for it."""
+    def join(self, trial_id: str, job: dict, resume_from: Optional[str] = None, started_at: Optional[float] = None) -> None:
+        """Queue a trial for admission; it starts at the first pack step after there is room for it.
+        `started_at` (`time.time()`): when Tune started the trial, for its reports' `setup_s`."""
         with self.lock:
             self.events[trial_id] = []
             self.seen[trial_id] = time.monotonic()
-            self.commands.append(("join", (trial_id, job, resume_from)))
+            self.commands.append(("join", (trial_id, job, resume_from, started_at or time.time())))
             self.lock.notify_all()
 
     def poll(self, trial_id: str, timeout: float = 5.0) -> list[dict]:
@@ -173,7 +174,7 @@ class PackServer:
         if self.engine is not None:  # trials sent back to wait by an out-of-memory step come first
             self.engine.readmit()
         while self.queue:
-            trial_id, job_dict, resume_from = self.queue[0]
+            trial_id, job_dict, resume_from, started_at = self.queue[0]
             job = JobConfig.model_validate(job_dict)
             try:
                 e = self._engine_for(job)
@@ -182,7 +183,7 @@ class PackServer:
                 self.queue.pop(0)
                 e.add(trial_id, job, lambda m, d, tid=trial_id: self._emit(tid, {"kind": "report", "metrics": m,
                                                                                "checkpoint": d, "pack": self.name}),
-                      resume_from=resume_from)
+                      resume_from=resume_from, started_at=started_at)
             except Exception as err:  # noqa: BLE001 - a trial that cannot join fails alone
                 if self.queue and self.queue[0][0] == trial_id:
                     self.queue.pop(0)

@@ -119,6 +119,7 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
     """Tune function trainable of a packed trial: the same reports, checkpoints, retries and fatal-failure rule
     as `entry.run_trial`, with the training done by a pack server."""
     import json
+    import time
     from pathlib import Path
 
     from ray import tune
@@ -126,6 +127,7 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
     import trial_worker.entry as entry
     from trial_worker import recipe
 
+    started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
     fatal = entry.fatal_path(run_dir)
     vanished = entry._VANISHED_CHECKPOINT.pop("path", None)
     trial = entry.trial_job(config, job, cpus=pack_cpus)
@@ -142,7 +144,7 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
             writing: dict = {}
             # A full disk, in the pack's checkpoint save or in Tune's copy, stops the sweep as in a solo trial.
             with entry.disk_full_stops(os.path.join(info["output_dir"], trial_id), writing):
-                _relay(pack, pack_name, trial_id, trial.model_dump(mode="json"), resume_from, note, writing)
+                _relay(pack, pack_name, trial_id, trial.model_dump(mode="json"), resume_from, note, writing, started_at)
     except (recipe.NonFiniteLoss, recipe.TrialOOM) as e:
         fatal.parent.mkdir(parents=True, exist_ok=True)
         fatal.write_text(json.dumps({"reason": f"{type(e).__name__}: {e}"}))
@@ -150,12 +152,12 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
 
 
 def _relay(pack, pack_name: str, trial_id: str, job: dict, resume_from: Optional[str], note: list[str],
-           writing: dict) -> None:
+           writing: dict, started_at: float) -> None:
     import ray
 
     from trial_worker import entry, recipe
 
-    ray.get(pack.join.remote(trial_id, job, resume_from))
+    ray.get(pack.join.remote(trial_id, job, resume_from, started_at))
     try:
         while True:
             for event in ray.get(pack.poll.remote(trial_id, 5.0)):
