@@ -20,6 +20,7 @@ This module imports Ray; `sweep status`/`export` never import it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, Callable, Dict, Optional, TypeVar
@@ -407,7 +408,7 @@ class StudySearch(OptunaSearch):
         # rest now, as the ask would have (never the spec's defaults under a trial's number).
         for name, dist in self._space.items():
             if name not in params:
-                params[name] = self._retry(f"suggest {name}", lambda n=name, d=dist: suggest_param(ot_trial, n, d))
+                params[name] = self._retry(f"suggest {name}", functools.partial(suggest_param, ot_trial, name, dist))
         return params
 
     def _setup_study(self, mode):
