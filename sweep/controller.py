@@ -283,7 +283,7 @@ def _trial_plan(spec: SweepSpec, job, run_dir: RunDir):
     else:
         folder, name = None, PurePosixPath(urlsplit(run_dir).path).name
     return trial_plan(job.model_dump(mode="json"), resources=spec.resources.model_dump(), run_dir=folder, name=name,
-                      search_params=spec.search.model_dump()["params"] if spec.search else None)
+                      search_params=spec.search_params())
 
 
 def _new_tuner(spec: SweepSpec, study_name: str, out_dir: str, trainable, searcher, callbacks: list, n_trials: int,

@@ -50,7 +50,7 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
     relative sample, its independent samples for the rest) and draws again, up to `tries` times, while the
     config equals one in the study (any state: a failed config would fail again); if every draw repeats, a
     finite space gives an untried config at random; once the space is used up a repeat is allowed.
-    Continuous spaces practically never repeat, so it costs one draw there.
+    Used for spaces without a continuous param (`make_sampler`): those practically never repeat.
     """
 
     def __init__(self, inner: optuna.samplers.BaseSampler, space: dict[str, od.BaseDistribution], tries: int = 32):
@@ -112,7 +112,8 @@ def _config_key(params: dict) -> tuple:
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler the spec asks for, seeded; TPE and random ones do not repeat a config (`NoRepeatSampler`)."""
+    """The Optuna sampler the spec asks for, seeded; TPE and random ones over a space of choices and integers do not
+    repeat a config (`NoRepeatSampler`)."""
     s = spec.search
     if s is None:
         raise ValueError("the spec has no search section: nothing to sample")
@@ -121,4 +122,7 @@ def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     inner: optuna.samplers.BaseSampler = (
         optuna.samplers.RandomSampler(seed=s.seed) if s.sampler == "random"
         else optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True))
-    return NoRepeatSampler(inner, optuna_space(spec))
+    space = optuna_space(spec)
+    if any(isinstance(d, od.FloatDistribution) for d in space.values()):
+        return inner  # a continuous param: configs do not repeat, and each ask would read the study once more for nothing
+    return NoRepeatSampler(inner, space)

@@ -126,6 +126,10 @@ class SweepSpec(JobConfig):
             raise ValueError(f"storage must be a SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...), got {_redact(self.storage)!r}")
         return self
 
+    def search_params(self) -> Optional[dict]:
+        """`search.params` as plain data (None without a search): what the values trials may take are."""
+        return self.search.model_dump()["params"] if self.search else None
+
     def job(self) -> JobConfig:
         """The job part of the spec (what a trial worker receives)."""
         return JobConfig.of(self.model_dump())
@@ -298,8 +302,7 @@ def check_rules(spec: SweepSpec) -> list[Problem]:
     if spec.resources.packing == "on":
         from trial_worker.entry import unpackable
 
-        search = spec.search.model_dump()["params"] if spec.search else None
-        for field, value, why in unpackable(job.model_dump(mode="json"), search):
+        for field, value, why in unpackable(job.model_dump(mode="json"), spec.search_params()):
             problems.append(Problem(field, f"resources.packing is on, and {why}: packed trials would not train this "
                                     "setting as written; change it, or set resources.packing: off", value))
         if spec.resources.gpus_per_trial > 1:

@@ -54,7 +54,7 @@ class PackedTrial:
     """One trial in a pack: its adapter slot, optimizer, schedule, data position, counters and reports."""
 
     def __init__(self, engine: "PackEngine", trial_id: str, job: JobConfig, slot: int, report: Report,
-                 output_dir: Path):
+                 output_dir: Path, started_at: Optional[float] = None):
         from trial_worker.formats import rung_steps
 
         self.engine, self.id, self.job, self.slot, self.report = engine, trial_id, job, slot, report
@@ -79,7 +79,7 @@ class PackedTrial:
         self.tokens = 0.0
         self.train_s = 0.0
         self.t_start = time.perf_counter()
-        self.started_at = time.time()  # when the trial started (set by `PackEngine.add`): `setup_s` counts from it
+        self.started_at = started_at or time.time()  # when the trial started: `setup_s` counts from it
         self.setup_s: Optional[float] = None  # set at its first pack step
         self.offset = {"wall_s": 0.0, "train_s": 0.0, "tokens": 0.0}
         self.micro_rows = engine.micro_rows(job)
@@ -281,18 +281,18 @@ class PackEngine:
         from transformers import Trainer, get_scheduler
 
         from trial_worker.formats import sft_config
-
         from trial_worker.pack import unpackable
 
-        for field, value, why in unpackable(job.model_dump(mode="json")):
+        problems = unpackable(job.model_dump(mode="json"))
+        if problems:
+            field, value, why = problems[0]
             raise ValueError(f"packed trials cannot train {field}={value!r}: {why}; set resources.packing: off")
         if pack_key(job) != self.key:
             raise ValueError(f"trial {trial_id} does not share this pack's base model, data and precision")
         if trial_id in self.trials:
             raise ValueError(f"trial {trial_id} is already in this pack")
         slot = min(set(range(len(self.trials) + 1)) - {t.slot for t in self.trials.values()})
-        trial = PackedTrial(self, trial_id, job, slot, report, self.output_dir / trial_id)
-        trial.started_at = started_at or time.time()
+        trial = PackedTrial(self, trial_id, job, slot, report, self.output_dir / trial_id, started_at)
         lora = job.model.lora
         init = torch.Generator().manual_seed(job.training.seed)
         named = {}

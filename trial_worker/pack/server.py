@@ -58,7 +58,7 @@ class PackServer:
         with self.lock:
             self.events[trial_id] = []
             self.seen[trial_id] = time.monotonic()
-            self.commands.append(("join", (trial_id, job, resume_from, started_at or time.time())))
+            self.commands.append(("join", (trial_id, job, resume_from, started_at)))
             self.lock.notify_all()
 
     def poll(self, trial_id: str, timeout: float = 5.0) -> list[dict]:
