@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from trial_worker.config import (
     BudgetConfig,
@@ -76,12 +76,24 @@ class SearchConfig(Strict):
     n_startup_trials: int = Field(4, ge=0, description="TPE: random trials before the model-based ones")
 
 
+def _yaml_on_off(v: Any) -> Any:
+    """YAML 1.1 (PyYAML's `safe_load`) reads unquoted on/off (and yes/no, true/false) as booleans: take them as
+    the words the user wrote, so `packing: on` works unquoted, as the README and our messages write it."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return v
+
+
+# A setting whose values include "on" and "off": every such field of the spec uses this type (tests/spec).
+OnOffAuto = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_on_off)]
+
+
 class ResourcesConfig(Strict):
     gpus_per_trial: float = Field(1.0, ge=0.0, le=64)
     cpus_per_trial: float = Field(1.0, gt=0.0, le=1024)
     max_concurrent_trials: Optional[int] = Field(None, gt=0, le=10_000)
     max_failures: int = Field(0, ge=0, le=100, description="Ray retries of a failed trial from its last checkpoint")
-    packing: Literal["auto", "on", "off"] = Field(
+    packing: OnOffAuto = Field(
         "auto", description="on: the trials on a GPU (or the CPU) train together in one warm process on one shared base, "
         "each with its own adapter, optimizer, schedule, batch and data order (trial_worker.pack); off: one trial per "
         "process; auto: one trial per process for now (trial_worker/pack/tune.py: AUTO_PACKS)")
