@@ -1,15 +1,25 @@
-"""The multi-adapter LoRA layer: one frozen base projection, each trial's tokens through its own adapter.
+"""The multi-adapter LoRA layer: one frozen base projection, each trial's tokens through its own adapter only.
 
 mLoRA's BatchLoRA (TUDB-Labs/mLoRA, `mlora/model/modules/lora.py`) runs the base weight once over the whole
-batch and adds each adapter's low-rank update on that adapter's slice of the batch. We do the same on token
-ranges of the batch (rows, or tokens of a padding-free batch): `Routing` says which belong to which slot; a slot absent
-from a layer (its trial did not target that module) adds nothing there. PEFT cannot do this in training (its mixed-adapter
-batches, `adapter_names`, are inference-only).
+batch and adds each adapter's low-rank update on that adapter's slice of the batch. A pack step's batch keeps
+each trial's tokens contiguous (`pack.batch`), so its LoRA work is a *segment* matmul (Punica's SGMV, S-LoRA):
+token span g times adapter g, nothing else. `Routing` says which span belongs to which slot; a slot absent from
+a layer (its trial did not target that module) and the padding add nothing there. PEFT cannot do this in
+training (its mixed-adapter batches, `adapter_names`, are inference-only).
+
+Two executions of the same sum, chosen per forward (`grouped_ok`):
+- grouped (CUDA, bf16/fp16, every width a multiple of 8): `torch._grouped_mm` over the spans, two launches per
+  layer forward whatever the number of trials, each token multiplied by its own adapter only (ranks padded with
+  zeros to the largest rank in the layer). Before it (2026-12-05, H100, 8 trials) every token went through every
+  trial's A and B stacked and a [tokens x sum(ranks)] mask picked its own columns: K-fold LoRA work, and the
+  pack fell from 40k tokens/s at 8 trials to 25k at 16.
+- segments (the CPU, fp32, odd widths): one pair of matmuls per span. Exact in fp32, which is what the CPU
+  parity tests check against a trial trained alone.
 
 Adapters are kept in fp32 (as the solo recipe does), and a trial's numbers do not depend on which other trials
-share its batch: its dropout mask is drawn from a seed
-of (trial seed, step, micro-batch, layer) over the trial's own rows (or tokens), so it
-is the same whoever else is in the batch, and the same again when gradient checkpointing recomputes a layer.
+share its batch: its dropout mask is drawn from a seed of (trial seed, step, micro-batch, layer) over the
+trial's own rows (or tokens), so it is the same whoever else is in the batch, and the same again when gradient
+checkpointing recomputes a layer.
 """
 
 from __future__ import annotations
@@ -21,6 +31,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+# "auto": grouped where `grouped_ok`, else segments; "segments" / "grouped" force one (tests, benchmarks).
+MODE = "auto"
+
 
 @dataclass
 class Routing:
@@ -31,27 +44,25 @@ class Routing:
     training: bool = True
     per_token: bool = False  # a padding-free batch [1, tokens]: each token is a row (pack.batch.Batch)
     lengths: dict[int, int] = field(default_factory=dict)  # slot -> its real tokens in its row (row layout)
-    _masks: dict = field(default_factory=dict)
+    _offsets: dict = field(default_factory=dict)
 
     def set(self, spans, seeds: Optional[dict], *, per_token: bool = False, lengths: Optional[dict] = None) -> None:
         self.spans, self.seeds, self.per_token, self.lengths = spans, seeds or {}, per_token, lengths or {}
         self.training = seeds is not None
-        self._masks = {}
+        self._offsets = {}
 
-    def block_mask(self, slots: tuple, ranks: tuple, scalings: tuple, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """([rows, sum(ranks)] bool: row i may use the rank columns of its own slot only, [sum(ranks)]: each
-        column's LoRA scaling), built once per forward for each set of adapters a layer holds."""
-        key = (slots, ranks, scalings, dtype)
-        if key not in self._masks:
-            rows = self.spans[-1][1] if self.spans else 0
-            owner = torch.full((rows,), -1, dtype=torch.long)
-            for start, end, slot in self.spans:
-                if slot in slots:
-                    owner[start:end] = slots.index(slot)
-            column = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(ranks))
-            scale = torch.repeat_interleave(torch.tensor(scalings, dtype=dtype), torch.tensor(ranks))
-            self._masks[key] = ((owner[:, None] == column[None, :]).to(device), scale.to(device))
-        return self._masks[key]
+    def token_spans(self, row_length: int) -> list[tuple[int, int, Optional[int]]]:
+        """The spans in tokens of the flattened [rows * row_length] batch."""
+        if self.per_token or row_length == 1:
+            return self.spans
+        return [(s * row_length, e * row_length, slot) for s, e, slot in self.spans]
+
+    def offsets(self, row_length: int, device) -> torch.Tensor:
+        """int32 [spans]: where each span ends in the flattened batch (grouped matmul groups), one copy a forward."""
+        if row_length not in self._offsets:
+            ends = [e for _, e, _ in self.token_spans(row_length)]
+            self._offsets[row_length] = torch.tensor(ends, dtype=torch.int32).to(device, non_blocking=True)
+        return self._offsets[row_length]
 
 
 class LoRAAdapter(nn.Module):
@@ -72,16 +83,16 @@ class LoRAAdapter(nn.Module):
         self.dropout = dropout
 
 
-class MultiLoRALinear(nn.Module):
-    """A frozen base linear (nn.Linear or bitsandbytes Linear4bit) plus one LoRA adapter per packed trial.
+def grouped_ok(x: torch.Tensor, in_features: int, out_features: int, ranks) -> bool:
+    """Whether `torch._grouped_mm` runs this layer: CUDA, a 16-bit dtype, 16-byte aligned widths (8 elements)."""
+    if MODE != "auto":
+        return MODE == "grouped"
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm")
+            and in_features % 8 == 0 and out_features % 8 == 0 and all(r % 8 == 0 for r in ranks))
 
-    All trials' adapters run as two matmuls, whatever their number: the rows times every trial's A stacked
-    (ranks side by side), each row keeping only its own trial's rank columns (`torch.where`, so a non-finite
-    value elsewhere cannot leak in), scaled per trial, times every trial's B side by side. A step of K trials
-    then launches the same few kernels per layer as a step of one: the packed step is not bound by the host
-    launching K x 7 x layers small matmuls. The extra work is a rank-sum-wide matmul on each side (sum of the
-    trials' r columns), small beside the base projection while that sum is well under the hidden size.
-    """
+
+class MultiLoRALinear(nn.Module):
+    """A frozen base linear (nn.Linear or bitsandbytes Linear4bit) plus one LoRA adapter per packed trial."""
 
     def __init__(self, base: nn.Module, routing: Routing, index: int):
         super().__init__()
@@ -89,6 +100,7 @@ class MultiLoRALinear(nn.Module):
         self.routing = routing
         self.index = index  # this layer's place in the model: part of its dropout seeds
         self.adapters = nn.ModuleDict()  # str(slot) -> LoRAAdapter
+        self._zeros: dict = {}
 
     @property
     def in_features(self) -> int:
@@ -100,22 +112,58 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.routing.per_token:
-            x = x.reshape(-1, 1, x.shape[-1])  # [1, tokens, features] -> one "row" per token, as the routing counts
-        present = [(slot, self.adapters[str(slot)]) for _, _, slot in self.routing.spans
-                   if slot is not None and str(slot) in self.adapters]
+        r = self.routing
+        present = {slot: self.adapters[str(slot)] for _, _, slot in r.spans
+                   if slot is not None and str(slot) in self.adapters}
         if not present:
             return y
-        slots = tuple(s for s, _ in present)
-        adapters = [a for _, a in present]
+        if r.per_token:
+            x = x.reshape(-1, 1, x.shape[-1])  # [1, tokens, features] -> one "row" per token, as the routing counts
+        row_length = x.shape[1] if x.dim() == 3 else 1
+        x2 = self._dropped(x, present).reshape(-1, x.shape[-1])
+        y2 = y.reshape(-1, y.shape[-1])
+        spans = r.token_spans(row_length)
         dtype = x.dtype  # the compute dtype (bf16 on a GPU, as the solo trial's autocast); the weights stay fp32
-        A = torch.cat([a.A for a in adapters]) if len(adapters) > 1 else adapters[0].A
-        B = torch.cat([a.B for a in adapters], dim=1) if len(adapters) > 1 else adapters[0].B
-        keep, scale = self.routing.block_mask(slots, tuple(a.r for a in adapters), tuple(a.scaling for a in adapters),
-                                              x.device, dtype)
-        h = self._dropped(x, dict(present)) @ A.to(dtype).t()
-        h = torch.where(keep[:, None, :], h, 0.0) * scale
-        return y + (h @ B.to(dtype).t()).to(y.dtype).reshape(y.shape)
+        if grouped_ok(x, self.in_features, self.out_features, [a.r for a in present.values()]):
+            delta = self._grouped(x2, spans, present, r.offsets(row_length, x.device), dtype)
+            return (y2 + delta.to(y.dtype)).reshape(y.shape)
+        pieces = []
+        for start, end, slot in spans:
+            a = present.get(slot) if slot is not None else None
+            if a is None:
+                pieces.append(y2[start:end])
+                continue
+            h = (x2[start:end] @ a.A.to(dtype).t()) * a.scaling
+            pieces.append(y2[start:end] + (h @ a.B.to(dtype).t()).to(y.dtype))
+        return torch.cat(pieces).reshape(y.shape)
+
+    def _grouped(self, x2: torch.Tensor, spans, present: dict, offsets: torch.Tensor, dtype) -> torch.Tensor:
+        """[tokens, out]: span g's tokens times span g's adapter (zeros for padding and absent slots), two
+        grouped matmuls. Ranks below the layer's largest are zero-padded: zero columns of A and rows of B
+        contribute nothing and get zero gradients."""
+        rmax = max(a.r for a in present.values())
+        As, Bs = [], []
+        for _, _, slot in spans:
+            a = present.get(slot) if slot is not None else None
+            if a is None:
+                As.append(self._zero(rmax, self.in_features, x2.device))
+                Bs.append(self._zero(self.out_features, rmax, x2.device))
+            elif a.r < rmax:
+                As.append(nn.functional.pad(a.A, (0, 0, 0, rmax - a.r)))
+                Bs.append(nn.functional.pad(a.B * a.scaling, (0, rmax - a.r)))
+            else:
+                As.append(a.A)
+                Bs.append(a.B * a.scaling if a.scaling != 1.0 else a.B)
+        A = torch.stack(As).to(dtype)  # [groups, r, in]
+        B = torch.stack(Bs).to(dtype)  # [groups, out, r]
+        h = torch._grouped_mm(x2.contiguous(), A.transpose(1, 2), offsets)
+        return torch._grouped_mm(h, B.transpose(1, 2), offsets)
+
+    def _zero(self, rows: int, cols: int, device) -> torch.Tensor:
+        key = (rows, cols, str(device))
+        if key not in self._zeros:
+            self._zeros[key] = torch.zeros(rows, cols, dtype=torch.float32, device=device)
+        return self._zeros[key]
 
     def _dropped(self, x: torch.Tensor, adapters: dict) -> torch.Tensor:
         """`x` with each trial's LoRA dropout on its own rows (a mask from its own seed; none in evaluation)."""
