@@ -51,6 +51,11 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
     config equals one in the study (any state: a failed config would fail again); if every draw repeats, a
     finite space gives an untried config at random; once the space is used up a repeat is allowed.
     Used for spaces without a continuous param (`make_sampler`): those practically never repeat.
+
+    With TPE's constant liar the running trials count here twice over: as configs not to repeat (`seen`, any
+    state) and, inside TPE, as its worst results, so its draws keep away from their neighbours too; each draw
+    of that TPE writes its relative params to the asking trial (`tpe:relative_params`, which the trial's own
+    params then override), so a repeat drawn again costs one storage write.
     """
 
     def __init__(self, inner: optuna.samplers.BaseSampler, space: dict[str, od.BaseDistribution], tries: int = 32):
@@ -121,7 +126,12 @@ def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
         return AskTellGridSampler({n: list(p.values) for n, p in s.params.items()}, seed=s.seed)
     inner: optuna.samplers.BaseSampler = (
         optuna.samplers.RandomSampler(seed=s.seed) if s.sampler == "random"
-        else optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True))
+        # constant_liar: Tune asks for a trial whenever a slot frees, so many trials (a pack: up to a GPU's worth)
+        # are RUNNING at each ask; TPE counts them as its worst results, so it proposes away from them instead of
+        # near-copies of its running favourites (tests/record/test_search_concurrency.py). Optuna 5.0 defaults
+        # to it; written out so that no other default (Optuna 4's was False) turns it off.
+        else optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True,
+                                        constant_liar=True))
     space = optuna_space(spec)
     if any(isinstance(d, od.FloatDistribution) for d in space.values()):
         return inner  # a continuous param: configs do not repeat, and each ask would read the study once more for nothing
