@@ -10,8 +10,12 @@ concatenated into one sequence, each trial's contiguous, positions restarting at
 sequence boundaries (`cu_seq_lens`) handed to the attention: on a CUDA GPU torch's varlen flash-attention
 kernel confines each token to its own sequence (model.flat_attention); elsewhere transformers builds the
 block-diagonal causal mask from the position ids. No sequence attends to another, so a trial whose
-activations overflow cannot reach another's. The whole is padded up to a bucket length (`data.bucket_length`)
-with one pad sequence that belongs to no trial and has no targets.
+activations overflow cannot reach another's. The whole is padded up to a multiple of `FLAT_ALIGN` tokens with
+one pad sequence that belongs to no trial and has no targets (the varlen kernel and the grouped LoRA matmul
+take any length: the solo worker's coarser buckets, up to 25% padding, would only cost).
+
+The positions that have a target are listed on the host (`Batch.select`), so the LM head and its loss run on
+them only (no boolean indexing on the device, no host sync); prompts are a third of a chat row's tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 IGNORE_INDEX = -100
+FLAT_ALIGN = 64  # tokens: the flat batch's length is a multiple of it
 
 
 @dataclass(frozen=True)
@@ -102,20 +107,19 @@ class Batch:
 
     input_ids: Any  # torch tensors (torch is imported lazily)
     position_ids: Any
-    targets: Any
+    targets: Any  # [targets]: the target of each selected position (`select`)
     cu_seq_lens: Any  # flat: int32 [sequences + 1], where each sequence starts, then the total; else None
     max_length: Optional[int]  # flat: the longest sequence
-    owner: Any  # [rows x length]: the index in `parts` of each position's trial (padding: 0, it has no targets)
+    owner: Any  # [targets]: the index in `parts` of each selected position's trial
     spans: list[tuple[int, int, Optional[int]]]  # (first row, end row, slot); the flat padding's slot is None
     tokens: dict  # slot -> real (non-pad) tokens in the batch
+    select: Any  # [targets]: the flattened positions that have a target, in order
 
 
 def build(parts: Sequence[tuple[Optional[int], Sequence[Seq]]], pad_id: int, device, *, flat: bool) -> Batch:
     """The dispatcher: one batch from (slot, micro-batch sequences) of several trials (see `Batch`)."""
     import numpy as np
     import torch
-
-    from trial_worker.data import bucket_length
 
     def put(a, dtype=torch.long):
         return torch.from_numpy(np.ascontiguousarray(a)).to(dtype).to(device, non_blocking=True)
@@ -125,7 +129,7 @@ def build(parts: Sequence[tuple[Optional[int], Sequence[Seq]]], pad_id: int, dev
         lengths = [len(s.ids) for s in seqs]
         ids = [np.asarray(s.ids, dtype=np.int64) for s in seqs]
         tgt = [np.asarray(s.targets, dtype=np.int64) for s in seqs]
-        pad = (length if length is not None else bucket_length(sum(lengths))) - sum(lengths)
+        pad = (length if length is not None else -(-sum(lengths) // FLAT_ALIGN) * FLAT_ALIGN) - sum(lengths)
         if pad:
             ids.append(np.full(pad, pad_id, dtype=np.int64))
             tgt.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
@@ -148,10 +152,13 @@ def build(parts: Sequence[tuple[Optional[int], Sequence[Seq]]], pad_id: int, dev
         owner = np.concatenate([np.repeat(np.arange(len(parts)), [tokens[slot] for slot, _ in parts]),
                                 np.zeros(len(ids) - at, dtype=np.int64)])
         starts: Any = np.concatenate([[0], np.cumsum(lengths)])
-        return Batch(put(ids)[None], put(pos)[None], put(tgt)[None], put(starts, torch.int32), int(max(lengths)),
-                     put(owner), spans, tokens)
+        select = np.flatnonzero(tgt != IGNORE_INDEX)
+        return Batch(put(ids)[None], put(pos)[None], put(tgt[select]), put(starts, torch.int32), int(max(lengths)),
+                     put(owner[select]), spans, tokens, put(select))
     longest = max(tokens.values())
     rows = [layout(seqs, longest) for _, seqs in parts]
+    targets = np.stack([r[1] for r in rows]).reshape(-1)
+    select = np.flatnonzero(targets != IGNORE_INDEX)
     return Batch(put(np.stack([r[0] for r in rows])), put(np.stack([r[2] for r in rows])),
-                 put(np.stack([r[1] for r in rows])), None, None, put(np.repeat(np.arange(len(parts)), longest)),
-                 [(i, i + 1, slot) for i, (slot, _) in enumerate(parts)], tokens)
+                 put(targets[select]), None, None, put(np.repeat(np.arange(len(parts)), longest)[select]),
+                 [(i, i + 1, slot) for i, (slot, _) in enumerate(parts)], tokens, put(select))

@@ -13,16 +13,28 @@ data order (a permutation per epoch seeded by the trial's seed), LoRA init and d
 generators), budget steps, rung evaluation, checkpoints and reports. A trial can join or leave between any two
 pack steps without changing another's numbers.
 
+How a step is sized (a systems choice, as the solo worker's micro-batch: the loss is normalised on the whole
+effective batch however it is split): on the CPU each trial's micro-batch is as written; on a GPU a pack step
+carries up to `step_tokens` tokens, a budget set from the measured activation bytes per token and the card's
+free memory, shared by the running trials (each gets what is left of its effective batch, up to an even share
+of the rest) and re-split every step as trials join and leave. A trial alone in the pack runs its whole
+effective batch in one forward when it fits.
+
+Nothing serial on the hot path: a trial that reaches a rung is evaluated a validation group per pack step,
+batched with the others being evaluated, while the rest train; its checkpoint is written by a writer thread,
+and its rung is reported (and so recorded) only once the checkpoint is on disk.
+
 Faults stay with their trial: a non-finite loss fails that trial before the backward (the others' step goes on);
 out of memory undoes the step (every trial's accumulation window restarts from its first micro-batch, with its
-dropout generator rewound) and sends the newest trial back to wait for room, or fails it with `TrialOOM` when it
-was alone.
+dropout generator rewound), shrinks the step's token budget while it is above one row per trial, then sends the
+newest trial back to wait for room, and fails a trial with `TrialOOM` only when one row of it alone does not fit.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import json
 import math
 import time
@@ -37,8 +49,10 @@ Report = Callable[[dict, str], None]
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "sweep_trial_state.json"
 CPU_MAX_TRIALS = 8  # on the CPU nothing measures memory: a plain cap on trials per pack
-GPU_MICRO_TOKENS = 8192  # a trial's rows per pack step on a GPU, in max_seq_length-token rows
-EVAL_TOKENS = 16384  # validation sequences per evaluation forward
+FIRST_STEP_TOKENS = 16384  # a GPU pack step's token budget until a step has measured the bytes per token
+MAX_STEP_TOKENS = 131072  # beyond this a bigger step gains nothing (the matmuls are saturated long before)
+EVAL_TOKENS = 16384  # validation sequences per evaluation group (one trial's share of an evaluation forward)
+EVAL_GROUPS = 4  # evaluation groups (of several trials) per evaluation forward
 
 
 def pack_key(job: JobConfig) -> str:
@@ -69,8 +83,10 @@ class PackedTrial:
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.start_step = 0
-        self.window: Optional[list[list[Seq]]] = None  # the micro-batches of the current optimizer step
-        self.micro = 0
+        self.window: Optional[list[Seq]] = None  # the rows of the current optimizer step (its effective batch)
+        self.cursor = 0  # rows of the window already trained
+        self.micro = 0  # micro-batches of the window already trained
+        self.chunk: list[Seq] = []  # this pack step's micro-batch
         self.window_targets = 0
         self.loss_acc = 0.0
         self.history: list[tuple[int, float]] = []  # (step, training loss of that step)
@@ -82,9 +98,15 @@ class PackedTrial:
         self.started_at = started_at or time.time()  # when the trial started: `setup_s` counts from it
         self.setup_s: Optional[float] = None  # set at its first pack step
         self.offset = {"wall_s": 0.0, "train_s": 0.0, "tokens": 0.0}
-        self.micro_rows = engine.micro_rows(job)
+        self.micro_rows = job.training.per_device_train_batch_size  # of the last micro-batch (reports)
+        self.accumulation = job.training.gradient_accumulation_steps  # micro-batches of the last window (reports)
+        self.eval_pos = 0  # validation groups done of the rung evaluation in progress
+        self.eval_total: Any = None
+        self.eval_n = 0
         self.params_ok = None  # a device flag: the adapter is finite after its last optimizer step
-        self.state = "running"  # running | parked (reported a rung, waits to be told to go on) | waiting | done | failed
+        # running | evaluating (a rung) | saving (its rung checkpoint) | parked (reported a rung, waits to be told
+        # to go on) | waiting (for room) | done | failed
+        self.state = "running"
         self.error: Optional[BaseException] = None
 
     # --------------------------------------------------------------- data order
@@ -101,11 +123,28 @@ class PackedTrial:
         return out
 
     def start_window(self) -> None:
-        rows = self._next_rows(self.job.training.effective_batch_size)  # the step's data, in the trial's own order
-        m = self.micro_rows
-        self.window = [rows[i:i + m] for i in range(0, len(rows), m)]
-        self.window_targets = sum(s.n_targets for mb in self.window for s in mb)
-        self.micro, self.loss_acc = 0, 0.0
+        self.window = self._next_rows(self.job.training.effective_batch_size)  # the step's data, in its own order
+        self.window_targets = sum(s.n_targets for s in self.window)
+        self.cursor, self.micro, self.loss_acc = 0, 0, 0.0
+
+    def tokens_left(self) -> int:
+        """Tokens of the current window not trained yet."""
+        return sum(len(s.ids) for s in self.window[self.cursor:]) if self.window is not None else 0
+
+    def take(self, budget: Optional[int]) -> list[Seq]:
+        """This step's micro-batch: the window's next rows, as written (`budget` None: the CPU) or as many as
+        fit `budget` tokens (at least one row)."""
+        assert self.window is not None
+        if budget is None:
+            n = self.job.training.per_device_train_batch_size
+        else:
+            n, used = 0, 0
+            for s in self.window[self.cursor:]:
+                if n and used + len(s.ids) > budget:
+                    break
+                n, used = n + 1, used + len(s.ids)
+        self.chunk = self.window[self.cursor:self.cursor + n]
+        return self.chunk
 
     @property
     def dropout_seed(self) -> int:
@@ -116,7 +155,7 @@ class PackedTrial:
         """Undo the current optimizer step's micro-batches (after an out-of-memory pack step)."""
         for p in self.params:
             p.grad = None
-        self.micro, self.loss_acc = 0, 0.0
+        self.cursor, self.micro, self.loss_acc = 0, 0, 0.0
 
     def check_finite(self, what: str, value: float, step: int) -> None:
         """NonFiniteLoss with the solo trial's message when `value` is NaN/inf."""
@@ -144,17 +183,24 @@ class PackedTrial:
         self.window = None
 
     # --------------------------------------------------------------- checkpoints
-    def save(self, directory: Path, extra: dict) -> None:
-        import torch
-        from safetensors.torch import save_file
-
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in self.named_params.items()}, str(directory / ADAPTER_FILE))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   directory / "trainer_state.pt")
+    def save(self, directory: Path, extra: dict) -> Callable[[], None]:
+        """The checkpoint write of the trial as it is now, to run on the writer thread: it holds the trial's
+        tensors, which do not change while the trial waits for its report (evaluated, saving, then parked)."""
+        named, optimizer, scheduler = dict(self.named_params), self.optimizer, self.scheduler
         state = {"step": self.step, "epoch": self.epoch, "pos": self.pos, **extra}
-        (directory / STATE_FILE).write_text(json.dumps(state))
-        write_manifest(directory)  # last: a checkpoint without it was cut short
+
+        def write() -> None:
+            import torch
+            from safetensors.torch import save_file
+
+            directory.mkdir(parents=True, exist_ok=True)
+            save_file({n: p.detach().cpu().contiguous() for n, p in named.items()}, str(directory / ADAPTER_FILE))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       directory / "trainer_state.pt")
+            (directory / STATE_FILE).write_text(json.dumps(state))
+            write_manifest(directory)  # last: a checkpoint without it was cut short
+
+        return write
 
     def load(self, directory: str) -> None:
         import torch
@@ -234,43 +280,61 @@ class PackEngine:
         self.trials: dict[str, PackedTrial] = {}
         self.failed: list[PackedTrial] = []  # out of the pack with an error, for the owner to collect
         self.steps = 0
-        self.peak_bytes = 0.0  # peak allocated over the last pack steps, and with how many trials
-        self.peak_trials = 0
         self.base_bytes = torch.cuda.memory_allocated() if not self.cpu else 0.0
-
-    def micro_rows(self, job: JobConfig) -> int:
-        """Rows of a trial per pack step: on the CPU as written; on a GPU as much of its effective batch as fits
-        `GPU_MICRO_TOKENS` (a divisor of it). The loss is normalised on the whole effective batch either way, so
-        the split is a systems choice that leaves the optimisation as it is (see `execution.py`)."""
-        t = job.training
-        if self.cpu:
-            return t.per_device_train_batch_size
-        cap = max(t.per_device_train_batch_size, GPU_MICRO_TOKENS // job.data.max_seq_length)
-        return max(d for d in range(1, t.effective_batch_size + 1) if t.effective_batch_size % d == 0 and d <= cap)
+        self.longest = max(len(q.ids) for q in self.train_seqs)  # a step gives every trial at least one row
+        # GPU: the step's token budget and the measured activation bytes per token it comes from
+        self.step_tokens: Optional[int] = None if self.cpu else FIRST_STEP_TOKENS
+        self.token_bytes: Optional[float] = None
+        self.evaluating: list[PackedTrial] = []  # trials in a rung evaluation, in the order they reached it
+        self.eval_groups = EVAL_GROUPS
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-checkpoints")
+        self.saves: list[tuple[PackedTrial, Future, dict, Path]] = []  # checkpoint writes in flight
 
     # --------------------------------------------------------------- membership
     def running(self) -> list[PackedTrial]:
         return [t for t in self.trials.values() if t.state == "running"]
 
-    def fits(self) -> bool:
-        """Room for one more trial: under the cap, and (GPU) the last steps' peak scaled to K+1 trials fits."""
+    def _usable_bytes(self) -> float:
         import torch
 
         from trial_worker.execution import MEMORY_SHARE
 
-        k = sum(t.state in ("running", "parked") for t in self.trials.values())
+        return MEMORY_SHARE * torch.cuda.get_device_properties(self.device).total_memory
+
+    def _state_bytes(self, job: JobConfig) -> float:
+        """A trial's own memory, upper bound: fp32 adapter, its gradient and two fp32 optimizer moments."""
+        lora = job.model.lora
+        n = sum(lora.r * (layer.in_features + layer.out_features) for name, layer in self.layers.items()
+                if lora.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in lora.target_modules)
+        return 16.0 * n
+
+    def fits(self, job: Optional[JobConfig] = None) -> bool:
+        """Room for one more trial (`job`): under the cap, and (GPU) its state plus one row per trial of
+        activations, at the measured bytes per token, within the card's usable memory."""
+        import torch
+
+        k = sum(t.state not in ("waiting", "done", "failed") for t in self.trials.values())
         if k >= self.max_trials:
             return False
-        if self.cpu or not self.peak_trials:
+        if self.cpu or self.token_bytes is None:
             return True
-        per_trial = max(0.0, self.peak_bytes - self.base_bytes) / self.peak_trials
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        return self.peak_bytes + per_trial * (k + 1 - self.peak_trials) <= MEMORY_SHARE * total
+        new = self._state_bytes(job) if job is not None else 0.0
+        return torch.cuda.memory_allocated(self.device) + new + self.token_bytes * (k + 1) * self.longest \
+            <= self._usable_bytes()
+
+    def _budget(self) -> None:
+        """The step's token budget from the measured bytes per token and what the card has left."""
+        import torch
+
+        if self.token_bytes is None:
+            return
+        free = self._usable_bytes() - torch.cuda.memory_allocated(self.device)
+        self.step_tokens = int(max(self.longest, min(MAX_STEP_TOKENS, free / self.token_bytes)))
 
     def readmit(self) -> None:
         """Trials sent back to wait by an out-of-memory step go on, oldest first, while there is room."""
         for t in list(self.trials.values()):
-            if t.state == "waiting" and self.fits():
+            if t.state == "waiting" and self.fits(t.job):
                 t.state = "running"
 
     def add(self, trial_id: str, job: JobConfig, report: Report, resume_from: Optional[str] = None,
@@ -332,6 +396,7 @@ class PackEngine:
         trial = self.trials.pop(trial_id, None)
         if trial is None:
             return
+        self.remove_evaluation(trial)
         for layer in self.layers.values():
             if str(trial.slot) in layer.adapters:
                 del layer.adapters[str(trial.slot)]
@@ -357,28 +422,62 @@ class PackEngine:
             inputs = varlen_inputs({**inputs, "cu_seq_lens_q": batch.cu_seq_lens, "cu_seq_lens_k": batch.cu_seq_lens,
                                     "max_length_q": batch.max_length, "max_length_k": batch.max_length}, self.model)
         hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        # Every position through the LM head in chunks, no boolean indexing: no host sync mid-step.
-        nll = per_token_nll(hidden.reshape(-1, hidden.shape[-1]), self.model.get_output_embeddings().weight,
-                            batch.targets.reshape(-1))
+        # The LM head on the positions with a target only (listed on the host: no sync), in chunks.
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.select)
+        nll = per_token_nll(hidden, self.model.get_output_embeddings().weight, batch.targets)
         sums = torch.zeros(len(parts), dtype=torch.float32, device=self.device).index_add(0, batch.owner, nll)
         return sums, batch.tokens
 
+    def busy(self) -> bool:
+        """Whether a step has anything to do: a trial training, in a rung evaluation, or a checkpoint in flight."""
+        return bool(self.running() or self.evaluating or self.saves)
+
     def step(self) -> bool:
-        """One pack step over every running trial; False when none is running."""
+        """One pack step: a training forward/backward over every running trial, and one evaluation forward for
+        the trials in a rung evaluation; False when there is nothing to do."""
+        self._finish_saves()
+        trials = self.running()
+        if not (trials or self.evaluating or self.saves):
+            return False
+        if trials:
+            self._train(trials)
+        if self.evaluating:
+            self._evaluate_some()
+        elif not trials:  # only checkpoints in flight: wait a little for one
+            wait([f for _, f, _, _ in self.saves], timeout=0.05, return_when=FIRST_COMPLETED)
+            self._finish_saves()
+        return True
+
+    def _shares(self, trials: list[PackedTrial]) -> list[Optional[int]]:
+        """Each trial's tokens this step (None: as written, the CPU): what is left of its window, up to an even
+        share of what the others leave of the budget (smallest needs first)."""
+        if self.step_tokens is None:
+            return [None] * len(trials)
+        need = [t.tokens_left() for t in trials]
+        out: list[Optional[int]] = [0] * len(trials)
+        left = self.step_tokens
+        order = sorted(range(len(trials)), key=lambda i: need[i])
+        for n, i in enumerate(order):
+            out[i] = min(need[i], left // (len(order) - n))
+            left -= out[i] or 0
+        return out
+
+    def _train(self, trials: list[PackedTrial]) -> None:
         import torch
 
-        trials = self.running()
-        if not trials:
-            return False
         t0 = time.perf_counter()
         for t in trials:
             if t.setup_s is None:
                 t.setup_s = time.time() - t.started_at
             if t.window is None:
                 t.start_window()
-        windows = [t.window for t in trials if t.window is not None]
+        chunks = [t.take(share) for t, share in zip(trials, self._shares(trials))]
+        before = 0
+        if not self.cpu:
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            sums, tokens = self._losses([(t.slot, w[t.micro]) for t, w in zip(trials, windows)],
+            sums, tokens = self._losses([(t.slot, c) for t, c in zip(trials, chunks)],
                                         {t.slot: t.dropout_seed for t in trials})
             losses = sums / torch.tensor([float(t.window_targets) for t in trials], device=self.device)
             ready = torch.stack([torch.ones((), dtype=torch.bool, device=self.device) if t.params_ok is None
@@ -391,7 +490,7 @@ class PackEngine:
         except torch.OutOfMemoryError as e:
             sums = losses = None
             self._out_of_memory(trials, e)
-            return True
+            return
         finally:
             self.routing.set([], None)
         if bad:
@@ -402,22 +501,29 @@ class PackEngine:
                 t = trials[i]
                 what, v = ("train loss", values[i]) if finite[i] else ("adapter weights", float("nan"))
                 self._fail(t, functools.partial(t.check_finite, what, v, t.step + 1))
-            return True
+            return
         if not self.cpu:
-            self.peak_bytes, self.peak_trials = torch.cuda.max_memory_allocated(self.device), len(trials)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            step_tokens = sum(tokens.values())
+            measured = (torch.cuda.max_memory_allocated(self.device) - before) / max(1, step_tokens)
+            # the largest seen (a step of long rows costs more per token): the budget never grows into an OOM
+            self.token_bytes = max(measured, self.token_bytes or 0.0)
+            self._budget()
         dt = time.perf_counter() - t0
         self.steps += 1
-        for i, (t, w) in enumerate(zip(trials, windows)):
+        for i, (t, c) in enumerate(zip(trials, chunks)):
             t.loss_acc += values[i]
+            t.cursor += len(c)
             t.micro += 1
+            t.micro_rows = len(c)
             t.tokens += tokens[t.slot]
             t.train_s += dt
-            if t.micro == len(w):
+            if t.cursor >= len(t.window or ()):
+                t.accumulation = t.micro
                 t.optimizer_step()
                 if t.step in t.rung_steps:
-                    self._fail(t, functools.partial(self._rung, t))
-        return True
+                    t.state = "evaluating"
+                    t.eval_pos, t.eval_total, t.eval_n = 0, None, 0
+                    self.evaluating.append(t)
 
     def _fail(self, trial: PackedTrial, action: Callable[[], None]) -> None:
         """Run `action`; an exception fails that trial only (it leaves the pack, the error kept for its owner)."""
@@ -440,7 +546,13 @@ class PackEngine:
         gc.collect()
         torch.cuda.empty_cache()
         newest = trials[-1]
-        if len(trials) == 1:
+        floor = len(trials) * self.longest
+        if self.step_tokens is not None and self.step_tokens > floor:
+            # the step was too big: smaller steps, everyone stays (the measured cost was low for these rows)
+            self.step_tokens = max(floor, int(self.step_tokens * 0.7))
+            if self.token_bytes is not None:
+                self.token_bytes *= 1.0 / 0.7
+        elif len(trials) == 1:
             newest.state = "failed"
             newest.error = TrialOOM(f"oom: out of memory alone in its pack (micro-batch "
                                     f"{newest.micro_rows}); {memory_figures(peak)}; "
@@ -451,8 +563,50 @@ class PackEngine:
             self.max_trials = len(trials) - 1  # what fits, learnt the hard way
             newest.state = "waiting"
 
-    def _rung(self, t: PackedTrial) -> None:
-        val = self.evaluate(t.slot)
+    def remove_evaluation(self, trial: PackedTrial) -> None:
+        self.evaluating = [t for t in self.evaluating if t is not trial]
+
+    # --------------------------------------------------------------- rungs: evaluation, checkpoint, report
+    def _evaluate_some(self) -> None:
+        """One evaluation forward: the next validation group of up to `EVAL_GROUPS` trials in a rung evaluation
+        (no gradients: the training step's activations are already freed); a trial whose last group is done
+        goes on to its checkpoint write."""
+        import torch
+
+        now = self.evaluating[:self.eval_groups]
+        parts = [(t.slot, self.val_groups[t.eval_pos]) for t in now]
+        try:
+            with torch.no_grad():
+                sums, _ = self._losses(parts)
+        except torch.OutOfMemoryError as e:
+            sums = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            if len(now) > 1:
+                self.eval_groups = len(now) - 1  # fewer trials per evaluation forward from now on
+            else:
+                from trial_worker.recipe import TrialOOM
+
+                self.remove_evaluation(now[0])
+                self._fail(now[0], functools.partial(_raise, TrialOOM(f"oom: out of memory in its rung evaluation "
+                                                                      f"alone ({EVAL_TOKENS} tokens): {e}")))
+            return
+        finally:
+            self.routing.set([], None)
+        for i, t in enumerate(now):
+            part = sums[i].double()
+            t.eval_total = part if t.eval_total is None else t.eval_total + part
+            t.eval_n += sum(q.n_targets for q in parts[i][1])
+            t.eval_pos += 1
+            if t.eval_pos == len(self.val_groups):
+                self.remove_evaluation(t)
+                total = float(t.eval_total)  # one sync per trial's evaluation
+                val = total / t.eval_n
+                self._fail(t, functools.partial(self._rung, t, {"val_loss": val, "ppl": math.exp(min(val, 700.0)),
+                                                                "tokens": t.eval_n}))
+
+    def _rung(self, t: PackedTrial, val: dict) -> None:
+        """The rung's report; its checkpoint goes to the writer thread, and the report out once it is written."""
         step = t.step
         train_loss = sum(t.since_rung) / len(t.since_rung) if t.since_rung else float("nan")
         t.check_finite("validation loss", val["val_loss"], step)
@@ -473,18 +627,35 @@ class PackEngine:
             "peak_mem_gb": peak_memory_gb(), "wall_s": wall_s, "train_s": train_s,
             "setup_s": t.setup_s or 0.0,
             "micro_batch": t.micro_rows,
-            "accumulation": eff // t.micro_rows,
+            "accumulation": t.accumulation,
             "gradient_checkpointing": self.checkpointing,
         }
         assert set(metrics) == set(REPORT_KEYS)
         directory = t.output_dir / f"checkpoint-{step}"
-        t.save(directory, {"wall_s": wall_s, "train_s": train_s, "tokens": tokens, "val_tokens": val["tokens"]})
-        t.state = "done" if step >= t.rung_steps[-1] else "parked"
-        t.report(dict(metrics), str(directory))
+        write = t.save(directory, {"wall_s": wall_s, "train_s": train_s, "tokens": tokens, "val_tokens": val["tokens"]})
+        t.state = "saving"
+        self.saves.append((t, self.writer.submit(write), metrics, directory))
+
+    def _finish_saves(self) -> None:
+        """Report each rung whose checkpoint is written (durable: the manifest is its last file); a write that
+        failed (a full disk) fails its trial with that error."""
+        done = [s for s in self.saves if s[1].done()]
+        self.saves = [s for s in self.saves if not s[1].done()]
+        for t, future, metrics, directory in done:
+            if t.id not in self.trials or self.trials[t.id] is not t:
+                continue  # it left while its checkpoint was written
+
+            def report(t=t, future=future, metrics=metrics, directory=directory) -> None:
+                future.result()
+                t.state = "done" if t.step >= t.rung_steps[-1] else "parked"
+                t.report(dict(metrics), str(directory))
+
+            self._fail(t, report)
 
     # --------------------------------------------------------------- evaluation
     def evaluate(self, slot: Optional[int]) -> dict[str, float]:
-        """{"val_loss", "ppl", "tokens"}: token-mean loss over the validation split with `slot`'s adapter (None: the base)."""
+        """{"val_loss", "ppl", "tokens"}: token-mean loss over the validation split with `slot`'s adapter (None:
+        the base), all at once."""
         import torch
 
         total, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
@@ -497,3 +668,7 @@ class PackEngine:
         self.routing.set([], None)
         val = total / n
         return {"val_loss": val, "ppl": math.exp(min(val, 700.0)), "tokens": n}
+
+
+def _raise(error: BaseException) -> None:
+    raise error

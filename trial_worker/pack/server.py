@@ -15,7 +15,6 @@ a non-detached actor dies with its owner), while the base must outlive every tri
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 import traceback
@@ -31,7 +30,12 @@ class PackServer:
     def __init__(self, name: str, max_trials: Optional[int] = None):
         self.name = name
         self.max_trials = max_trials
-        self.output_dir = tempfile.mkdtemp(prefix=f"sweep-{name}-")
+        # A pack's steps change size as trials come and go: expandable segments keep the allocator from
+        # fragmenting the card (set before this process's first CUDA allocation).
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        from trial_worker.entry import temp_folder
+
+        self.output_dir = temp_folder(f"sweep-{name}")  # named for this process: removed by any sweep once it is gone
         self.engine: Optional[Any] = None  # the PackEngine, built by the first trial (or base evaluation)
         self.lock = threading.Condition()
         self.commands: deque = deque()  # (op, args), applied by the loop between pack steps
@@ -178,7 +182,7 @@ class PackServer:
             job = JobConfig.model_validate(job_dict)
             try:
                 e = self._engine_for(job)
-                if pack_key(job) != e.key or not e.fits():
+                if pack_key(job) != e.key or not e.fits(job):
                     return
                 self.queue.pop(0)
                 e.add(trial_id, job, lambda m, d, tid=trial_id: self._emit(tid, {"kind": "report", "metrics": m,

@@ -128,6 +128,7 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
     from trial_worker import recipe
 
     started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
+    entry.remove_temp_folders()  # what killed workers and packs on this node left behind
     fatal = entry.fatal_path(run_dir)
     vanished = entry._VANISHED_CHECKPOINT.pop("path", None)
     trial = entry.trial_job(config, job, cpus=pack_cpus)
