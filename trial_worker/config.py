@@ -68,9 +68,10 @@ DataFormat = Literal["auto", "sharegpt", "messages", "text", "instruction"]
 
 class DataConfig(Strict):
     path: str = Field(..., min_length=1, description="HF dataset id, local .jsonl/.json/.parquet file, a folder of them, or a folder of .txt/.pdf documents")
-    generate: Optional[Literal["arithmetic", "dates"]] = Field(
+    generate: Optional[Literal["arithmetic", "dates", "word-problems"]] = Field(
         None, description="If the local folder is missing, write generated task data there: string/arithmetic "
-        "tasks (demo/tests), or date-to-ISO-8601 conversions with a system prompt (the SmolLM2 spec)."
+        "tasks (demo/tests), date-to-ISO-8601 conversions with a system prompt (the SmolLM2 quick demo), or "
+        "multi-step word problems with worked answers (trial_worker.word_problems; the SmolLM2 search benchmark)."
     )
     format: DataFormat = Field("auto", description="sharegpt (conversations/from/value), messages (role/content), text, instruction (instruction/input/output)")
     split: str = "train"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from trial_worker.config import JobConfig
+from trial_worker.word_problems import write_word_problems
 
 BOS, EOS, EOT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|pad|>"
 HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"
@@ -325,7 +326,8 @@ def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
 
 # The writers behind `model.generate` / `data.generate` (the spec's allowed values).
 MODEL_WRITERS: dict[str, Callable[[Path], object]] = {"tiny-llama": write_tiny_llama, "smollm2-135m": write_smollm2}
-DATA_WRITERS: dict[str, Callable[[Path], object]] = {"arithmetic": write_task_data, "dates": write_date_data}
+DATA_WRITERS: dict[str, Callable[[Path], object]] = {"arithmetic": write_task_data, "dates": write_date_data,
+                                                     "word-problems": write_word_problems}
 
 
 def prepare_assets(job: JobConfig, base_dir: str | os.PathLike = ".") -> JobConfig:
