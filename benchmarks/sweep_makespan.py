@@ -1,17 +1,25 @@
-"""A whole sweep, packed vs one trial per process: makespan, GPU utilization, training tokens/s, setup.
+"""A whole sweep, packed vs one trial per process, on the same trials: makespan, GPU utilization and memory,
+training tokens/s, time to the first step, and the speed of a trial alone in its pack.
 
 The reference search space (`search_spaces/llama32_1b.yaml`: learning rate, scheduler, batch 1/2/4,
-accumulation 2/4/8, ASHA with reduction factor 2 over three rungs) over a Llama-3.2-1B-shaped model (random
-weights, written locally, NF4 + double quant, bf16 compute, LoRA r16 on the 7 projections), on ShareGPT-like
-conversations whose token lengths are lognormal (mean ~450, 5th-95th percentile ~172-943). The same spec and
-sampler seed run in both modes (`resources.packing: on` / `off`), each as a real `sweep run` in its own
-process, with `nvidia-smi` sampled every 0.5 s.
+accumulation 2/4/8, ASHA with reduction factor 2) over a Llama-3.2-1B-shaped model (random weights, written
+locally, NF4 + double quant, bf16 compute, LoRA r16 on the 7 projections), on ShareGPT-like conversations whose
+token lengths are lognormal (mean ~450, 5th-95th percentile ~172-943). Both modes (`resources.packing: on` /
+`off`) run the same spec with the seeded random sampler (`search.sampler: random`, `--seed`), so trial N has the
+same params in both (checked from the two studies: `same_trials`), and the same ASHA ladder (`--ladder`); each
+is a real `sweep run` in its own process, with `nvidia-smi` sampled every 0.5 s. Which trials ASHA promotes can
+still differ (asynchronous halving decides from the rung results in hand, and the modes finish rungs in other
+orders): `training_tokens` and `rungs_reached` say how much work each mode did.
 
-    python benchmarks/sweep_makespan.py --mode both              # GPU
-    python benchmarks/sweep_makespan.py --mode packed --tiny      # the same on the CPU with the tiny model
+    python benchmarks/sweep_makespan.py --mode packed                  # GPU: 24 trials, rungs 30 -> 60 -> 120
+    python benchmarks/sweep_makespan.py --mode solo --max-s 540        # the other mode in its own call
+    python benchmarks/sweep_makespan.py --mode lone                    # one trial: alone in a pack, own process
+    python benchmarks/sweep_makespan.py --mode packed --trials 12 --ladder 20,40,80   # a smaller sweep
+    python benchmarks/sweep_makespan.py --merge a.json b.json          # modes measured in separate calls, compared
+    python benchmarks/sweep_makespan.py --tiny --mode both --trials 4 --ladder 2,4 --rows 200   # CPU try-out
 
-Each mode's figures are merged into `benchmarks/results/sweep_makespan.json` (or `--out`), so the two modes can
-run in separate calls; the file says which run each came from.
+Each mode's figures are merged into `benchmarks/results/sweep_makespan.json` (or `--out`); with both modes
+there, the file compares them (`makespan_speedup`, `same_trials`).
 """
 
 from __future__ import annotations
@@ -68,60 +76,136 @@ def write_conversations(tokenizer_dir: str, path: Path, n: int) -> dict:
     return {"rows": n, "mean_tokens": sum(s) / n, "p5": s[int(0.05 * n)], "p95": s[int(0.95 * n)]}
 
 
-def make_spec(work: Path, assets: dict, data_dir: Path, *, mode: str, trials: int, rungs: tuple[int, int],
-              tiny: bool) -> Path:
+REFERENCE_LADDER = "30,60,120"  # search_spaces/llama32_1b.yaml's budget
+# The lone-trial measurement's config: the reference space's largest effective batch (4 x 8), which a pack
+# slowed most (issue 19: 8-12k tokens/s in a pack, 40.5k in its own process).
+LONE_PARAMS = {"learning_rate": 2e-4, "lr_scheduler_type": "cosine", "per_device_train_batch_size": 4,
+               "gradient_accumulation_steps": 8}
+
+
+def parse_ladder(text: str) -> dict:
+    """`--ladder 30,60,120` -> the spec's budget (min, max, reduction_factor); the rungs must be a geometric ladder."""
+    try:
+        rungs = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--ladder {text!r}: need whole numbers of steps, e.g. 30,60,120") from None
+    if not rungs or any(r <= 0 for r in rungs):
+        raise SystemExit(f"--ladder {text!r}: need positive step counts, e.g. 30,60,120")
+    eta = rungs[1] // rungs[0] if len(rungs) > 1 else 2
+    want = [rungs[0] * eta ** k for k in range(len(rungs))]
+    if eta < 2 or rungs != want:
+        raise SystemExit(f"--ladder {text!r}: ASHA's rungs are min * eta**k (eta >= 2 a whole number), e.g. 30,60,120")
+    return {"min": rungs[0], "max": rungs[-1], "reduction_factor": eta}
+
+
+def make_spec(work: Path, assets: dict, data_dir: Path, *, mode: str, trials: int, budget: dict, seed: int,
+              tiny: bool, params: dict | None = None, name: str | None = None) -> Path:
+    """The reference spec for `mode` ("packed": resources.packing on, "solo": off), its trials drawn by the
+    seeded random sampler; `params`: fixed values instead of the searched ones (a choice of one value each)."""
     import yaml
 
+    from sweep.spec import load_spec
+
     spec = yaml.safe_load((ROOT / "search_spaces" / "llama32_1b.yaml").read_text())
-    spec["name"] = f"makespan_{mode}"
+    name = name or f"makespan_{mode}"
+    spec["name"] = name
     spec["model"]["name_or_path"] = assets["model"]
     spec["data"].update({"path": str(data_dir), "validation_fraction": 0.05, "max_eval_samples": 500})
-    spec["search"]["num_trials"] = trials
-    spec["budget"].update({"min": rungs[0], "max": rungs[1]})
+    # The same trials in both modes: random draws from one seed do not depend on results or timing (TPE's do).
+    spec["search"].update({"sampler": "random", "seed": seed, "num_trials": trials})
+    if params:
+        spec["search"]["params"] = {k: {"type": "choice", "values": [v]} for k, v in params.items()}
+    spec["budget"].update(budget)
     spec["resources"] = {"gpus_per_trial": 0 if tiny else 1, "cpus_per_trial": 1 if tiny else 4,
                          "packing": "on" if mode == "packed" else "off"}
     spec["tracking"] = {"wandb": {"mode": "disabled"}}
-    spec["output_dir"] = str(work / f"runs_{mode}")
-    spec["storage"] = f"sqlite:///{work / f'{mode}.db'}"
+    spec["output_dir"] = str(work / f"runs_{name}")
+    spec["storage"] = f"sqlite:///{work / f'{name}.db'}"
     if tiny:
         spec["model"]["quantization"]["bnb_4bit_compute_dtype"] = "float32"
         spec["model"]["attn_implementation"] = "sdpa"
         spec["training"].update({"bf16": False, "optim": "adamw_torch", "use_cpu": True})
         spec["data"]["max_seq_length"] = 256
-    path = work / f"makespan_{mode}.yaml"
+    path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    loaded = load_spec(path)  # the spec as `sweep run` reads it: the ladder asked for, nothing else
+    if loaded.search.sampler != "random" or loaded.budget.rungs != [budget["min"] * budget["reduction_factor"] ** k
+                                                                     for k in range(len(loaded.budget.rungs))]:
+        raise SystemExit(f"{path}: not the ladder or sampler asked for: {loaded.budget.rungs}, {loaded.search.sampler}")
     return path
 
 
 class Sampler(threading.Thread):
-    """nvidia-smi utilization every 0.5 s: [(time, percent)]."""
+    """nvidia-smi every 0.5 s: [(time, utilization %, memory used GiB)] of GPU 0."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, float, float]] = []
         self.stop = threading.Event()
 
     def run(self):
         if not shutil.which("nvidia-smi"):
             return
-        p = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"],
-                             stdout=subprocess.PIPE, text=True)
-        for line in p.stdout:
+        p = subprocess.Popen(["nvidia-smi", "-i", "0", "--query-gpu=utilization.gpu,memory.used",
+                              "--format=csv,noheader,nounits", "-lms", "500"], stdout=subprocess.PIPE, text=True)
+        for line in p.stdout or []:
             if self.stop.is_set():
                 break
             try:
-                self.samples.append((time.time(), float(line.split(",")[0])))
+                util, mem = (float(x) for x in line.split(",")[:2])
             except ValueError:
-                pass
+                continue
+            self.samples.append((time.time(), util, mem / 1024))
         p.terminate()
 
     def mean(self, since: float = 0.0, until: float = float("inf")) -> float | None:
-        xs = [u for t, u in self.samples if since <= t <= until]
-        return sum(xs) / len(xs) if xs else None
+        xs = [u for t, u, _ in self.samples if since <= t <= until]
+        return round(sum(xs) / len(xs), 1) if xs else None
+
+    def peak_gib(self) -> float | None:
+        return round(max(m for _, _, m in self.samples), 2) if self.samples else None
 
 
-def run_mode(work: Path, spec: Path, mode: str, max_s: float | None = None) -> dict:
-    """One real `sweep run` of `spec`; its makespan, utilization, tokens and setup figures from the study.
+def _rungs(t) -> list[tuple[int, dict]]:
+    """A study trial's rung reports (user attrs rung_<step>), by step."""
+    return sorted((int(k[5:]), v) for k, v in t.user_attrs.items() if k.startswith("rung_") and k[5:].isdigit())
+
+
+def _tokens(r: dict) -> float:
+    """Training tokens of a trial up to a rung report (its mean rate over its training time)."""
+    return (r.get("tokens_per_s") or 0.0) * (r.get("train_s") or 0.0)
+
+
+def lone_segments(trials: list) -> list[dict]:
+    """The stretches between two rung reports of a trial (or its first step and its first rung) when no other
+    trial of the sweep was running: the trial alone on the GPU (in packed mode: alone in its pack). Each with
+    its training tokens/s over the stretch's training time and over its wall time."""
+    spans = [(t.number, t.datetime_start.timestamp(), (t.datetime_complete or dt.datetime.now()).timestamp())
+             for t in trials if t.datetime_start is not None]
+    out = []
+    for t in trials:
+        rungs, start = _rungs(t), t.datetime_start
+        if not rungs or start is None or rungs[0][1].get("setup_s") is None:
+            continue
+        t0 = start.timestamp()
+        prev = (t0 + rungs[0][1]["setup_s"], 0.0, 0.0, 0)  # (time, tokens, train_s, step) at its first step
+        for step, r in rungs:
+            if r.get("wall_s") is None or r.get("train_s") is None:
+                break
+            now = (t0 + r["wall_s"], _tokens(r), r["train_s"], step)
+            alone = not any(n != t.number and s < now[0] and e > prev[0] for n, s, e in spans)
+            d_tok, d_train, d_wall = now[1] - prev[1], now[2] - prev[2], now[0] - prev[0]
+            if alone and d_tok > 0 and d_train > 0 and d_wall > 0:
+                out.append({"trial": t.number, "steps": [prev[3], step], "tokens": round(d_tok),
+                            "tokens_per_s_train": round(d_tok / d_train), "tokens_per_s_wall": round(d_tok / d_wall),
+                            "effective_batch": t.params.get("per_device_train_batch_size", 0)
+                            * t.params.get("gradient_accumulation_steps", 0)})
+            prev = now
+    return out
+
+
+def run_mode(work: Path, spec: Path, name: str, max_s: float | None = None) -> dict:
+    """One real `sweep run` of `spec`; its makespan, utilization, memory, tokens and setup figures from the study.
 
     `max_s`: the sweep is stopped as Ctrl-C stops it after that many seconds (the figures then cover an
     unfinished sweep: `cut_at_s` says so, and its makespan is a lower bound)."""
@@ -148,91 +232,179 @@ def run_mode(work: Path, spec: Path, mode: str, max_s: float | None = None) -> d
     if cut:
         cut.cancel()
     sampler.stop.set()
-    (work / f"{mode}.log").write_text("".join(log))
+    (work / f"{name}.log").write_text("".join(log))
     if p.returncode != 0 and not was_cut:
-        raise SystemExit(f"sweep run ({mode}) exited {p.returncode}:\n{''.join(log[-60:])}")
-    name = f"makespan_{mode}"
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{work / f'{mode}.db'}")
-    tokens, setups, packs = 0.0, [], set()
+        raise SystemExit(f"sweep run ({name}) exited {p.returncode}:\n{''.join(log[-60:])}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{work / f'{name}.db'}")
+    trials = study.get_trials(deepcopy=False)
+    tokens, setups, packs, first_steps, peaks = 0.0, [], set(), [], []
     states: dict[str, int] = {}
-    for t in study.trials:
+    for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
-        rungs = sorted((int(k.split("_")[1]), v) for k, v in t.user_attrs.items() if k.startswith("rung_") and k[5:].isdigit())
+        rungs = _rungs(t)
         if not rungs:
             continue
         last, first = rungs[-1][1], rungs[0][1]
-        tokens += (last.get("tokens_per_s") or 0.0) * (last.get("train_s") or 0.0)
+        tokens += _tokens(last)
         # From the trial's start to its first step (`setup_s`; reports before it had only wall - train time)
-        setups.append(first["setup_s"] if first.get("setup_s") is not None
-                      else (first.get("wall_s") or 0.0) - (first.get("train_s") or 0.0))
+        setup = first["setup_s"] if first.get("setup_s") is not None else (first.get("wall_s") or 0.0) - (first.get("train_s") or 0.0)
+        setups.append(setup)
+        if t.datetime_start is not None:
+            first_steps.append(t.datetime_start.timestamp() + setup)
+        peaks += [r["peak_mem_gb"] for _, r in rungs if r.get("peak_mem_gb") is not None]
         if t.user_attrs.get("pack"):
             packs.add(t.user_attrs["pack"])
     makespan = t1 - t0
     start = marks.get("trials_start", t0)
+    first_step = min(first_steps) if first_steps else None
     setups.sort()
+    alone = lone_segments(trials)
+    alone_tokens = sum(a["tokens"] for a in alone)
     return {
         "makespan_s": round(makespan, 1),
         "trials_phase_s": round(t1 - start, 1),
         "before_first_trial_s": round(start - t0, 1),
+        "time_to_first_training_step_s": round(first_step - t0, 1) if first_step else None,
         "training_tokens": round(tokens),
         "training_tokens_per_s_over_makespan": round(tokens / makespan),
         "training_tokens_per_s_over_trials_phase": round(tokens / (t1 - start)),
         "mean_gpu_util_pct": sampler.mean(t0, t1),
         "mean_gpu_util_pct_from_first_trial": sampler.mean(start, t1),
+        "mean_gpu_util_pct_from_first_training_step": sampler.mean(first_step, t1) if first_step else None,
+        "peak_gpu_mem_gib_nvidia_smi": sampler.peak_gib(),
+        "peak_mem_gb_reported": round(max(peaks), 2) if peaks else None,
         "util_samples": len(sampler.samples),
-        "per_trial_setup_s_median": setups[len(setups) // 2] if setups else None,
-        "per_trial_setup_s_max": setups[-1] if setups else None,
+        "per_trial_setup_s_median": round(setups[len(setups) // 2], 1) if setups else None,
+        "per_trial_setup_s_max": round(setups[-1], 1) if setups else None,
+        # A trial alone on the GPU (packed: alone in its pack), from its rung reports: every such stretch, and
+        # their token-weighted speed (the tail of a packed sweep; every trial of a solo one).
+        "alone_tokens_per_s_train": round(sum(a["tokens_per_s_train"] * a["tokens"] for a in alone) / alone_tokens)
+        if alone_tokens else None,
+        "alone_segments": alone,
         "states": states,
         "packs": sorted(packs),
-        "params": [dict(t.params) for t in study.trials],
+        "params": [dict(t.params) for t in trials],
+        "rungs_reached": [[s for s, _ in _rungs(t)] for t in trials],
         **({"cut_at_s": max_s, "finished": False} if was_cut else {"finished": True}),
     }
 
 
+def compare(result: dict) -> None:
+    """With both modes in `result`: did they train the same trials (params per trial number), the same rungs,
+    and how much sooner did packing finish."""
+    for k in ("makespan_speedup", "makespan_speedup_at_least", "tokens_per_s_over_makespan_ratio", "same_trials"):
+        result.pop(k, None)
+    if "packed" not in result or "solo" not in result:
+        return
+    p, s = result["packed"], result["solo"]
+    n = min(len(p["params"]), len(s["params"]))
+    differ = [i for i in range(n) if p["params"][i] != s["params"][i]]
+    rungs_differ = [i for i in range(n) if p["rungs_reached"][i] != s["rungs_reached"][i]] if (
+        "rungs_reached" in p and "rungs_reached" in s) else None
+    result["same_trials"] = {"compared": n, "identical_params": not differ, "params_differ_at": differ,
+                             "rungs_reached_differ_at": rungs_differ}
+    key = "makespan_speedup" if s.get("finished", True) else "makespan_speedup_at_least"  # a cut solo: a bound
+    result[key] = round(s["makespan_s"] / p["makespan_s"], 2)
+    result["tokens_per_s_over_makespan_ratio"] = round(
+        p["training_tokens_per_s_over_makespan"] / max(1, s["training_tokens_per_s_over_makespan"]), 2)
+    print(f"makespan: solo {s['makespan_s']} s, packed {p['makespan_s']} s: {key} {result[key]}x; "
+          f"same params for trials 0-{n - 1}: {not differ}", flush=True)
+
+
+def _summary(figures: dict) -> dict:
+    return {k: v for k, v in figures.items() if k not in ("params", "alone_segments", "rungs_reached", "versions")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["packed", "solo", "both"], default="both")
-    ap.add_argument("--trials", type=int, default=12)
-    ap.add_argument("--rungs", default="10,40", help="budget min,max in optimizer steps (reduction factor 2)")
+    ap.add_argument("--mode", choices=["packed", "solo", "both", "lone"], default="both",
+                    help="lone: one trial (LONE_PARAMS) as a packed sweep of one, then in its own process")
+    ap.add_argument("--trials", type=int, default=24, help="trials per mode (the reference sweep: 24)")
+    ap.add_argument("--ladder", default=REFERENCE_LADDER, help="ASHA's rungs in optimizer steps, min * eta**k "
+                    f"(default {REFERENCE_LADDER}, the reference spec's)")
+    ap.add_argument("--rungs", help=argparse.SUPPRESS)  # older form: min,max with eta 2
+    ap.add_argument("--seed", type=int, default=0, help="the random sampler's seed (the same in both modes)")
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a try-out of the script)")
     ap.add_argument("--work", default="/tmp/sweep_makespan")
     ap.add_argument("--max-s", type=float, help="stop a mode's sweep after this many seconds (figures of an unfinished sweep)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep_makespan.json"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="run nothing: merge these result files (modes "
+                    "measured in separate calls) into --out and compare them")
     a = ap.parse_args()
+    out = Path(a.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    if a.merge:
+        for f in a.merge:
+            part = json.loads(Path(f).read_text())
+            result.update(part)  # each mode's section, and the run's settings
+        compare(result)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(json.dumps({m: _summary(result[m]) for m in ("packed", "solo", "lone") if m in result}, indent=1))
+        return
+    if a.trials < 1:
+        raise SystemExit(f"--trials is {a.trials}, but must be >= 1")
+    if a.rungs:
+        lo, hi = (int(x) for x in a.rungs.split(","))
+        budget = {"min": lo, "max": hi, "reduction_factor": 2}
+    else:
+        budget = parse_ladder(a.ladder)
+    ladder = [budget["min"] * budget["reduction_factor"] ** k for k in range(64)
+              if budget["min"] * budget["reduction_factor"] ** k < budget["max"]] + [budget["max"]]
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     assets = build_assets(work / "assets", tiny=a.tiny, seq=64, rows=4)
     data_dir = work / "conversations"
     lengths = write_conversations(assets["model"], data_dir, a.rows)
-    lo, hi = (int(x) for x in a.rungs.split(","))
-    rungs = (lo, hi)
-    out = Path(a.out)
-    result = json.loads(out.read_text()) if out.exists() else {}
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result.update({"benchmark": "sweep_makespan", "search_space": "search_spaces/llama32_1b.yaml",
-                   "model": "tiny" if a.tiny else "Llama-3.2-1B-shaped (random weights), NF4 + double quant, bf16",
-                   "rows": lengths, "trials": a.trials, "rungs_steps": [rungs[0], rungs[1]]})
-    for mode in (["packed", "solo"] if a.mode == "both" else [a.mode]):
-        shutil.rmtree(work / f"runs_{mode}", ignore_errors=True)
-        (work / f"{mode}.db").unlink(missing_ok=True)
-        spec = make_spec(work, assets, data_dir, mode=mode, trials=a.trials, rungs=rungs, tiny=a.tiny)
-        figures = run_mode(work, spec, mode, a.max_s)
-        figures.update({"device": device, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        "versions": versions()})
-        result[mode] = figures
-        print(json.dumps({mode: {k: v for k, v in figures.items() if k != "params"}}, indent=1), flush=True)
+    settings = {"benchmark": "sweep_makespan", "search_space": "search_spaces/llama32_1b.yaml", "sampler": "random",
+                "seed": a.seed, "model": "tiny" if a.tiny else "Llama-3.2-1B-shaped (random weights), NF4 + double quant, bf16",
+                "rows": lengths, "trials": a.trials, "ladder_steps": ladder}
+    stamp = {"device": device, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
+    if a.mode == "lone":  # beside the sweeps' figures, whatever their settings
+        lone = {"params": LONE_PARAMS, "steps": budget["max"], "model": settings["model"], **stamp}
+        for mode in ("packed", "solo"):
+            name = f"makespan_lone_{mode}"
+            shutil.rmtree(work / f"runs_{name}", ignore_errors=True)
+            (work / f"{name}.db").unlink(missing_ok=True)
+            spec = make_spec(work, assets, data_dir, mode=mode, trials=1, seed=a.seed, tiny=a.tiny, params=LONE_PARAMS,
+                             budget={"min": budget["max"], "max": budget["max"], "reduction_factor": 2}, name=name)
+            figures = run_mode(work, spec, name, a.max_s)
+            last = figures["alone_segments"]
+            lone[mode] = {"tokens_per_s_train": round(sum(x["tokens"] for x in last)
+                                                      / max(1e-9, sum(x["tokens"] / x["tokens_per_s_train"] for x in last)))
+                          if last else None, "makespan_s": figures["makespan_s"],
+                          "time_to_first_training_step_s": figures["time_to_first_training_step_s"],
+                          "peak_gpu_mem_gib_nvidia_smi": figures["peak_gpu_mem_gib_nvidia_smi"]}
+            print(json.dumps({f"lone_{mode}": lone[mode]}), flush=True)
+        if lone["packed"]["tokens_per_s_train"] and lone["solo"]["tokens_per_s_train"]:
+            lone["alone_in_pack_vs_own_process"] = round(lone["packed"]["tokens_per_s_train"] / lone["solo"]["tokens_per_s_train"], 2)
+        result["lone"] = lone
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
-    if "packed" in result and "solo" in result:
-        p, s = result["packed"], result["solo"]
-        key = "makespan_speedup" if s.get("finished", True) else "makespan_speedup_at_least"  # a cut solo: a bound
-        result.pop("makespan_speedup", None), result.pop("makespan_speedup_at_least", None)
-        result[key] = round(s["makespan_s"] / p["makespan_s"], 2)
+        return
+    if any(result.get(k) != v for k, v in settings.items() if k in result and k != "rows") and any(
+            m in result for m in ("packed", "solo")):
+        # Figures of other settings do not compare: start the file afresh (a lone measurement stays).
+        print(f"{out}: earlier figures were of other settings; replaced", flush=True)
+        result = {k: v for k, v in result.items() if k == "lone"}
+    result.update(settings)
+    result.pop("rungs_steps", None)
+    for mode in (["packed", "solo"] if a.mode == "both" else [a.mode]):
+        name = f"makespan_{mode}"
+        shutil.rmtree(work / f"runs_{name}", ignore_errors=True)
+        (work / f"{name}.db").unlink(missing_ok=True)
+        spec = make_spec(work, assets, data_dir, mode=mode, trials=a.trials, budget=budget, seed=a.seed, tiny=a.tiny)
+        figures = run_mode(work, spec, name, a.max_s)
+        figures.update(stamp)
+        result[mode] = figures
+        print(json.dumps({mode: _summary(figures)}, indent=1), flush=True)
+        compare(result)
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
-        print(f"makespan: solo {s['makespan_s']} s, packed {p['makespan_s']} s: {key} {result[key]}x", flush=True)
 
 
 if __name__ == "__main__":
