@@ -135,13 +135,18 @@ def _say_if_moved(study_name: str, storage_url: str) -> None:
 
 def _sweep(command: str, spec, **kwargs) -> None:
     """`run_sweep` for `sweep run`/`resume`, each way it can stop turned into one message and its exit code."""
-    from sweep.controller import DiskFullStop, ResumeRefused, StudyStorageLost, run_sweep
-    from sweep.record import StorageError
+    from sweep.controller import DiskFullStop, ResumeRefused, StudyStorageLost, SweepStopped, run_sweep
+    from sweep.record import StorageError, StudyHeld
+    from sweep.stops import EXIT_INTERRUPTED
 
     try:
         summary = run_sweep(spec, **kwargs)
     except ResumeRefused as e:
         _fail(str(e))
+    except StudyHeld as e:
+        _fail(f"sweep {command}: {e}")
+    except SweepStopped as e:
+        _fail(str(e), EXIT_INTERRUPTED)
     except StorageError as e:
         _fail(f"sweep {command}: {e}")
     except StudyStorageLost as e:

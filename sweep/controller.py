@@ -21,13 +21,13 @@ from sweep._compat.ray import ray_temp_dir as _ray_temp_dir  # noqa: F401  (the 
 from sweep.resume import (UNFINISHED_REASON, ResumeRefused, check_resumable, end_orphans, end_processes, fail_lost_trials,
                           mark_ray_owner, own_ray, record_controller)
 from sweep.spec import SweepSpec, default_storage, is_uri, public_dict, resolve_paths, run_storage, spec_hash
-from sweep.stops import (DiskFullStop, QuietStops, StudyStorageLost, disk_full_message, resume_command,
-                         storage_failure, storage_lost_message)
+from sweep.stops import (DiskFullStop, Interrupts, QuietStops, StudyStorageLost, SweepInterrupted, SweepStopped,
+                         disk_full_message, interrupted_message, resume_command, storage_failure, storage_lost_message)
 
 # A sweep's run folder: a local (or mounted) folder, or a URI in Tune's storage (s3://bucket/prefix/<study>).
 RunDir = Union[Path, str]
 
-__all__ = ["run_sweep", "terminal_console", "DiskFullStop", "ResumeRefused", "StudyStorageLost"]
+__all__ = ["run_sweep", "terminal_console", "DiskFullStop", "ResumeRefused", "StudyStorageLost", "SweepStopped"]
 
 
 def terminal_console():
@@ -56,14 +56,13 @@ def run_sweep(
     """
     import optuna
 
-    from sweep.record import open_storage, record_spec, register_study, safe_url
+    from sweep.record import ControllerLease, open_storage
 
     console = console or terminal_console()
     spec_path = Path(spec_path)
     study_name = study_name or spec.name
     storage_url = storage or spec.storage or default_storage(spec, spec_path)
     spec = resolve_paths(spec, spec_path.parent)
-    job = spec.job()
     out_dir = run_storage(spec)  # Tune's storage_path: a URI (s3://...) unchanged, else an absolute local folder
     run_dir = run_folder(out_dir, study_name)
     again = resume_command(spec_path, spec, study_name, storage)
@@ -76,22 +75,61 @@ def run_sweep(
     address = address or os.environ.get("RAY_ADDRESS")
     _quiet_libraries(local_ray=not address)
 
-    # The study: created (or continued by `sweep run` on an existing name), or checked for a resume.
+    # One controller per study: the lease is taken before the study is created or touched (`StudyHeld`).
     rstorage = open_storage(storage_url)
+    lease = ControllerLease(rstorage, study_name).acquire()
+    if lease.taken_over:
+        gone = lease.taken_over
+        console.print(f"took over study {study_name!r} from its earlier controller (pid {gone['pid']} on "
+                      f"{gone['host']}), which is gone")
+    from rich.markup import escape
+
+    stops = Interrupts(say=lambda text: console.print(f"[yellow]{escape(text)}[/]"))
+    state: dict = {"fit": False}
+    try:
+        with stops:
+            try:
+                return _run(optuna, spec, spec_path=spec_path, study_name=study_name, storage=storage,
+                            storage_url=storage_url, rstorage=rstorage, address=address, num_trials=num_trials,
+                            console=console, resume=resume, run_dir=run_dir, out_dir=out_dir, again=again,
+                            stops=stops, state=state)
+            except SweepInterrupted:
+                raise SweepStopped(_stopped_line(optuna, rstorage, study_name, stops, state, again)) from None
+            except (SweepStopped, DiskFullStop, StudyStorageLost, ResumeRefused):
+                raise
+            except Exception:
+                _undo_unstarted(optuna, rstorage, study_name, storage_url, state, console)
+                raise
+    finally:
+        lease.release()
+
+
+def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: Optional[str], storage_url: str,
+         rstorage, address: Optional[str], num_trials: Optional[int], console, resume: bool, run_dir: RunDir,
+         out_dir: str, again: str, stops: "Interrupts", state: dict) -> dict:
+    """`run_sweep` once this controller holds the study's lease, with its signal handlers installed."""
+    from sweep.record import record_spec, register_study, registered_studies, safe_url
+
+    job = spec.job()
+    # The study: created (or continued by `sweep run` on an existing name), or checked for a resume.
     restore = False
     if resume:
         study, restore = check_resumable(optuna, rstorage, study_name, spec, spec_path, run_dir)
     else:
+        state["created"] = study_name not in optuna.get_all_study_names(rstorage)
         study = optuna.create_study(storage=rstorage, study_name=study_name, direction="minimize", load_if_exists=True)
     record_spec(study, public_dict(spec), spec_hash(spec))
+    state["registered_before"] = registered_studies().get(study_name)
     register_study(study_name, storage_url)
     console.print(f"study [bold]{study_name}[/] in {safe_url(storage_url)}")
     n_trials = num_trials or (study.user_attrs.get("num_trials") if resume else None) or spec.num_trials
+    state["n_trials"] = n_trials
     if not resume:
         study.set_user_attr("num_trials", n_trials)  # what `sweep resume` completes
     elif _nothing_to_resume(study, n_trials, console):
         if not address:
             end_orphans(run_dir)  # what a controller killed at the very end left of its local Ray
+            _remove_temp_folders()
         return _summary(study, study_name, storage_url, errors=0)
     record_controller(study, again)
 
@@ -99,6 +137,7 @@ def run_sweep(
 
     prepare_assets(job)
     ray = _start_ray(address, run_dir, console)
+    stops.install()  # again: `ray.init` set a SIGTERM handler of its own
     try:
         _evaluate_base_once(ray, study, job, spec, console, run_dir)
         searcher = _searcher(spec, study_name, rstorage)
@@ -117,7 +156,8 @@ def run_sweep(
         console.print(f"ASHA over {n_trials} trials, rungs {' -> '.join(map(str, budget.rungs))} {budget.unit}, "
                       f"{res.cpus_per_trial:g} CPU / {res.gpus_per_trial:g} GPU per trial")
 
-        results = _fit(ray, tuner, progress, run_dir=run_dir, again=again)
+        state["fit"] = True
+        results = _fit(ray, tuner, progress, run_dir=run_dir, again=again, stops=stops)
         errors = sum(1 for r in results if r.error is not None)
         # Nothing may stay RUNNING. The study is written and read once more after the fit: retried like the
         # searcher's own writes. A fresh run ends only its own trials; a resume every one left running.
@@ -127,7 +167,7 @@ def run_sweep(
             errors += searcher._retry("fail unfinished trials", lambda: fail_lost_trials(
                 study_name, rstorage, only=searcher.storage_trial_ids(), reason=UNFINISHED_REASON))
         rows = _leaderboard(searcher, study_name, rstorage, console)
-    except DiskFullStop:
+    except (DiskFullStop, SweepStopped):
         raise
     except Exception as e:
         failure = storage_failure(e)
@@ -142,8 +182,52 @@ def run_sweep(
         ray.shutdown()
         if ours:
             end_processes(ours, grace_s=2.0)
+        _remove_temp_folders()
 
     return _summary(study, study_name, storage_url, errors=errors, rows=rows)
+
+
+def _remove_temp_folders() -> list:
+    """The trials' and packs' temp folders on this machine whose process has ended (`trial_worker.entry`)."""
+    from trial_worker.entry import remove_temp_folders
+
+    return remove_temp_folders()
+
+
+def _stopped_line(optuna, rstorage, study_name: str, stops: "Interrupts", state: dict, again: str) -> str:
+    """The one line of a sweep stopped by Ctrl+C or SIGTERM: which trials were left unfinished, how many were
+    not started, and the resume command."""
+    running: list[int] = []
+    not_started = 0
+    try:
+        study = optuna.load_study(study_name=study_name, storage=rstorage)
+        trials = study.get_trials(deepcopy=False)
+        running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        not_started = max(0, int(state.get("n_trials") or 0) - len(trials))
+    except Exception:  # noqa: BLE001 - the line is said without the counts rather than not at all
+        trials = []
+    return interrupted_message(stops.signal or "Ctrl+C", at_once=stops.at_once, running=running,
+                               not_started=not_started, again=again, before_trials=not state.get("fit") and not trials)
+
+
+def _undo_unstarted(optuna, rstorage, study_name: str, storage_url: str, state: dict, console) -> None:
+    """A sweep that failed before its first trial started leaves nothing behind: the study it created (still
+    without trials) is deleted and its name's registry entry put back as it was."""
+    from sweep.record import unregister_study
+
+    if not state.get("created") or state.get("fit"):
+        return
+    try:
+        study = optuna.load_study(study_name=study_name, storage=rstorage)
+        if study.get_trials(deepcopy=False):
+            return
+        optuna.delete_study(study_name=study_name, storage=rstorage)
+        if "registered_before" in state:
+            unregister_study(study_name, state["registered_before"])
+    except Exception as e:  # noqa: BLE001 - the failure itself is what the user must see
+        console.print(f"sweep: could not remove study {study_name!r} that failed before its first trial: {e}")
+        return
+    console.print(f"sweep: failed before the first trial started; study {study_name!r} removed (it held no trial)")
 
 
 def run_folder(storage_path: str, study_name: str) -> RunDir:
@@ -212,6 +296,22 @@ def _start_ray(address: Optional[str], run_dir: RunDir, console):
     # training thread this long to unwind (cleanup, freeing memory) before failing the next trial.
     # Ray's default of 2 s is too short on a busy machine.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "120")
+    # A local Ray's processes (and the trial workers they start) inherit this thread's signal mask: SIGTERM is
+    # blocked for them, as Ray blocks SIGINT, so that a SIGTERM to the whole process group (a batch scheduler,
+    # systemd) reaches only the controller, which stops the sweep cleanly and ends them itself; a raylet ended
+    # by it would take the controller down mid-save. (`ray.shutdown` ends them with SIGKILL.)
+    import signal
+
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if not address else None
+    try:
+        _ray_init(ray, address)
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return ray
+
+
+def _ray_init(ray, address: Optional[str]) -> None:
     ray.init(
         runtime_env={"env_vars": {"TUNE_FUNCTION_THREAD_TIMEOUT_S": os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"]}},
         address=address,
@@ -221,7 +321,6 @@ def _start_ray(address: Optional[str], run_dir: RunDir, console):
         log_to_driver=False,  # trial errors reach the terminal and the study through the callback
         ignore_reinit_error=True,
     )
-    return ray
 
 
 def _evaluate_base_once(ray, study, job, spec: SweepSpec, console, run_dir: RunDir) -> None:
@@ -332,22 +431,32 @@ def _restored_tuner(run_dir: RunDir, trainable, console):
     return tuner, progress
 
 
-def _fit(ray, tuner, progress, *, run_dir: RunDir, again: str):
-    """`tuner.fit()`, stopped short by a full disk (`DiskFullStop`, resumable) or a lost study (raised on)."""
+def _fit(ray, tuner, progress, *, run_dir: RunDir, again: str, stops: Optional[Interrupts] = None):
+    """`tuner.fit()`, stopped short by a full disk (`DiskFullStop`, resumable), by Ctrl+C or SIGTERM (`SweepInterrupted`,
+    resumable) or a lost study (raised on)."""
     if progress is not None:
         progress.disk_full = None
     with QuietStops(progress) as logs:
+        if stops is not None:
+            stops.tune_running = True
         try:
             results = tuner.fit()
         except Exception:
             if not getattr(progress, "disk_full", None):
                 raise
             results = None  # the callback's exception ended the fit (Tune not in the main thread)
+        finally:
+            if stops is not None:
+                stops.tune_running = False
+                stops.closing = bool(stops.signal)
         if getattr(progress, "disk_full", None):
             ray.shutdown()  # its unhandled-error messages of the stopped trials are filtered too
             # Trials stopped unfinished stay RUNNING in the study: `sweep resume` continues them.
             raise DiskFullStop(disk_full_message(progress.disk_full, run_dir=run_dir, again=again,
                                                  state_unsaved=logs.state_unsaved))
+        if stops is not None and stops.signal:
+            ray.shutdown()  # as for a full disk: the stopped trials' messages are filtered too
+            raise SweepInterrupted(stops.signal)  # the running trials stay RUNNING in the study: resumable
     return results
 
 

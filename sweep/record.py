@@ -338,3 +338,189 @@ def resolve_study(ref: str, storage: Optional[str] = None) -> tuple[str, str]:
         return reg[ref], ref
     known = f"known studies: {', '.join(sorted(reg))}" if reg else f"no study is registered in {_registry_path()}"
     raise StudyNotFound(f"no study named {ref!r} ({known}); give its database with --storage URL or pass the spec file")
+
+
+# ------------------------------------------------------------------ one controller per study
+
+LEASE_TABLE = "sweep_controller_leases"
+LEASE_TTL_S = 60.0  # a lease not renewed for this long is a dead controller's (another host's: only by time)
+LEASE_RENEW_S = 10.0
+
+
+class StudyHeld(RuntimeError):
+    """Another live controller drives this study (its lease is held); the message names it and since when."""
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """Process `pid`'s start time in clock ticks since boot (Linux /proc), to tell a pid reused; None if unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: Optional[str]) -> bool:
+    """Whether the process `pid` that started at `started` (see `_process_start`) still runs on this host."""
+    now = _process_start(pid)
+    if now is not None:
+        return started is None or now == started
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+class ControllerLease:
+    """The lease a live controller holds on its study: one row (study, host, pid, since, renewed) in a small
+    table of the study's own database, taken before the controller creates or touches the study and renewed
+    every `LEASE_RENEW_S` by a thread.
+
+    Why a table of its own rather than an Optuna study user attr: taking the lease must be atomic (two
+    `sweep run` started at once must not both win), and Optuna's attrs are plain upserts with no
+    compare-and-set, while a row with a primary key (an INSERT that only one can make) and an UPDATE guarded by
+    the old holder's token are atomic on SQLite and PostgreSQL alike; the table also exists before the study
+    does (a first `sweep run` is held from its first write). Optuna ignores tables it does not know.
+
+    A lease is free when it is released (the controller ended, by any exit but a kill), when its holder is a
+    process of this host that no longer runs (a `kill -9`, a crash: a resume right after is not blocked), or when
+    it was not renewed for `LEASE_TTL_S` (a controller on another host, or a lost host; hosts' clocks are assumed
+    within seconds of each other).
+    """
+
+    def __init__(self, rstorage, study_name: str):
+        import socket
+        import uuid
+
+        self.engine, self.study_name = rstorage.engine, study_name
+        self.host, self.pid, self.token = socket.gethostname(), os.getpid(), uuid.uuid4().hex
+        self.taken_over: Optional[dict] = None  # the row of a dead controller this lease replaced
+        self._stop: Any = None  # the renewing thread's stop event
+        self._table: Any = None  # the lease table (sqlalchemy.Table), once made
+
+    def _schema(self):
+        import sqlalchemy as sa
+
+        if self._table is None:
+            meta = sa.MetaData()
+            self._table = sa.Table(LEASE_TABLE, meta,
+                                   sa.Column("study_name", sa.String(512), primary_key=True),
+                                   sa.Column("host", sa.String(255), nullable=False),
+                                   sa.Column("pid", sa.Integer, nullable=False),
+                                   sa.Column("process_start", sa.String(32)),
+                                   sa.Column("token", sa.String(64), nullable=False),
+                                   sa.Column("since", sa.Float, nullable=False),
+                                   sa.Column("renewed", sa.Float, nullable=False))
+            for attempt in range(5):
+                try:
+                    meta.create_all(self.engine, checkfirst=True)
+                    break
+                except sa.exc.SQLAlchemyError as e:  # two controllers creating the table at once: the loser retries
+                    if attempt == 4 or not any(w in str(e).lower() for w in ("already exists", "duplicate", "locked")):
+                        raise
+                    import time
+
+                    time.sleep(0.2 * (attempt + 1))
+        return self._table
+
+    def holder(self) -> Optional[dict]:
+        """The row of the controller holding the study, or None."""
+        t = self._schema()
+        with self.engine.connect() as c:
+            row = c.execute(t.select().where(t.c.study_name == self.study_name)).mappings().first()
+        return dict(row) if row else None
+
+    def free(self, row: dict, now: float) -> bool:
+        """Whether the lease `row` is a dead controller's: this host's process gone, or not renewed in time."""
+        import socket
+
+        if row["host"] == socket.gethostname() and not _alive(row["pid"], row.get("process_start")):
+            return True
+        return now - row["renewed"] > LEASE_TTL_S
+
+    def acquire(self) -> "ControllerLease":
+        """Take the lease, or raise `StudyHeld` naming its holder and since when."""
+        import time
+
+        import sqlalchemy as sa
+
+        t = self._schema()
+        for _ in range(10):
+            now = time.time()
+            mine = dict(study_name=self.study_name, host=self.host, pid=self.pid, process_start=_process_start(self.pid),
+                        token=self.token, since=now, renewed=now)
+            row = self.holder()
+            try:
+                with self.engine.begin() as c:
+                    if row is None:
+                        c.execute(t.insert().values(**mine))
+                    elif self.free(row, now):
+                        got = c.execute(t.update().where(t.c.study_name == self.study_name, t.c.token == row["token"])
+                                        .values(**mine)).rowcount
+                        if got != 1:
+                            continue  # another controller took it first: look again
+                        self.taken_over = row
+                    else:
+                        raise StudyHeld(held_message(self.study_name, row, now))
+            except sa.exc.IntegrityError:
+                continue  # another controller inserted first: look again
+            self._renew_in_background()
+            return self
+        raise StudyHeld(f"study {self.study_name!r}: could not take the controller lease (others kept taking it)")
+
+    def _renew_in_background(self) -> None:
+        import threading
+        import time
+
+        t, stop = self._table, threading.Event()
+        self._stop = stop
+
+        def renew() -> None:
+            while not stop.wait(LEASE_RENEW_S):
+                try:
+                    with self.engine.begin() as c:
+                        c.execute(t.update().where(t.c.study_name == self.study_name, t.c.token == self.token)
+                                  .values(renewed=time.time()))
+                except Exception as e:  # noqa: BLE001 - the database away for a while: the searcher's retries say so
+                    logger.debug("renewing the controller lease of %s: %s", self.study_name, e)
+
+        threading.Thread(target=renew, name="sweep-lease", daemon=True).start()
+
+    def release(self) -> None:
+        """Give the lease back (only this controller's own: a lease taken over since is left alone)."""
+        if self._stop is not None:
+            self._stop.set()
+        t = self._table
+        if t is None:
+            return
+        try:
+            with self.engine.begin() as c:
+                c.execute(t.delete().where(t.c.study_name == self.study_name, t.c.token == self.token))
+        except Exception as e:  # noqa: BLE001 - the lease then expires by itself (LEASE_TTL_S, or its pid gone)
+            logger.warning("could not release the controller lease of study %s: %s", self.study_name, e)
+
+
+def held_message(study_name: str, row: dict, now: float) -> str:
+    """Who holds the study `study_name` (a lease row) and since when, and what to do."""
+    import time
+
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row["since"]))
+    return (f"study {study_name!r} is held by another controller: pid {row['pid']} on host {row['host']}, since {since} "
+            f"(lease renewed {max(0.0, now - row['renewed']):.0f} s ago). One controller per study: wait for it to "
+            f"end, or stop it (Ctrl+C) and continue with `sweep resume`; or search as a new study: --name NEW_NAME")
+
+
+def unregister_study(name: str, previous: Optional[str]) -> None:
+    """Undo `register_study(name, ...)`: the name's earlier storage put back (`previous`), or the name removed."""
+    reg = registered_studies()
+    if previous is None:
+        if reg.pop(name, None) is None:
+            return
+    else:
+        reg[name] = previous
+    p = _registry_path()
+    tmp = p.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(reg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, p)

@@ -25,10 +25,11 @@ class StudyStorageLost(RuntimeError):
 
 
 class QuietStops:
-    """Tune's log while a sweep may stop for a full disk or a lost study database: drops Tune's tracebacks of a study write
-    that gave up (the controller reports it once) and Ray's tracebacks of the DiskFull trial errors (the trial's
-    FAIL line and the study hold the reason) and Tune's own Ctrl+C messages once the sweep stops (the controller
-    says once what happened and how to continue), and notes whether Tune failed to save its experiment state.
+    """Tune's log while a sweep runs: drops Tune's tracebacks of a study write that gave up (the controller reports
+    it once), Ray's tracebacks of failed trial attempts (a lost worker, a DiskFull: the trial's one FAIL or retry
+    line and the study hold the reason) and Tune's own stop messages with their `Tuner.restore` hint (the
+    controller says once what stopped the sweep and gives `sweep resume`), and notes whether Tune failed to save
+    its experiment state.
     Also drops Tune's traceback for a checkpoint it could not delete because it was gone already (a resumed
     sweep's restored state can list one deleted after its save)."""
 
@@ -54,11 +55,14 @@ class QuietStops:
         exc = record.exc_info[1] if record.exc_info else None
         if text.startswith(CHECKPOINT_HANDLING_FAILED) and isinstance(exc, FileNotFoundError):
             return False  # after a resume: a checkpoint Tune's older state listed was already deleted; nothing lost
-        about = f"{text} {exc!r} {getattr(exc, '__cause__', None)!r}"
         if exc is not None and storage_failure(exc) is not None:
             return False  # a study write that gave up: the controller says it once, without Tune's traceback
-        if "DiskFull" in about and text.startswith(TRIAL_FAILED_MESSAGES):
+        if text.startswith(TRIAL_FAILED_MESSAGES):
+            # A trial's attempt that failed (its worker lost, an error in it): the progress line says it once
+            # (`FAIL: ...` or `retry N from ...`) and the study keeps the reason; Ray's traceback adds nothing.
             return False
+        if text.startswith(STOP_MESSAGES):
+            return False  # Ctrl+C, a full disk: the controller says once what stopped and how to continue
         if not getattr(self.progress, "disk_full", None):
             # A save that failed on the full disk before the stop: the state saved at the stop is what counts.
             return not (text.startswith(STATE_SAVE_FAILED_MESSAGE) and "No space left" in repr(exc))
@@ -114,3 +118,98 @@ def storage_lost_message(failure: BaseException, *, study_name: str, storage_url
             f"Nothing recorded is lost: the study keeps every write made before the failure, and Ray Tune's run "
             f"folder {run_dir} keeps the trials' results and checkpoints.\n"
             f"Once the database is back, continue with: {again}")
+
+
+# ------------------------------------------------------------------ Ctrl+C and SIGTERM
+
+EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT, for SIGTERM too: the sweep was stopped from outside, resumable
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Raised in the main thread by a Ctrl+C (SIGINT) or SIGTERM that must stop the sweep at once: the second
+    one, or the first before Tune runs. A KeyboardInterrupt, so no `except Exception` on the way (Tune's loop,
+    its cleanup) holds it up."""
+
+
+class SweepStopped(RuntimeError):
+    """The sweep was stopped by Ctrl+C or SIGTERM; the message is the one line the user reads (exit 130)."""
+
+
+class Interrupts:
+    """The sweep's SIGINT and SIGTERM handlers, installed for the whole of `run_sweep` (main thread only).
+
+    While Tune runs (`tune_running`), the first signal is handed to Tune as its own stop (SIGUSR1, which Tune
+    handles like Ctrl+C): no new trial starts, Tune saves its experiment state with the running trials
+    unfinished and stops their actors; the study keeps them RUNNING, and `sweep resume` continues them. Tune's
+    own SIGINT handler is kept out (`TUNE_DISABLE_SIGINT_HANDLER`): it would print Ray's restore hint and
+    make a second Ctrl+C a plain KeyboardInterrupt at any point. A second signal (or the first when Tune is not
+    running: Ray starting, the base evaluation, the leaderboard) raises `SweepInterrupted` at once; nothing
+    recorded is lost (each study write is one transaction, and Tune's last saved state stays on disk, as after
+    a kill). Signals after that are ignored, so the ending of Ray's processes is never cut short.
+    """
+
+    def __init__(self, say=None):
+        self.signal: Optional[str] = None  # "Ctrl+C" or "SIGTERM": the first signal received
+        self.at_once = False  # a signal stopped the sweep at once (SweepInterrupted raised)
+        self.tune_running = False
+        self.closing = False  # no signal is acted on any more (the sweep is ending)
+        self.say = say or (lambda text: None)
+        self._old: dict = {}
+
+    def __enter__(self):
+        import os
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            self.install()
+        return self
+
+    def install(self) -> None:
+        """(Re)install the handlers: `ray.init` sets a SIGTERM handler of its own (`sys.exit`)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.signal(sig, self._handle)
+            self._old.setdefault(sig, old)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old.clear()
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        from sweep._compat.ray import interrupt_tune
+
+        name = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if self.closing:
+            return  # Tune has stopped, or the sweep stops at once: let the ending of Ray's processes finish
+        if self.signal is None and self.tune_running:
+            self.signal = name
+            self.say(f"stopping ({name}): no new trial starts, running trials stop unfinished (resumable); "
+                     f"{'Ctrl+C' if name == 'Ctrl+C' else name} again stops at once")
+            interrupt_tune(SweepInterrupted(name))
+            return
+        self.signal = self.signal or name
+        self.at_once = self.closing = True
+        raise SweepInterrupted(name)
+
+
+def interrupted_message(how: str, *, at_once: bool, running: list[int], not_started: int, again: str,
+                        before_trials: bool = False) -> str:
+    """The one line `sweep run`/`resume` ends with after Ctrl+C or SIGTERM (`again`: the resume command)."""
+    if before_trials:
+        what = "before any trial started"
+    else:
+        which = (f"trial{'s' if len(running) > 1 else ''} {', '.join(map(str, running))} left unfinished"
+                 if running else "no trial was running")
+        what = f"{which}, {not_started} not started"
+    return (f"sweep: stopped by {how}{' at once' if at_once else ''}: {what}; nothing recorded is lost. "
+            f"Continue with: {again}")

@@ -113,7 +113,8 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
             metrics["checkpoint_note"] = note.pop()
         report_checkpoint(metrics, checkpoint_dir, writing)
 
-    output_dir = tempfile.mkdtemp(prefix="sweep-trial-")
+    remove_temp_folders()  # what killed workers on this node left behind
+    output_dir = temp_folder("sweep-trial")
     try:
         with _resume_point(tune.get_checkpoint(), vanished) as (resume_from, problems):
             if problems:
@@ -128,6 +129,53 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
         raise
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
+
+
+# The temp folders of trials and packs: `<tmp>/<kind>-<pid>-<random>`, named for the process that uses them, so
+# any sweep on the node can remove those whose process is gone (a worker killed, a sweep stopped or ended).
+TEMP_KINDS = ("sweep-trial-", "sweep-sweep-pack-")
+
+
+def temp_folder(kind: str) -> str:
+    """A new temp folder `<tmp>/<kind>-<this pid>-<random>` (see `remove_temp_folders`)."""
+    return tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-")
+
+
+def remove_temp_folders(root: str | None = None) -> list[str]:
+    """Remove this user's trial and pack temp folders (`TEMP_KINDS`) on this machine whose process has ended; return
+    them. A folder of a live process (or of a pid reused since) is left alone; so is one this user does not own."""
+    found: list[str] = []
+    try:
+        entries = list(os.scandir(root or tempfile.gettempdir()))
+    except OSError:
+        return found
+    for e in entries:
+        if not e.name.startswith(TEMP_KINDS):
+            continue
+        pid = e.name.rsplit("-", 2)[-2] if e.name.count("-") >= 3 else ""
+        try:
+            if not pid.isdigit() or not e.is_dir(follow_symlinks=False) or e.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if _process_exists(int(pid)):
+            continue
+        shutil.rmtree(e.path, ignore_errors=True)
+        found.append(e.path)
+    return found
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (ended, not yet reaped) uses nothing any more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def report_checkpoint(metrics: dict, checkpoint_dir: str, writing: dict) -> None:
