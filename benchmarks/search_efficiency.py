@@ -123,35 +123,43 @@ def _train_one(job: dict, params: dict, share: float, cpus: int) -> dict:
     return {"params": params, "error": error, "process_s": time.perf_counter() - t0, "rungs": rungs}
 
 
-def _train_packed(job: dict, configs: list[dict], max_trials: int, cpus: int, on_row) -> list[dict]:
+def _train_packed(job: dict, configs: list[dict], max_trials: int, cpus: int, on_progress) -> list[dict]:
     """Every config in one warm pack (`trial_worker.pack.server.PackServer`, here a plain object in this process,
     driven through the calls a packed Tune trial makes: join, poll, proceed, leave), up to `max_trials` at once.
-    `on_row(row)` is called as each config finishes; returns the rows in the order of `configs`."""
+    `on_progress(rows, final)` gets a row per config after each rung report (`done` false while it trains), so
+    a run cut short keeps every config's curve so far; returns the rows in the order of `configs`."""
     from trial_worker.entry import trial_job
     from trial_worker.pack.server import PackServer
 
     server = PackServer("search-efficiency", max_trials=max_trials)
     ids = [f"c{i:03d}" for i in range(len(configs))]
-    reports: dict[str, list] = {i: [] for i in ids}
-    rows: dict[str, dict] = {}
+    rows = {i: {"params": params, "error": None, "done": False, "process_s": None, "rungs": []}
+            for i, params in zip(ids, configs)}
     t0 = time.time()
     for i, params in zip(ids, configs):
         server.join(i, trial_job(params, job, cpus=cpus).model_dump(mode="json"), None, t0)
-    while len(rows) < len(ids):
-        for i, params in zip(ids, configs):
-            if i in rows:
+    while not all(r["done"] for r in rows.values()):
+        changed = False
+        for i in ids:
+            row = rows[i]
+            if row["done"]:
                 continue
             for event in server.poll(i, timeout=0.05):
+                changed = True
                 if event["kind"] == "report":
-                    reports[i].append(event["metrics"])
+                    row["rungs"].append(_rung_row(event["metrics"]))
                     server.proceed(i)
                     continue
-                error = None if event["kind"] == "done" else f"{event.get('type')}: {event.get('message')}"[:300]
+                if event["kind"] != "done":
+                    row["error"] = f"{event.get('type')}: {event.get('message')}"[:300]
                 server.leave(i)
-                rows[i] = {"params": params, "error": error, "process_s": time.time() - t0,
-                           "rungs": [_rung_row(m) for m in reports[i]]}
-                on_row(rows[i])
+                row["done"], row["process_s"] = True, time.time() - t0
+                print(f"[{sum(r['done'] for r in rows.values())}/{len(ids)}] {row['params']} -> val_loss "
+                      f"{row['rungs'][-1]['val_loss'] if row['rungs'] else None} {row['error'] or ''}", flush=True)
                 break
+        if changed:
+            on_progress([rows[i] for i in ids], False)
+    on_progress([rows[i] for i in ids], True)
     return [rows[i] for i in ids]
 
 
@@ -204,10 +212,17 @@ def make_table(spec_path: Path, out: Path, workers: int, cpus: int, *, packed: b
               f"wall {last.get('wall_s') or 0:.1f}s {r['error'] or ''}", flush=True)
 
     if packed:
-        _train_packed(job, [dict(zip(names, values)) for values in grid], workers, cpus, record)
-        table["table_wall_s"] = time.perf_counter() - t0
-        _share_out_packed(table, spec.data.max_eval_samples or 200)
-        out.write_text(json.dumps(table, indent=1) + "\n")
+        last_write = [0.0]
+
+        def progress(rows: list[dict], final: bool) -> None:
+            if not final and time.perf_counter() - last_write[0] < 10:
+                return
+            last_write[0] = time.perf_counter()
+            table["rows"], table["table_wall_s"] = rows, time.perf_counter() - t0
+            _share_out_packed(table, spec.data.max_eval_samples or 200)
+            out.write_text(json.dumps(table, indent=1) + "\n")  # a cut-short run keeps every curve so far
+
+        _train_packed(job, [dict(zip(names, values)) for values in grid], workers, cpus, progress)
         print(f"wrote {out}: {len(grid)} configs in {table['table_wall_s']:.0f} s (packed)")
         return table
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -362,12 +377,30 @@ def live_sweep(study_name: str, storage: str, gpus_per_trial: float) -> dict:
             "gpu_s": gpu_s, "makespan_s": (max(ends) - min(starts)).total_seconds() if starts and ends else None}
 
 
+def cut_at(table: dict, top: int) -> None:
+    """The table as if its top rung were `top` (a table cut short: every config's curve up to that rung; the
+    trials' LR schedules still span the spec's top rung, so this is the search over the first `top` steps)."""
+    if top not in table["rungs"]:
+        raise SystemExit(f"--top {top}: not one of the table's rungs {table['rungs']}")
+    table["rungs"] = [r for r in table["rungs"] if r <= top]
+    for row in table["rows"]:
+        row["rungs"] = [x for x in row["rungs"] if x["step"] <= top]
+    if table.get("budget"):
+        table["budget"] = dict(table["budget"], max=top)
+    table["cut_at"] = top
+
+
 def replay(table_path: Path, seeds: list[int], out: Path, live: str | None, storage: str | None,
-           asha_trials: Optional[int] = None) -> dict:
+           asha_trials: Optional[int] = None, top: Optional[int] = None) -> dict:
     from sweep.spec import load_spec
 
     table = json.loads(table_path.read_text())
-    spec = load_spec(ROOT / table["spec"] if not Path(table["spec"]).is_absolute() else Path(table["spec"]))
+    if top is not None:
+        cut_at(table, top)
+    spec_path = Path(table["spec"]) if Path(table["spec"]).is_absolute() else ROOT / table["spec"]
+    if not spec_path.exists():  # a table made elsewhere (the GPU machine's copy of the spec): the repo's own
+        spec_path = ROOT / "search_spaces" / spec_path.name
+    spec = load_spec(spec_path)
     live_gpus_per_trial = spec.resources.gpus_per_trial
     spec = table_spec(table, spec, asha_trials)
     grid = replay_grid(table)
@@ -400,6 +433,7 @@ def replay(table_path: Path, seeds: list[int], out: Path, live: str | None, stor
         "method": "tabular: the full grid trained once for real, searches replayed on it (see the script's doc)",
         "grid_table": {"configs": len(table["rows"]), "workers_sharing_the_gpu": table["workers"],
                        "packed": table.get("packed", False), "where": table.get("where", {}),
+                       "cut_at": table.get("cut_at"),
                        "rungs": table["rungs"], "budget_unit": table["budget_unit"],
                        "wall_s": round(table["table_wall_s"], 1),
                        "rows": [{"params": r["params"], "error": r["error"],
@@ -432,6 +466,7 @@ def main() -> None:
     r.add_argument("table", type=Path)
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     r.add_argument("--asha-trials", type=int, help="ASHA's trials (default: the spec's, scaled to the table's share of its grid)")
+    r.add_argument("--top", type=int, help="replay as if this rung were the top one (a table cut short)")
     r.add_argument("-o", "--out", type=Path, default=ROOT / "benchmarks" / "results" / "search_efficiency.json")
     r.add_argument("--live", help="study name of a real `sweep run` of the same spec")
     r.add_argument("--storage", help="its storage URL")
@@ -439,7 +474,7 @@ def main() -> None:
     if a.cmd == "table":
         make_table(a.spec, a.out, a.workers, a.cpus, packed=a.packed, where=parse_where(a.where), budget_max=a.budget_max)
     else:
-        replay(a.table, a.seeds, a.out, a.live, a.storage, a.asha_trials)
+        replay(a.table, a.seeds, a.out, a.live, a.storage, a.asha_trials, a.top)
 
 
 if __name__ == "__main__":

