@@ -20,8 +20,12 @@ W=${W:-/tmp/wp-gpu}
 mkdir -p "$OUT" "$W"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1
-if [ ! -d /tmp/s/site ] && [ -f .gpu-site/site.tar.xz ]; then mkdir -p /tmp/s && tar xJf .gpu-site/site.tar.xz -C /tmp/s; fi
-export PYTHONPATH=$PWD:/tmp/s/site:/tmp/smollm2-stage/site${PYTHONPATH:+:$PYTHONPATH}
+if command -v nvidia-smi >/dev/null; then  # the GPU machine: its packages from the carried .gpu-site, once
+  if [ ! -d /tmp/s/site ] && [ -f .gpu-site/site.tar.xz ]; then mkdir -p /tmp/s && tar xJf .gpu-site/site.tar.xz -C /tmp/s; fi
+  export PYTHONPATH=$PWD:/tmp/s/site:/tmp/smollm2-stage/site${PYTHONPATH:+:$PYTHONPATH}
+else  # a check of this script elsewhere, with the project's own environment
+  export PYTHONPATH=$PWD:/tmp/smollm2-stage/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 PY=${PY:-python3}
 t0=$(date +%s)
 stamp() { echo "== $(( $(date +%s) - t0 )) s: $*"; }
@@ -37,7 +41,7 @@ cp "$SRC" "$W/"
 SPEC=$W/$(basename "$SRC")
 NAME=$($PY -c "import yaml; print(yaml.safe_load(open('$SPEC'))['name'])")
 DB="sqlite:///$W/study.db"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt" || true
+if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"; fi
 
 if [ "$phase" = table ] || [ "$phase" = all ]; then
   stamp "model and data"
