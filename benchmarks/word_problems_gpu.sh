@@ -8,6 +8,8 @@
 #   table   (stage, then) write model + data, train the grid           -> $OUT/search_table.json
 #   sweep   the live sweep, then the replays with it                   -> $OUT/search_efficiency.json, status.txt
 #   all     table and sweep in one call
+#   evaluate  (after sweep) export the best trial, train it, base vs tuned on 10 held-out prompts
+#           -> $OUT/evaluation.tar.gz (evaluation.md, evaluation.csv, loss_curves.png)
 #
 # Knobs (environment): WHERE="lr_scheduler_type=cosine" (a sub-grid: 24 configs), BUDGET_MAX=60 (a lower top
 # rung), TABLE_S / SWEEP_S (time limits of the two steps, s; a packed table cut short keeps every curve so far
@@ -72,5 +74,15 @@ print(max([s for s in t['rungs'] if all(d >= s for d in done)] or [0]))")
   echo "replaying at top rung $TOP"
   $PY benchmarks/search_efficiency.py replay "$W/search_table.json" --seeds 0 1 2 3 4 --top "$TOP" \
       -o "$OUT/search_efficiency.json" --live "$NAME" --storage "$DB" || true
+  stamp "done"
+fi
+
+if [ "$phase" = evaluate ]; then
+  stamp "export, train, evaluate"
+  $PY -m sweep.cli export "$NAME" --storage "$DB" -o "$W/best.yaml"
+  $PY -m sweep.cli train "$W/best.yaml" -o "$W/run"
+  # a worked answer is up to ~40 tokens: 64 new tokens let every reply reach its `Answer:` line
+  $PY -m sweep.cli evaluate "$W/run" --max-new-tokens 64
+  tar czf "$OUT/evaluation.tar.gz" -C "$W/run" evaluation.md evaluation.csv loss_curves.png
   stamp "done"
 fi
