@@ -28,6 +28,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +135,16 @@ def make_spec(work: Path, assets: dict, data_dir: Path, *, mode: str, trials: in
                                                                      for k in range(len(loaded.budget.rungs))]:
         raise SystemExit(f"{path}: not the ladder or sampler asked for: {loaded.budget.rungs}, {loaded.search.sampler}")
     return path
+
+
+def prepare(work: Path, tiny: bool, data_dir: Path, rows: int) -> tuple[dict, dict, str, dict]:
+    """The model, the conversations, the device's name and the library versions (run in a child process)."""
+    import torch
+
+    assets = build_assets(work / "assets", tiny=tiny, seq=64, rows=4)
+    lengths = write_conversations(assets["model"], data_dir, rows)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return assets, lengths, device, versions()
 
 
 class Sampler(threading.Thread):
@@ -354,16 +366,15 @@ def main() -> None:
               if budget["min"] * budget["reduction_factor"] ** k < budget["max"]] + [budget["max"]]
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    assets = build_assets(work / "assets", tiny=a.tiny, seq=64, rows=4)
     data_dir = work / "conversations"
-    lengths = write_conversations(assets["model"], data_dir, a.rows)
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    # In a child process: building the model on the GPU leaves a CUDA context and cached blocks behind, which
+    # this process would hold through both sweeps (less memory for them, more in nvidia-smi's figures).
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assets, lengths, device, libs = pool.submit(prepare, work, a.tiny, data_dir, a.rows).result()
     settings = {"benchmark": "sweep_makespan", "search_space": "search_spaces/llama32_1b.yaml", "sampler": "random",
                 "seed": a.seed, "model": "tiny" if a.tiny else "Llama-3.2-1B-shaped (random weights), NF4 + double quant, bf16",
                 "rows": lengths, "trials": a.trials, "ladder_steps": ladder}
-    stamp = {"device": device, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
+    stamp = {"device": device, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "versions": libs}
     if a.mode == "lone":  # beside the sweeps' figures, whatever their settings
         lone = {"params": LONE_PARAMS, "steps": budget["max"], "model": settings["model"], **stamp}
         for mode in ("packed", "solo"):
