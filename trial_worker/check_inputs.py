@@ -66,6 +66,9 @@ class Findings:
     problems: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
     format: Optional[str] = None  # the data format found (auto resolved), when the rows were read
+    # {"train": rows, "validation": rows}: the normalised rows the worker trains and validates on (those with a
+    # response, capped as the worker caps them), for the check of their tokens (`check_lengths`)
+    used: dict = field(default_factory=dict)
 
 
 def offline() -> bool:
@@ -273,8 +276,11 @@ def check_data(cfg: DataConfig, *, hub: bool = True) -> Findings:
     else:
         val = [r for _, r in splits[val_name]]
     kept, dropped = {}, []
+    caps = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples}
     for name, used, fmt in (("train", train, fmts[train_name]), ("validation", val, fmts[val_name or train_name])):
-        kept[name] = sum(has_response(normalise_row(r, fmt, cfg.system_prompt)) for r in used)
+        rows = [n for n in (normalise_row(r, fmt, cfg.system_prompt) for r in used) if has_response(n)]
+        kept[name] = len(rows)
+        out.used[name] = rows[:caps[name]] if caps[name] else rows
         if kept[name] < len(used):
             dropped.append(f"{cfg.path}: {len(used) - kept[name]} of {len(used)} {name} rows are dropped: {DROP_REASONS[fmt]}")
     if not kept["train"] or not kept["validation"]:
@@ -313,10 +319,79 @@ def check_model(cfg: ModelConfig, *, chat: bool, hub: bool = True) -> Findings:
     if lacks:
         out.problems.append(Finding("model.name_or_path", name, f"the model folder {name} has no {'; no '.join(lacks)}"))
         return out
+    for why in _weights_problems(path, files):
+        out.problems.append(Finding("model.name_or_path", name, why))
+    if out.problems:
+        return out
     if chat and not _has_chat_template(path, files):
         out.warnings.append(Finding("model.name_or_path", name, "the tokenizer has no chat template; conversations "
                                     "are rendered with the worker's fallback template (trial_worker.model)"))
     return out
+
+
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on its JSON header
+
+
+def _weights_problems(folder: Path, files: set[str]) -> list[str]:
+    """What is wrong with a model folder's weight files, read only as far as their headers: an index
+    (`*.index.json`) that does not parse or names shards that are not there, and a safetensors file whose
+    header is cut short, does not parse, or describes more tensor bytes than the file holds (a copy or a
+    download cut short); a PyTorch zip checkpoint (`.bin`) whose zip directory cannot be read."""
+    import struct
+    import zipfile
+
+    problems, shards = [], set()
+    for index in sorted(f for f in files if f.endswith(".index.json")):
+        try:
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            named = set(weight_map.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            problems.append(f"the weights index {folder / index} cannot be read ({type(e).__name__}: {e}); "
+                            "it must be JSON with a 'weight_map' of tensor -> shard file")
+            continue
+        missing = sorted(n for n in named if not (folder / n).is_file())
+        if missing:
+            problems.append(f"the weights index {folder / index} names {len(missing)} shard file(s) that are not in the "
+                            f"folder: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        shards |= {n for n in named if n not in missing}
+    safetensors = sorted({f for f in files if f.endswith(".safetensors")} | {n for n in shards if n.endswith(".safetensors")})
+    for f in safetensors:
+        path = folder / f
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                head = fh.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+                if n is None or n > min(size - 8, SAFETENSORS_MAX_HEADER):
+                    problems.append(f"the weights file {path} is cut short or not safetensors: {size} bytes, "
+                                    + ("too short for a header" if n is None else f"its header claims {n} bytes"))
+                    continue
+                header = json.loads(fh.read(n))
+        except OSError as e:
+            problems.append(f"the weights file {path} cannot be read: {e}")
+            continue
+        except ValueError as e:
+            problems.append(f"the weights file {path} has a damaged safetensors header (not JSON: {e})")
+            continue
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+                and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+        if len(ends) < sum(1 for k in header if k != "__metadata__"):
+            problems.append(f"the weights file {path} has a damaged safetensors header (a tensor without data_offsets)")
+        elif ends and 8 + n + max(ends) > size:
+            problems.append(f"the weights file {path} is cut short: its header describes {8 + n + max(ends)} bytes, "
+                            f"the file holds {size}; copy or download it again")
+    if not safetensors:
+        for f in sorted(f for f in files | shards if f.endswith(".bin")):
+            path = folder / f
+            try:
+                with open(path, "rb") as fh:
+                    zipped = fh.read(2) == b"PK"
+                if zipped:
+                    zipfile.ZipFile(path).close()  # reads the zip's central directory, at the end of the file
+            except (OSError, zipfile.BadZipFile) as e:
+                problems.append(f"the weights file {path} is cut short or damaged (its zip directory cannot be read: {e}); "
+                                "copy or download it again")
+    return problems
 
 
 def _has_chat_template(path: Path, files: set[str]) -> bool:
@@ -331,8 +406,119 @@ def _has_chat_template(path: Path, files: set[str]) -> bool:
 
 def check_job(job: JobConfig, *, hub: bool = True) -> Findings:
     """`check_data` and `check_model` of a job (paths resolved), together; a chat template is looked for
-    when the data is conversations."""
+    when the data is conversations, and when both pass, the rows' tokens are checked (`check_lengths`)."""
     data = check_data(job.data, hub=hub)
     fmt = data.format or job.data.format
     model = check_model(job.model, chat=fmt in CHAT_FORMATS, hub=hub)
-    return Findings(problems=data.problems + model.problems, warnings=data.warnings + model.warnings, format=data.format)
+    found = Findings(problems=data.problems + model.problems, warnings=data.warnings + model.warnings, format=data.format)
+    if not found.problems and fmt in CHAT_FORMATS and data.used:
+        lengths = check_lengths(job, data.used)
+        found.problems += lengths.problems
+        found.warnings += lengths.warnings
+    return found
+
+
+# ---------------------------------------------------------------------------- tokens
+
+LENGTH_CHECK_ROWS = 2000  # rows per split whose tokens are counted (about a millisecond each)
+
+
+class FolderTokenizer:
+    """A model folder's own tokenizer (its `tokenizer.json`, through the `tokenizers` library) and chat template
+    (rendered with jinja2 as transformers renders it), with the two calls the worker's `data.tokenize_chat`
+    makes: the same tokens and the same completion mask as `trial_worker.model.load_tokenizer` gives, without
+    importing transformers (and torch), so the preflight check stays about a second."""
+
+    def __init__(self, folder: Path):
+        import jinja2.ext
+        import jinja2.sandbox
+        from tokenizers import Tokenizer
+
+        from trial_worker.model import FALLBACK_CHAT_TEMPLATE
+
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        config = config if isinstance(config, dict) else {}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        elif (folder / "chat_template.json").is_file():
+            template = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+        self.special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in config.items()
+                        if k in ("bos_token", "eos_token", "pad_token", "unk_token") and v is not None}
+        class Generation(jinja2.ext.Extension):
+            """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask markers), rendered as its body."""
+
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+            def _body(self, caller):
+                return caller()
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=[jinja2.ext.loopcontrols, Generation])
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
+        self.template = env.from_string(template or FALLBACK_CHAT_TEMPLATE)
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+
+    def __call__(self, text: str, add_special_tokens: bool = False, return_offsets_mapping: bool = True) -> dict:
+        enc = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return {"input_ids": enc.ids, "offset_mapping": enc.offsets}
+
+
+def check_lengths(job: JobConfig, used: dict) -> Findings:
+    """Rows that keep no response token within `data.max_seq_length` (the trainer keeps a row's first
+    max_seq_length tokens and drops a row with no response token among them): a problem when a split keeps
+    none, else a warning with the count. Counted with the model folder's own tokenizer and template on the
+    rows the worker uses (up to `LENGTH_CHECK_ROWS` a split); a hub model, or a folder without a
+    `tokenizer.json`, is not checked here (the worker says it when it tokenizes)."""
+    from trial_worker.data import DataFormatError, tokenize_chat
+
+    out = Findings()
+    folder = Path(job.model.name_or_path).expanduser()
+    if not (folder / "tokenizer.json").is_file():
+        return out
+    try:
+        tok = FolderTokenizer(folder)
+    except Exception:  # noqa: BLE001 - a tokenizer or template this light reader cannot take: the worker checks it
+        return out
+    limit = job.data.max_seq_length
+    for name, rows in used.items():
+        checked = rows[:LENGTH_CHECK_ROWS]
+        short = 0
+        for row in checked:
+            try:
+                enc = tokenize_chat(tok, list(row["prompt"]) + list(row["completion"]))
+            except DataFormatError as e:
+                out.problems.append(Finding("model.name_or_path", job.model.name_or_path, str(e)))
+                return out
+            except Exception:  # noqa: BLE001 - a template error this reader does not share with transformers
+                return Findings()
+            short += not any(enc["completion_mask"][:limit])
+        if not short:
+            continue
+        of = f"{short} of {'the first ' if len(checked) < len(rows) else ''}{len(checked)} {name} rows"
+        what = (f"{of} keep no response token within data.max_seq_length = {limit} (their prompt fills it: the trainer "
+                f"keeps a row's first {limit} tokens and drops a row with no response token among them)")
+        if short == len(checked):
+            out.problems.append(Finding("data.max_seq_length", limit, f"{what}; nothing is left to "
+                                        f"{'train' if name == 'train' else 'validate'} on: raise data.max_seq_length"))
+        else:
+            out.warnings.append(Finding("data.max_seq_length", limit, f"{what}; they are dropped"))
+    return out
