@@ -30,10 +30,10 @@ NO_ANSWER = {"messages": [{"role": "user", "content": "2+2?"}]}
 
 
 def _fake_model(folder: Path, *, tokenizer: bool = True) -> Path:
-    """A model folder as preflight sees it: the files' names (it never loads them)."""
+    """A model folder as preflight sees it: the files' names and the weights' header (it never loads them)."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "model.safetensors").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")  # a whole (empty) safetensors
     if tokenizer:
         (folder / "tokenizer.json").write_text("{}")
         (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
