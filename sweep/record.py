@@ -352,9 +352,11 @@ class StudyHeld(RuntimeError):
 
 
 def _process_start(pid: int) -> Optional[str]:
-    """Process `pid`'s start time in clock ticks since boot (Linux /proc), to tell a pid reused; None if unknown."""
+    """Process `pid`'s start time in clock ticks since boot (Linux /proc), to tell a pid reused; None if unknown.
+    A zombie (killed, not yet reaped by its parent) reads as "ended"."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return "ended" if fields[0] == "Z" else fields[19]
     except (OSError, IndexError):
         return None
 
@@ -362,6 +364,8 @@ def _process_start(pid: int) -> Optional[str]:
 def _alive(pid: int, started: Optional[str]) -> bool:
     """Whether the process `pid` that started at `started` (see `_process_start`) still runs on this host."""
     now = _process_start(pid)
+    if now == "ended":
+        return False
     if now is not None:
         return started is None or now == started
     try:
