@@ -187,9 +187,9 @@ def status(
         typer.echo(to_json(rows, st))
     else:
         render(rows, st)
-    from sweep.resume import stale_running_note
+    from sweep.resume import never_started_note, stale_running_note
 
-    note = stale_running_note(st)
+    note = never_started_note(st) or stale_running_note(st)
     if note:
         typer.echo(f"sweep status: {note}", err=True)
 

@@ -422,3 +422,13 @@ def stale_running_note(study) -> Optional[str]:
                 f"Continue the sweep with: {again}")
     where = f" (pid {ctl['pid']} on {ctl['host']})" if ctl.get("host") else ""
     return f"{which} RUNNING: if the sweep's controller{where} no longer runs, continue the sweep with: {again}"
+
+
+def never_started_note(study) -> Optional[str]:
+    """For `sweep status`: a study whose sweep stopped before its first trial started (killed, or Ctrl+C, while Ray
+    started or the base model was evaluated), or None."""
+    if study.get_trials(deepcopy=False):
+        return None
+    again = (study.user_attrs.get("controller") or {}).get("resume") or "sweep resume SPEC"
+    return (f"study {study.study_name!r} never started: its sweep stopped before the first trial. "
+            f"Start it with: {again}")
