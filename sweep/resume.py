@@ -427,8 +427,13 @@ def stale_running_note(study) -> Optional[str]:
 def never_started_note(study) -> Optional[str]:
     """For `sweep status`: a study whose sweep stopped before its first trial started (killed, or Ctrl+C, while Ray
     started or the base model was evaluated), or None."""
+    import socket
+
     if study.get_trials(deepcopy=False):
         return None
-    again = (study.user_attrs.get("controller") or {}).get("resume") or "sweep resume SPEC"
+    ctl = study.user_attrs.get("controller") or {}
+    if ctl.get("host") == socket.gethostname() and isinstance(ctl.get("pid"), int) and _exists(ctl["pid"]):
+        return None  # its controller is still starting it
+    again = ctl.get("resume") or "sweep resume SPEC"
     return (f"study {study.study_name!r} never started: its sweep stopped before the first trial. "
             f"Start it with: {again}")
