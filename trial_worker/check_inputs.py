@@ -278,9 +278,9 @@ def check_data(cfg: DataConfig, *, hub: bool = True) -> Findings:
     kept, dropped = {}, []
     caps = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples}
     for name, used, fmt in (("train", train, fmts[train_name]), ("validation", val, fmts[val_name or train_name])):
-        rows = [n for n in (normalise_row(r, fmt, cfg.system_prompt) for r in used) if has_response(n)]
-        kept[name] = len(rows)
-        out.used[name] = rows[:caps[name]] if caps[name] else rows
+        answered = [n for n in (normalise_row(r, fmt, cfg.system_prompt) for r in used) if has_response(n)]
+        kept[name] = len(answered)
+        out.used[name] = answered[:caps[name]] if caps[name] else answered
         if kept[name] < len(used):
             dropped.append(f"{cfg.path}: {len(used) - kept[name]} of {len(used)} {name} rows are dropped: {DROP_REASONS[fmt]}")
     if not kept["train"] or not kept["validation"]:
