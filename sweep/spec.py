@@ -96,7 +96,7 @@ class ResourcesConfig(Strict):
     packing: OnOffAuto = Field(
         "auto", description="on: the trials on a GPU (or the CPU) train together in one warm process on one shared base, "
         "each with its own adapter, optimizer, schedule, batch and data order (trial_worker.pack); off: one trial per "
-        "process; auto: one trial per process for now (trial_worker/pack/tune.py: AUTO_PACKS)")
+        "process; auto: packed on GPUs where a pack trains every setting as written, else one trial per process (trial_worker/pack/tune.py: AUTO_PACKS)")
 
 
 class WandbConfig(Strict):
