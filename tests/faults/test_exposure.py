@@ -157,7 +157,13 @@ def test_resume_never_unpickles_a_run_folder_others_could_have_written(tmp_path,
     r = sweep_cli("run", spec, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     run_dir = tmp_path / "runs" / "planted"
-    study_db = (tmp_path / "planted.db").read_bytes()
+    def recorded() -> tuple:
+        """What the study holds (the controller lease table beside it is bookkeeping a refused resume may touch)."""
+        st = optuna.load_study(study_name="planted", storage=f"sqlite:///{tmp_path / 'planted.db'}")
+        return (st.user_attrs, [(t.number, t.state, t.params, t.values, t.intermediate_values, t.user_attrs,
+                                 t.system_attrs) for t in st.trials])
+
+    study_db = recorded()
     pwned = tmp_path / "PWNED"
     cases = []
 
@@ -200,7 +206,7 @@ def test_resume_never_unpickles_a_run_folder_others_could_have_written(tmp_path,
         assert says in r.stderr and "Traceback" not in r.stderr, (what, r.stderr)
         assert "HEAVY_IMPORTED=\n" in r.stderr, (what, r.stderr)  # Ray never started: nothing was unpickled
     assert not pwned.exists()
-    assert (tmp_path / "planted.db").read_bytes() == study_db  # the study untouched
+    assert recorded() == study_db  # the study untouched
 
     # 4. The same cut-short state with Ray's copy there: put back from it, and the sweep resumes.
     r4 = sweep_cli("resume", spec, cwd=tmp_path, env=env)
