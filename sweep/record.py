@@ -368,13 +368,9 @@ def _alive(pid: int, started: Optional[str]) -> bool:
         return False
     if now is not None:
         return started is None or now == started
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    from sweep.resume import pid_exists
+
+    return pid_exists(pid)
 
 
 class ControllerLease:

@@ -315,13 +315,13 @@ def end_processes(pids: list[int], *, grace_s: float) -> None:
 
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
         for pid in pids:
-            if _exists(pid):
+            if pid_exists(pid):
                 try:
                     os.kill(pid, sig)
                 except (ProcessLookupError, PermissionError):
                     pass
         deadline = time.time() + wait
-        while time.time() < deadline and any(_exists(p) for p in pids):
+        while time.time() < deadline and any(pid_exists(p) for p in pids):
             time.sleep(0.1)
 
 
@@ -379,10 +379,10 @@ def _owner(pid: int) -> Optional[tuple[int, str]]:
 
 def _orphan_of(pid: int, run_dir: "Path | str") -> bool:
     owner = _owner(pid)
-    return owner is not None and owner[1] == str(run_dir) and not _exists(owner[0])
+    return owner is not None and owner[1] == str(run_dir) and not pid_exists(owner[0])
 
 
-def _exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
     """Whether process `pid` is alive (a zombie, dead but not yet reaped, is not)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -416,7 +416,7 @@ def stale_running_note(study) -> Optional[str]:
     again = ctl.get("resume") or "sweep resume SPEC"
     which = f"trial{'s' if len(running) > 1 else ''} {', '.join(map(str, running))}"
     if ctl.get("host") == socket.gethostname() and isinstance(ctl.get("pid"), int):
-        if _exists(ctl["pid"]):
+        if pid_exists(ctl["pid"]):
             return None  # its controller is still at work
         return (f"{which} RUNNING, but the sweep's controller (pid {ctl['pid']}) is gone: they are stale. "
                 f"Continue the sweep with: {again}")
@@ -432,7 +432,7 @@ def never_started_note(study) -> Optional[str]:
     if study.get_trials(deepcopy=False):
         return None
     ctl = study.user_attrs.get("controller") or {}
-    if ctl.get("host") == socket.gethostname() and isinstance(ctl.get("pid"), int) and _exists(ctl["pid"]):
+    if ctl.get("host") == socket.gethostname() and isinstance(ctl.get("pid"), int) and pid_exists(ctl["pid"]):
         return None  # its controller is still starting it
     again = ctl.get("resume") or "sweep resume SPEC"
     return (f"study {study.study_name!r} never started: its sweep stopped before the first trial. "
