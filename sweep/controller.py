@@ -282,7 +282,7 @@ def _quiet_libraries(*, local_ray: bool) -> None:
 def _start_ray(address: Optional[str], run_dir: RunDir, console):
     """Ray: the cluster at `address`, else a local Ray listening on 127.0.0.1 only, after ending what a killed
     controller of this run folder left of its own local Ray. Returns the `ray` module."""
-    from sweep._compat.ray import keep_local_ray_on_loopback
+    from sweep._compat.ray import keep_local_ray_on_loopback, quiet_worker_death_notices, retry_trials_lost_in_reset
 
     if not address:
         keep_local_ray_on_loopback()  # before `import ray` reads the switch
@@ -292,6 +292,8 @@ def _start_ray(address: Optional[str], run_dir: RunDir, console):
         mark_ray_owner(run_dir)
     import ray
 
+    retry_trials_lost_in_reset()  # a worker lost while Tune resets it for its next trial: retried, not FAIL
+    quiet_worker_death_notices()  # a lost worker: the controller's one line, not also the raylet's notice
     # A trial stopped by ASHA waits in `tune.report`; when its actor is reused Tune gives the old
     # training thread this long to unwind (cleanup, freeing memory) before failing the next trial.
     # Ray's default of 2 s is too short on a busy machine.

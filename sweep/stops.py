@@ -180,7 +180,10 @@ class Interrupts:
         import signal
 
         for sig, old in self._old.items():
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+            # A sweep a signal stopped is ending: a later signal (a second Ctrl+C as Ray's processes end) must not
+            # cut short the line that says what was stopped and how to continue (Typer would turn the
+            # KeyboardInterrupt into a silent exit 130). Otherwise the handlers before the sweep come back.
+            signal.signal(sig, signal.SIG_IGN if self.closing else old if old is not None else signal.SIG_DFL)
         self._old.clear()
 
     def _handle(self, signum, frame) -> None:

@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 # Loggers whose records the controller filters while a sweep may stop (sweep.stops.QuietStops):
-# Tune's driver loop, its experiment-state saver, and Ray's worker module that prints actors' errors.
+# Tune's driver loop, its experiment-state saver, its result reader, and Ray's worker module that prints actors' errors.
 TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state",
-                "ray._private.worker")
+                "ray._private.worker", "ray.tune.analysis.experiment_analysis")
 # The first words of Tune's own log messages that the controller recognises (they are not an API).
 TRIAL_FAILED_MESSAGES = ("Trial task failed", "Unhandled error")
 STATE_SAVE_FAILED_MESSAGE = "Saving experiment state to storage"
-STOP_MESSAGES = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
+# (a fit stopped by a signal: a trial started just before it has no result yet to read; the study keeps it)
+STOP_MESSAGES = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete",
+                 "Failed to fetch metrics for")
 # Tune could not delete a checkpoint its (restored, older) state still listed: it registered the new one first.
 CHECKPOINT_HANDLING_FAILED = "Trial %s: Error handling checkpoint"
 
@@ -39,6 +41,67 @@ def keep_local_ray_on_loopback() -> None:
     import ray._private.ray_constants as ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def retry_trials_lost_in_reset() -> None:
+    """A trial whose reused actor dies while Tune resets it for the trial (its `reset` task) is retried like one whose
+    actor died while it trained, instead of failing without ever training.
+
+    Tune (ray <2.61) sees such a loss twice: Ray's actor manager calls `TuneController._actor_failed` (which, for a
+    PENDING trial, sets it RUNNING and hands it to `_trial_task_failure`: retried), then the reset task's error
+    callback with the same exception, which finds the trial PENDING again and fails it for good. And the trial
+    would stay in `_resetting_trials`, so its next start would wait for a reset that never ends. Patched here:
+    the trial leaves `_resetting_trials` (a reset that failed while its actor lives on is handled as Tune's
+    `_actor_failed` handles a PENDING trial), and the second report of the same loss is dropped; the failure is
+    counted once against `max_failures`. Idempotent."""
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    original = TuneController._trial_task_failure
+    if getattr(original, "_sweep_retries_reset", False):
+        return
+
+    def _trial_task_failure(self, trial, exception):
+        handled = self.__dict__.setdefault("_sweep_reset_losses", {})
+        if handled.get(trial) is exception:
+            del handled[trial]
+            return  # the same lost reset, already handled when its actor was reported failed
+        if trial in self._resetting_trials:
+            self._resetting_trials.discard(trial)
+            handled[trial] = exception
+            if trial.status == Trial.PENDING:
+                self._set_trial_status(trial, Trial.RUNNING)
+                self._unstage_trial_with_resources(trial)
+        return original(self, trial, exception)
+
+    _trial_task_failure._sweep_retries_reset = True  # type: ignore[attr-defined]
+    TuneController._trial_task_failure = _trial_task_failure  # type: ignore[method-assign]
+
+
+WORKER_DIED_NOTICE = "A worker died or was killed while executing a task by an unexpected system error"
+
+
+def quiet_worker_death_notices() -> None:
+    """Drop the raylet's "A worker died or was killed while executing a task ..." notice from the driver's terminal:
+    the controller says each lost attempt once (its `retry`/`FAIL` line, the reason recorded in the study). Ray
+    prints it from its error-listener thread through `ray._private.worker.print_to_stdstream` (looked up at each
+    call); every other message goes through unchanged. Idempotent."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_sweep_quiet", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        if data.get("pid") == "raylet":
+            lines = [x for x in data.get("lines", []) if not str(x).startswith(WORKER_DIED_NOTICE)]
+            if not lines:
+                return None
+            data = {**data, "lines": lines}
+        return original(data, ignore_prefix)
+
+    print_to_stdstream._sweep_quiet = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def interrupt_tune(fallback: BaseException) -> None:
