@@ -93,7 +93,9 @@ def run_sweep(
                             storage_url=storage_url, rstorage=rstorage, address=address, num_trials=num_trials,
                             console=console, resume=resume, run_dir=run_dir, out_dir=out_dir, again=again,
                             stops=stops, state=state)
-            except SweepInterrupted:
+            except KeyboardInterrupt:
+                # `SweepInterrupted` from the handlers, or a plain KeyboardInterrupt: Ray's `ray.wait`/`ray.get`
+                # turn an exception a signal handler raised while they wait into one of their own.
                 raise SweepStopped(_stopped_line(optuna, rstorage, study_name, stops, state, again)) from None
             except (SweepStopped, DiskFullStop, StudyStorageLost, ResumeRefused):
                 raise

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 import uuid
 
 import optuna
 import pytest
 
 from sweep.spec import load_spec
-from sweep_helpers import small_spec, sweep_cli
+from sweep_helpers import LiveCli, small_spec, sweep_cli
 
 ROOT = __import__('pathlib').Path(__file__).resolve().parents[2]
 
@@ -33,9 +36,26 @@ def test_a_sweep_on_postgresql_through_the_cli(pg_server, tmp_path):
     env.update(SWEEP_HOME=str(tmp_path / "home"), PGPASSWORD=pg_server.password, WANDB_MODE="offline",
                WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"))
 
-    r = sweep_cli("run", str(spec), "--storage", url, cwd=tmp_path, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert pg_server.password not in r.stdout + r.stderr
+    run = LiveCli("run", str(spec), "--storage", url, cwd=tmp_path, env=env)
+    try:
+        # While it runs (from its first line: Ray, the base evaluation and the trials are still to come), a second
+        # controller of the study is refused at once, naming the holder (the lease table lives in the PostgreSQL
+        # database), without the password.
+        assert run.wait_for(r"^study pgcli in ", 240), run.tail()
+        seconds = [subprocess.Popen([sys.executable, "-m", "sweep.cli", command, str(spec), "--storage", url], cwd=tmp_path,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for command in ("run", "resume")]
+        for command, second in zip(("run", "resume"), seconds):
+            out, err = second.communicate(timeout=60)
+            assert second.returncode == 2, out[-2000:] + err[-2000:]
+            assert re.search(rf"^sweep {command}: study 'pgcli' is held by another controller: pid {run.proc.pid} on "
+                             r"host \S+, since .* UTC \(lease renewed \d+ s ago\)", err, re.M), err
+            assert "Traceback" not in err and pg_server.password not in out + err
+        assert run.proc.poll() is None, "the sweep ended before the second controllers were refused: " + run.tail()
+    finally:
+        returncode = run.finish()
+    assert returncode == 0, run.tail()
+    assert pg_server.password not in run.stdout + run.stderr
 
     study = optuna.load_study(study_name="pgcli", storage=pg_server.url.rsplit("/", 1)[0] + f"/{db}")
     assert len(study.trials) == 2
