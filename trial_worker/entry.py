@@ -97,7 +97,8 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
     import ray
     from ray import tune
 
-    from trial_worker.recipe import NonFiniteLoss, TrialOOM, run
+    from trial_worker.lifecycle import NonFiniteLoss
+    from trial_worker.recipe import TrialOOM, run
 
     started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
     fatal = fatal_path(run_dir)

@@ -22,33 +22,23 @@ base on the same validation tokens.
 from __future__ import annotations
 
 import gc
-import json
-import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from trial_worker.checkpoint import write_manifest
-from trial_worker.config import REPORT_KEYS, JobConfig
+from trial_worker.config import JobConfig
 from trial_worker.data import BUCKETS_PER_OCTAVE, GRAPH_BUCKETS_PER_OCTAVE, FlatCollator, load_splits
 from trial_worker.evaluate import validation_loss
 from trial_worker.execution import (Execution, as_written, cap_gpu_memory, memory_figures, peak_memory_gb, probe_gpu,
                                     reset_peak_memory, smaller)
 from trial_worker.formats import rung_steps, sft_config
+from trial_worker.lifecycle import check_finite, rung_report, saved_counters, write_state
 from trial_worker.graphs import StepGraphs, causal_lm_parts, graphs_wanted, lm_head_not_plain, token_nll, varlen_inputs
 from trial_worker.model import load_model, use_cpu
 
 Report = Callable[[dict, str], None]
-
-
-class NonFiniteLoss(FloatingPointError):
-    """The training or validation loss became NaN/inf: the trial diverged and is stopped.
-
-    Raised at the first log step or rung evaluation that sees it, before anything non-finite
-    is reported, so ASHA's rung cut-offs only ever hold finite values.
-    """
 
 
 class TrialOOM(MemoryError):
@@ -59,7 +49,6 @@ class TrialOOM(MemoryError):
     """
 
 
-TRIAL_STATE_FILE = "sweep_trial_state.json"  # our own counters, saved beside the Trainer's checkpoint files
 
 
 def quiet_libraries() -> None:
@@ -199,10 +188,7 @@ class QLoRATrial:
         return self.last_metrics
 
     def _restore_counters(self, resume_from: Optional[str]) -> None:
-        self.offset = {"wall_s": 0.0, "train_s": 0.0, "tokens": 0.0}
-        if resume_from and (Path(resume_from) / TRIAL_STATE_FILE).exists():
-            saved = json.loads((Path(resume_from) / TRIAL_STATE_FILE).read_text())
-            self.offset = {k: float(saved.get(k, 0.0)) for k in self.offset}
+        self.offset = saved_counters(resume_from)
         self.train_s = 0.0  # seconds in training steps, this process
         self.t_mark: Optional[float] = None
         self.logs: list[tuple[int, float]] = []  # (steps covered, mean loss) since the last report
@@ -229,36 +215,14 @@ class QLoRATrial:
         val = self.evaluate()
         covered = sum(n for n, _ in self.logs)
         train_loss = sum(n * loss for n, loss in self.logs) / covered if covered else float("nan")
-        self._check_finite("validation loss", val["val_loss"], step)
-        if covered:
-            self._check_finite("train loss", train_loss, step)
+        metrics, state = rung_report(
+            self.job, step=step, rung_steps=self.rung_steps, start_step=self.start_step, val=val,
+            train_loss=train_loss, check_train_loss=bool(covered), last_lr=self.last_lr, offset=self.offset,
+            train_s=self.train_s, tokens=self.tokens_seen, t_start=self.t_start, setup_s=self.setup_s,
+            peak_mem_gb=peak_memory_gb(), micro_batch=self.execution.micro_batch,
+            accumulation=self.execution.accumulation, gradient_checkpointing=self.execution.gradient_checkpointing)
         self.logs = []
-        train_s = self.offset["train_s"] + self.train_s
-        tokens = self.offset["tokens"] + self.tokens_seen
-        samples = step * self.job.training.effective_batch_size
-        wall_s = self.offset["wall_s"] + time.perf_counter() - self.t_start
-        metrics = {
-            "steps": step,
-            "samples": samples,
-            "rung": max(i for i, s in enumerate(self.rung_steps) if s == step),
-            "val_loss": val["val_loss"],
-            "ppl": val["ppl"],
-            "train_loss": train_loss,
-            "scheduled_lr": self.last_lr,
-            "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
-            "samples_per_s": (samples - self.start_step * self.job.training.effective_batch_size) / self.train_s
-            if self.train_s > 0 else 0.0,
-            "peak_mem_gb": peak_memory_gb(),
-            "wall_s": wall_s,
-            "train_s": train_s,
-            "setup_s": self.setup_s,
-            "micro_batch": self.execution.micro_batch,
-            "accumulation": self.execution.accumulation,
-            "gradient_checkpointing": self.execution.gradient_checkpointing,
-        }
-        assert set(metrics) == set(REPORT_KEYS)
-        state = {"wall_s": wall_s, "train_s": train_s, "tokens": tokens, "val_tokens": val["tokens"]}
-        (Path(checkpoint_dir) / TRIAL_STATE_FILE).write_text(json.dumps(state))
+        write_state(checkpoint_dir, state)
         write_manifest(checkpoint_dir)  # last: a checkpoint without it was cut short
         self.last_metrics = metrics
         self.report(dict(metrics), checkpoint_dir)
@@ -434,12 +398,3 @@ def evaluate_base(job: JobConfig, *, output_dir: Optional[str | os.PathLike] = N
             trial.cleanup()
 
 
-def check_finite(job: JobConfig, what: str, value: float, step: int) -> None:
-    """Raise NonFiniteLoss, naming the trial's optimisation settings, if `value` is NaN or infinite."""
-    if not math.isfinite(float(value)):
-        t = job.training
-        raise NonFiniteLoss(
-            f"training diverged: {what} is {float(value)} at step {step} (learning_rate={t.learning_rate:g}, "
-            f"weight_decay={t.weight_decay:g}, max_grad_norm={t.max_grad_norm:g}, optim={t.optim}); "
-            "the trial is stopped and recorded FAIL"
-        )

@@ -142,7 +142,7 @@ def test_the_padding_free_layout_trains_as_the_row_layout(engine, jobs, solo):
 
 
 def test_a_trial_gone_nan_fails_alone(engine, jobs, solo):
-    from trial_worker.recipe import NonFiniteLoss
+    from trial_worker.lifecycle import NonFiniteLoss
 
     hit = drive(engine, jobs, poison={"b": 2})
     assert isinstance(hit["b"]["error"], NonFiniteLoss) and "diverged" in str(hit["b"]["error"])

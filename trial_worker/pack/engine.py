@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from trial_worker.checkpoint import write_manifest
-from trial_worker.config import REPORT_KEYS, JobConfig
+from trial_worker.config import JobConfig
+from trial_worker.lifecycle import TRIAL_STATE_FILE, check_finite, rung_report, write_state
 from trial_worker.pack.batch import Seq, build, pack_rows, tokenize
 
 Report = Callable[[dict, str], None]
 ADAPTER_FILE = "adapter.safetensors"
-STATE_FILE = "sweep_trial_state.json"
 CPU_MAX_TRIALS = 8  # on the CPU nothing measures memory: a plain cap on trials per pack
 FIRST_STEP_TOKENS = 16384  # a GPU pack step's token budget until a step has measured the bytes per token
 MAX_STEP_TOKENS = 131072  # beyond this a bigger step gains nothing (the matmuls are saturated long before)
@@ -159,8 +159,6 @@ class PackedTrial:
 
     def check_finite(self, what: str, value: float, step: int) -> None:
         """NonFiniteLoss with the solo trial's message when `value` is NaN/inf."""
-        from trial_worker.recipe import check_finite
-
         check_finite(self.job, what, value, step)
 
     # --------------------------------------------------------------- optimizer step
@@ -197,7 +195,7 @@ class PackedTrial:
             save_file({n: p.detach().cpu().contiguous() for n, p in named.items()}, str(directory / ADAPTER_FILE))
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                        directory / "trainer_state.pt")
-            (directory / STATE_FILE).write_text(json.dumps(state))
+            write_state(directory, state)
             write_manifest(directory)  # last: a checkpoint without it was cut short
 
         return write
@@ -213,7 +211,7 @@ class PackedTrial:
         st = torch.load(Path(directory) / "trainer_state.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
-        state = json.loads((Path(directory) / STATE_FILE).read_text())
+        state = json.loads((Path(directory) / TRIAL_STATE_FILE).read_text())
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.order = None if self.pos == 0 and self.epoch == 0 else self._order_of(self.epoch)  # type: ignore[assignment]
         self.offset = {k: float(state.get(k, 0.0)) for k in self.offset}
@@ -608,31 +606,17 @@ class PackEngine:
     def _rung(self, t: PackedTrial, val: dict) -> None:
         """The rung's report; its checkpoint goes to the writer thread, and the report out once it is written."""
         step = t.step
-        train_loss = sum(t.since_rung) / len(t.since_rung) if t.since_rung else float("nan")
-        t.check_finite("validation loss", val["val_loss"], step)
-        t.check_finite("train loss", train_loss, step)
-        t.since_rung = []
-        eff = t.job.training.effective_batch_size
-        train_s = t.offset["train_s"] + t.train_s
-        tokens = t.offset["tokens"] + t.tokens
-        wall_s = t.offset["wall_s"] + time.perf_counter() - t.t_start
         from trial_worker.execution import peak_memory_gb
 
-        metrics = {
-            "steps": step, "samples": step * eff,
-            "rung": max(i for i, s in enumerate(t.rung_steps) if s == step),
-            "val_loss": val["val_loss"], "ppl": val["ppl"], "train_loss": train_loss, "scheduled_lr": t.last_lr,
-            "tokens_per_s": tokens / train_s if train_s > 0 else 0.0,
-            "samples_per_s": (step - t.start_step) * eff / t.train_s if t.train_s > 0 else 0.0,
-            "peak_mem_gb": peak_memory_gb(), "wall_s": wall_s, "train_s": train_s,
-            "setup_s": t.setup_s or 0.0,
-            "micro_batch": t.micro_rows,
-            "accumulation": t.accumulation,
-            "gradient_checkpointing": self.checkpointing,
-        }
-        assert set(metrics) == set(REPORT_KEYS)
+        metrics, state = rung_report(
+            t.job, step=step, rung_steps=t.rung_steps, start_step=t.start_step, val=val,
+            train_loss=sum(t.since_rung) / len(t.since_rung) if t.since_rung else float("nan"),
+            check_train_loss=bool(t.since_rung), last_lr=t.last_lr, offset=t.offset, train_s=t.train_s,
+            tokens=t.tokens, t_start=t.t_start, setup_s=t.setup_s or 0.0, peak_mem_gb=peak_memory_gb(),
+            micro_batch=t.micro_rows, accumulation=t.accumulation, gradient_checkpointing=self.checkpointing)
+        t.since_rung = []
         directory = t.output_dir / f"checkpoint-{step}"
-        write = t.save(directory, {"wall_s": wall_s, "train_s": train_s, "tokens": tokens, "val_tokens": val["tokens"]})
+        write = t.save(directory, state)
         t.state = "saving"
         self.saves.append((t, self.writer.submit(write), metrics, directory))
 

@@ -125,7 +125,7 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
     from ray import tune
 
     import trial_worker.entry as entry
-    from trial_worker import recipe
+    from trial_worker import lifecycle, recipe
 
     started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
     entry.remove_temp_folders()  # what killed workers and packs on this node left behind
@@ -146,7 +146,7 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
             # A full disk, in the pack's checkpoint save or in Tune's copy, stops the sweep as in a solo trial.
             with entry.disk_full_stops(os.path.join(info["output_dir"], trial_id), writing):
                 _relay(pack, pack_name, trial_id, trial.model_dump(mode="json"), resume_from, note, writing, started_at)
-    except (recipe.NonFiniteLoss, recipe.TrialOOM) as e:
+    except (lifecycle.NonFiniteLoss, recipe.TrialOOM) as e:
         fatal.parent.mkdir(parents=True, exist_ok=True)
         fatal.write_text(json.dumps({"reason": f"{type(e).__name__}: {e}"}))
         raise
@@ -156,7 +156,7 @@ def _relay(pack, pack_name: str, trial_id: str, job: dict, resume_from: Optional
            writing: dict, started_at: float) -> None:
     import ray
 
-    from trial_worker import entry, recipe
+    from trial_worker import entry, lifecycle, recipe
 
     ray.get(pack.join.remote(trial_id, job, resume_from, started_at))
     try:
@@ -165,7 +165,7 @@ def _relay(pack, pack_name: str, trial_id: str, job: dict, resume_from: Optional
                 if event["kind"] == "done":
                     return
                 if event["kind"] == "error":
-                    known = {"NonFiniteLoss": recipe.NonFiniteLoss, "TrialOOM": recipe.TrialOOM}
+                    known = {"NonFiniteLoss": lifecycle.NonFiniteLoss, "TrialOOM": recipe.TrialOOM}
                     if event["type"] in known:
                         raise known[event["type"]](event["message"])
                     raise RuntimeError(f"{event['type']}: {event['message']} (in pack {pack_name})\n"

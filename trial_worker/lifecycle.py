@@ -1,0 +1,93 @@
+"""What every trial does at a rung, solo (`recipe.QLoRATrial`, a Trainer) or packed (`pack.engine`): one copy.
+
+- `check_finite`: a NaN/inf training or validation loss stops the trial (`NonFiniteLoss`) before anything
+  non-finite is reported, so ASHA's rung cut-offs only ever hold finite values.
+- `rung_report`: the rung's report to Tune (`config.REPORT_KEYS`) and the counters saved with its checkpoint.
+- `TRIAL_STATE_FILE`, `write_state`, `saved_counters`: those counters beside the checkpoint's own files, read
+  back on a resume so throughput and time figures go on across attempts.
+
+Imports no torch: the caller passes the peak memory figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from trial_worker.config import REPORT_KEYS, JobConfig
+
+TRIAL_STATE_FILE = "sweep_trial_state.json"  # our own counters, saved beside the checkpoint's own files
+COUNTERS = ("wall_s", "train_s", "tokens")  # carried over from the attempts before this one
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training or validation loss became NaN/inf: the trial diverged and is stopped.
+
+    Raised at the first log step or rung evaluation that sees it, before anything non-finite
+    is reported, so ASHA's rung cut-offs only ever hold finite values.
+    """
+
+
+def check_finite(job: JobConfig, what: str, value: float, step: int) -> None:
+    """Raise NonFiniteLoss, naming the trial's optimisation settings, if `value` is NaN or infinite."""
+    if not math.isfinite(float(value)):
+        t = job.training
+        raise NonFiniteLoss(
+            f"training diverged: {what} is {float(value)} at step {step} (learning_rate={t.learning_rate:g}, "
+            f"weight_decay={t.weight_decay:g}, max_grad_norm={t.max_grad_norm:g}, optim={t.optim}); "
+            "the trial is stopped and recorded FAIL"
+        )
+
+
+def saved_counters(checkpoint_dir: Optional[str | Path]) -> dict[str, float]:
+    """The counters a checkpoint was saved with (zeros without a checkpoint or without its state file)."""
+    saved: dict[str, Any] = {}
+    if checkpoint_dir and (Path(checkpoint_dir) / TRIAL_STATE_FILE).exists():
+        saved = json.loads((Path(checkpoint_dir) / TRIAL_STATE_FILE).read_text())
+    return {k: float(saved.get(k, 0.0)) for k in COUNTERS}
+
+
+def write_state(directory: str | Path, state: dict) -> None:
+    (Path(directory) / TRIAL_STATE_FILE).write_text(json.dumps(state))
+
+
+def rung_report(job: JobConfig, *, step: int, rung_steps: Sequence[int], start_step: int, val: dict,
+                train_loss: float, check_train_loss: bool, last_lr: float, offset: dict, train_s: float,
+                tokens: float, t_start: float, setup_s: float, peak_mem_gb: float, micro_batch: int,
+                accumulation: int, gradient_checkpointing: bool) -> tuple[dict, dict]:
+    """(metrics, state) of the rung at `step`: the report to Tune and the counters to save with its checkpoint.
+
+    `val`: {"val_loss", "ppl", "tokens"} of the rung's evaluation; `train_loss`: the mean since the last rung
+    (checked when `check_train_loss`); `offset`: the counters of the attempts before this one; `train_s`,
+    `tokens`: this attempt's; `t_start`: `time.perf_counter()` when this attempt started."""
+    check_finite(job, "validation loss", val["val_loss"], step)
+    if check_train_loss:
+        check_finite(job, "train loss", train_loss, step)
+    eff = job.training.effective_batch_size
+    total_train_s = offset["train_s"] + train_s
+    total_tokens = offset["tokens"] + tokens
+    wall_s = offset["wall_s"] + time.perf_counter() - t_start
+    metrics = {
+        "steps": step,
+        "samples": step * eff,
+        "rung": max(i for i, s in enumerate(rung_steps) if s == step),
+        "val_loss": val["val_loss"],
+        "ppl": val["ppl"],
+        "train_loss": train_loss,
+        "scheduled_lr": last_lr,
+        "tokens_per_s": total_tokens / total_train_s if total_train_s > 0 else 0.0,
+        "samples_per_s": (step - start_step) * eff / train_s if train_s > 0 else 0.0,
+        "peak_mem_gb": peak_mem_gb,
+        "wall_s": wall_s,
+        "train_s": total_train_s,
+        "setup_s": setup_s,
+        "micro_batch": micro_batch,
+        "accumulation": accumulation,
+        "gradient_checkpointing": gradient_checkpointing,
+    }
+    assert set(metrics) == set(REPORT_KEYS)
+    state = {"wall_s": wall_s, "train_s": total_train_s, "tokens": total_tokens, "val_tokens": val["tokens"]}
+    return metrics, state
