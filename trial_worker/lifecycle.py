@@ -3,7 +3,7 @@
 - `check_finite`: a NaN/inf training or validation loss stops the trial (`NonFiniteLoss`) before anything
   non-finite is reported, so ASHA's rung cut-offs only ever hold finite values.
 - `rung_report`: the rung's report to Tune (`config.REPORT_KEYS`) and the counters saved with its checkpoint.
-- `TRIAL_STATE_FILE`, `write_state`, `saved_counters`: those counters beside the checkpoint's own files, read
+- `TRIAL_STATE_FILE`, `write_state`, `read_state`, `counters`: those counters beside the checkpoint's own files, read
   back on a resume so throughput and time figures go on across attempts.
 
 Imports no torch: the caller passes the peak memory figure.
@@ -15,7 +15,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from trial_worker.config import REPORT_KEYS, JobConfig
 
@@ -42,12 +42,15 @@ def check_finite(job: JobConfig, what: str, value: float, step: int) -> None:
         )
 
 
-def saved_counters(checkpoint_dir: Optional[str | Path]) -> dict[str, float]:
-    """The counters a checkpoint was saved with (zeros without a checkpoint or without its state file)."""
-    saved: dict[str, Any] = {}
-    if checkpoint_dir and (Path(checkpoint_dir) / TRIAL_STATE_FILE).exists():
-        saved = json.loads((Path(checkpoint_dir) / TRIAL_STATE_FILE).read_text())
-    return {k: float(saved.get(k, 0.0)) for k in COUNTERS}
+def read_state(checkpoint_dir: Optional[str | Path]) -> dict:
+    """What a checkpoint was saved with beside its own files ({} without a checkpoint or without the file)."""
+    path = Path(checkpoint_dir) / TRIAL_STATE_FILE if checkpoint_dir else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+
+def counters(state: dict) -> dict[str, float]:
+    """The counters carried over from the attempts before (zeros where `state` has none)."""
+    return {k: float(state.get(k, 0.0)) for k in COUNTERS}
 
 
 def write_state(directory: str | Path, state: dict) -> None:

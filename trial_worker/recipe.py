@@ -34,7 +34,7 @@ from trial_worker.evaluate import validation_loss
 from trial_worker.execution import (Execution, as_written, cap_gpu_memory, memory_figures, peak_memory_gb, probe_gpu,
                                     reset_peak_memory, smaller)
 from trial_worker.formats import rung_steps, sft_config
-from trial_worker.lifecycle import check_finite, rung_report, saved_counters, write_state
+from trial_worker.lifecycle import check_finite, counters, read_state, rung_report, write_state
 from trial_worker.graphs import StepGraphs, causal_lm_parts, graphs_wanted, lm_head_not_plain, token_nll, varlen_inputs
 from trial_worker.model import load_model, use_cpu
 
@@ -188,7 +188,7 @@ class QLoRATrial:
         return self.last_metrics
 
     def _restore_counters(self, resume_from: Optional[str]) -> None:
-        self.offset = saved_counters(resume_from)
+        self.offset = counters(read_state(resume_from))
         self.train_s = 0.0  # seconds in training steps, this process
         self.t_mark: Optional[float] = None
         self.logs: list[tuple[int, float]] = []  # (steps covered, mean loss) since the last report

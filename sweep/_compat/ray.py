@@ -54,6 +54,7 @@ def retry_trials_lost_in_reset() -> None:
     the trial leaves `_resetting_trials` (a reset that failed while its actor lives on is handled as Tune's
     `_actor_failed` handles a PENDING trial), and the second report of the same loss is dropped; the failure is
     counted once against `max_failures`. Idempotent."""
+    from ray.exceptions import RayActorError
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.experiment import Trial
 
@@ -68,7 +69,8 @@ def retry_trials_lost_in_reset() -> None:
             return  # the same lost reset, already handled when its actor was reported failed
         if trial in self._resetting_trials:
             self._resetting_trials.discard(trial)
-            handled[trial] = exception
+            if isinstance(exception, RayActorError):  # the one loss Ray reports twice (actor, then its task)
+                handled[trial] = exception
             if trial.status == Trial.PENDING:
                 self._set_trial_status(trial, Trial.RUNNING)
                 self._unstage_trial_with_resources(trial)

@@ -48,6 +48,43 @@ def test_tune_loggers_and_messages_the_stop_filter_recognises_exist():
         assert text in sources, f"Tune no longer logs {text!r}"
 
 
+def test_the_internals_the_reset_retry_and_the_quiet_notice_patch_exist(capsys):
+    """`retry_trials_lost_in_reset` and `quiet_worker_death_notices` patch Tune's and Ray's private code: what they
+    rely on is there, in the order Ray calls it (the actor's error callback, then its task's), and the notice
+    filter drops the worker-died notice only."""
+    import ray._private.worker as ray_worker
+    from ray.air.execution._internal import actor_manager
+    from ray.tune.execution.tune_controller import TuneController
+
+    from sweep._compat import ray as compat
+
+    for name in ("_trial_task_failure", "_set_trial_status", "_unstage_trial_with_resources", "_actor_failed"):
+        assert callable(getattr(TuneController, name, None)), name
+    reset = inspect.getsource(TuneController._schedule_trial_reset)
+    assert "self._resetting_trials.add(trial)" in reset and "on_error=self._trial_task_failure" in reset
+    manager = inspect.getsource(actor_manager.RayActorManager)
+    assert manager.index("tracked_actor._on_error(tracked_actor, exception)") < \
+        manager.index("tracked_actor_task._on_error(tracked_actor, exception)")
+    listener = inspect.getsource(ray_worker.listen_error_messages)
+    assert "print_to_stdstream(" in listener and '"pid": "raylet"' in listener
+    compat.retry_trials_lost_in_reset()
+    compat.retry_trials_lost_in_reset()  # idempotent
+    assert TuneController._trial_task_failure._sweep_retries_reset
+
+    original = ray_worker.print_to_stdstream
+    try:
+        compat.quiet_worker_death_notices()
+        compat.quiet_worker_death_notices()  # idempotent
+        ray_worker.print_to_stdstream({"lines": [compat.WORKER_DIED_NOTICE + ". Lease ID: 1"], "pid": "raylet",
+                                       "is_err": False}, ignore_prefix=False)
+        assert compat.WORKER_DIED_NOTICE not in capsys.readouterr().out
+        ray_worker.print_to_stdstream({"lines": ["something else the raylet says"], "pid": "raylet", "is_err": False},
+                                      ignore_prefix=False)
+        assert "something else the raylet says" in capsys.readouterr().out
+    finally:
+        ray_worker.print_to_stdstream = original
+
+
 def test_sigusr1_ends_a_tune_run_like_ctrl_c():
     from ray.tune import tune as tune_module
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 
 from trial_worker.checkpoint import write_manifest
 from trial_worker.config import JobConfig
-from trial_worker.lifecycle import TRIAL_STATE_FILE, check_finite, rung_report, write_state
+from trial_worker.lifecycle import check_finite, counters, read_state, rung_report, write_state
 from trial_worker.pack.batch import Seq, build, pack_rows, tokenize
 
 Report = Callable[[dict, str], None]
@@ -211,10 +211,10 @@ class PackedTrial:
         st = torch.load(Path(directory) / "trainer_state.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
-        state = json.loads((Path(directory) / TRIAL_STATE_FILE).read_text())
+        state = read_state(directory)
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
         self.order = None if self.pos == 0 and self.epoch == 0 else self._order_of(self.epoch)  # type: ignore[assignment]
-        self.offset = {k: float(state.get(k, 0.0)) for k in self.offset}
+        self.offset = counters(state)
         self.last_lr = float(self.scheduler.get_last_lr()[0])
 
     def _order_of(self, epoch: int) -> list[int]:
