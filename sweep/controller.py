@@ -124,10 +124,15 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
     state["registered_before"] = registered_studies().get(study_name)
     register_study(study_name, storage_url)
     console.print(f"study [bold]{study_name}[/] in {safe_url(storage_url)}")
-    n_trials = num_trials or (study.user_attrs.get("num_trials") if resume else None) or spec.num_trials
+    # The trials the study is to hold (an earlier sweep's under this name, then this one's): what `sweep resume`
+    # completes, and the searcher's limit whatever Tune's own trial count says (`StudySearch._study_is_full`).
+    if resume:
+        n_trials = study.user_attrs.get("num_trials") or spec.num_trials
+    else:
+        n_trials = (num_trials or spec.num_trials) + len(study.get_trials(deepcopy=False))
     state["n_trials"] = n_trials
     if not resume:
-        study.set_user_attr("num_trials", n_trials)  # what `sweep resume` completes
+        study.set_user_attr("num_trials", n_trials)
     elif _nothing_to_resume(study, n_trials, console):
         if not address:
             end_orphans(run_dir)  # what a controller killed at the very end left of its local Ray

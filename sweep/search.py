@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Optional, TypeVar
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sweep._compat.optuna import cached_frozen, study_storage, suggest_param, write_running_trial
@@ -41,6 +42,7 @@ T = TypeVar("T")
 
 # Metrics kept per rung and, from the last report, on the trial.
 RUNG_KEYS = tuple(k for k in REPORT_KEYS if k != "rung")
+ASK_FAILED = "ask failed"  # the fail reason of a trial that a failed `ask` left (see `StudySearch._fail_orphans`)
 FINAL_KEYS = ("tokens_per_s", "samples_per_s", "peak_mem_gb", "wall_s", "micro_batch", "accumulation", "gradient_checkpointing")
 
 
@@ -159,6 +161,8 @@ class StudySearch(OptunaSearch):
         if trial_id not in trials and self._pending:
             return self._continue_pending(trial_id)
         new = trial_id not in trials
+        if new and self._retry("count the study's trials", self._study_is_full):
+            return Searcher.FINISHED
 
         def ask():
             try:
@@ -172,6 +176,22 @@ class StudySearch(OptunaSearch):
             ot_trial = trials[trial_id]
             self._retry("set ray_trial_id", lambda: ot_trial.set_user_attr("ray_trial_id", trial_id))
         return config
+
+    def _study_is_full(self) -> bool:
+        """Whether the study already holds every trial the sweep is to have (its user attr `num_trials`, written
+        by the controller; no limit without it). The study, not Tune's trial counter, says so: Tune restored from
+        a save older than the study (a trial started and was pruned between two of Tune's saves, then a kill)
+        counts fewer trials than the study holds and asks for more, which would train trials beyond the spec's
+        count. Trials left by an `ask` that failed midway (`_fail_orphans`) are not counted."""
+        cap = self._ot_study.user_attrs.get("num_trials")
+        if cap is None:
+            return False
+        held = sum(1 for t in self._ot_study.get_trials(deepcopy=False)
+                   if not str(t.user_attrs.get("fail_reason", "")).startswith(ASK_FAILED))
+        if held < int(cap):
+            return False
+        logger.info("study %s holds its %d trials: no trial added (Ray Tune asked for one more)", self._study_name, held)
+        return True
 
     def on_trial_result(self, trial_id: str, result: Dict) -> None:
         if trial_id in completed_trials(self):
@@ -273,7 +293,7 @@ class StudySearch(OptunaSearch):
         try:
             for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if storage_id(t) not in known and "ray_trial_id" not in t.user_attrs:
-                    study_storage(self._ot_study).set_trial_user_attr(storage_id(t), "fail_reason", f"ask failed: {error}")
+                    study_storage(self._ot_study).set_trial_user_attr(storage_id(t), "fail_reason", f"{ASK_FAILED}: {error}")
                     self._ot_study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         except Exception as e:  # the storage is still failing: the next try cleans up
             logger.debug("could not clean up after a failed ask: %s", e)

@@ -185,3 +185,66 @@ def test_killed_while_a_checkpoint_is_written_the_sweep_resumes_from_intact_chec
               lost=f"0 of {len(lrs)} trials; the checkpoint at the kill was {state}; resumed from intact checkpoints "
                    f"({len(events)} rejected by the hash check); none RUNNING; rungs recorded before the kill unchanged",
               seconds=seconds)
+
+
+def test_trials_finished_after_tunes_last_save_are_not_trained_again_nor_replaced(tmp_path, assets, fault_row):
+    """Tune saves its run every few seconds and after a trial's second checkpoint; a trial that starts and is
+    pruned at its first rung between two saves, and then a kill, leave Tune's last save knowing fewer trials than
+    the study holds. The restored Tune asks for more: the study, not Tune's older count, says how many the sweep
+    has, so none is added beyond the spec's count (that ask would train a new trial, or repeat a grid point) and
+    none finished is trained again. The older save is made exact here: Tune's state files as they were when the
+    first trials started are put back after the kill."""
+    spec = small_spec(tmp_path, assets, name="late", rungs=RUNGS, params={"learning_rate": {"type": "choice", "values": LRS}})
+    env = sweep_env(tmp_path)
+    marker = f"SWEEP_HOME={env['SWEEP_HOME']}\0".encode()
+    storage = f"sqlite:///{tmp_path / 'late.db'}"
+    run_dir = tmp_path / "runs" / "late"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    from sweep._compat.ray import trials_in_state
+    from sweep.resume import STATE_KINDS
+
+    def state_files() -> dict:
+        return {p.name: p.read_bytes() for kind in STATE_KINDS for p in run_dir.glob(kind.format("*"))}
+
+    def n_finished() -> int:
+        return sum(1 for x in list(lines) if " COMPLETE" in x or " PRUNED" in x)
+
+    old: dict = {}
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and n_finished() < 3:
+            files = state_files()
+            exp = [n for n in files if n.startswith("experiment_state-")]
+            if not old and len(files) == len(STATE_KINDS) and n_finished() == 0 and trials_in_state(run_dir / exp[0]):
+                old = files  # Tune's save while its first trials run
+            time.sleep(0.05)
+        assert old and n_finished() >= 3, "no early save, or three trials did not finish:\n" + "".join(lines)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_processes_with_env(marker)
+    for p in state_files():
+        (run_dir / p).unlink()
+    for name, data in old.items():
+        (run_dir / name).write_bytes(data)
+    saved = trials_in_state(next(run_dir.glob("experiment_state-*.json")))
+    before = _snapshot(optuna.load_study(study_name="late", storage=storage))
+    done_before = {n: v for n, v in before.items() if v[0] != "RUNNING"}
+    assert len(done_before) >= 3 and len(saved) <= 2, (saved, before)  # a trial Tune's save never saw has finished
+
+    study, after = _resume_finishes(spec, tmp_path, env, storage, LRS)
+    seconds = time.perf_counter() - t0
+    for n, v in done_before.items():
+        assert after[n] == v, (n, v, after[n])
+    fault_row(fault="controller killed after trials finished that Tune's last save never saw, then `sweep resume`",
+              injected=f"`kill -9` of `sweep run` once 3 trials finished, Tune's state put back to its save while the first "
+                       f"trials ran ({len(saved)} trial(s) in it, {len(before)} in the study)",
+              lost=f"0 of {len(LRS)} trials: {len(done_before)} finished kept as recorded; no trial beyond the spec's count; "
+                   "each grid point once; none RUNNING",
+              seconds=seconds)

@@ -414,3 +414,28 @@ search:
     assert len(set(configs[:12])) == 12, configs
     assert configs[12] in configs[:12]
     assert len(load_study(storage_url, "s").trials) == 13
+
+
+def test_no_trial_beyond_the_studys_count_whatever_tune_asks(storage_url, drive, tmp_path):
+    """Tune restored from a save older than the study asks for as many trials as its save lacks, though some of
+    them have run and finished since: the searcher answers FINISHED once the study holds its `num_trials`, so no
+    trial is added beyond the sweep's count; a trial a failed ask left (FAIL, "ask failed") does not count."""
+    storage = open_storage(storage_url)
+    search = drive.make_search(storage)
+    search.study.set_user_attr("num_trials", 3)
+    search.save(str(tmp_path / "searcher.pkl"))  # Tune's last save: no trial yet
+    drive.run_trial(search, "t1", [2.0])  # asked for, pruned and recorded after that save
+    drive.run_trial(search, "t2", [2.1, 1.9, 1.7])
+    orphan = search.study.ask()  # what a failed ask leaves, as `_fail_orphans` ends it
+    orphan.set_user_attr("fail_reason", "ask failed: database is locked")
+    search.study.tell(orphan, state=TrialState.FAIL)
+
+    restored = drive.make_search(open_storage(storage_url))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    from ray.tune.search import Searcher
+
+    assert restored.suggest("t3") not in (None, Searcher.FINISHED)  # the third trial of three
+    assert restored.suggest("t4") == Searcher.FINISHED and restored.suggest("t5") == Searcher.FINISHED
+    study = load_study(storage_url, "s")
+    assert len([t for t in study.trials if t.user_attrs.get("fail_reason", "").startswith("ask failed")]) == 1
+    assert len(study.trials) == 4  # three of the sweep's and the failed ask's
