@@ -8,7 +8,9 @@ from __future__ import annotations
 
 
 def study_url(study, host: str, port: int) -> str:
-    return f"http://{host}:{port}/dashboard/studies/{study._study_id}"
+    from sweep._compat.optuna import study_id
+
+    return f"http://{host}:{port}/dashboard/studies/{study_id(study)}"
 
 
 def serve(storage_url: str, *, host: str = "127.0.0.1", port: int = 8080) -> None:

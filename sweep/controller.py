@@ -147,7 +147,7 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
     stops.install()  # again: `ray.init` set a SIGTERM handler of its own
     try:
         _evaluate_base_once(ray, study, job, spec, console, run_dir)
-        searcher = _searcher(spec, study_name, rstorage)
+        searcher = _searcher(spec, study_name, rstorage, resumed=resume)
         # W&B's offline runs are local files: beside a local run folder, else in ./sweep_runs.
         callbacks = _callbacks(searcher, spec, study_name, Path("sweep_runs" if is_uri(out_dir) else out_dir), console)
         trainable = _trainable(spec, job, run_dir)
@@ -156,7 +156,11 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
         else:
             # A resume before Tune saved anything (killed while Ray started, during the base evaluation or the
             # first trials' start): the trials the study lacks, its RUNNING ones first with their recorded params.
-            n_new = n_trials - (searcher.continue_running_trials() if resume else 0)
+            n_new = n_trials
+            if resume:
+                from sweep.search import release_trials
+
+                n_new -= searcher.retry("read the study", lambda: release_trials(study, held=set()))[1]
             tuner = _new_tuner(spec, study_name, out_dir, trainable, searcher, callbacks, n_new, from_study=resume)
             progress = callbacks[0]
         budget, res = spec.budget, spec.resources
@@ -169,9 +173,9 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
         # Nothing may stay RUNNING. The study is written and read once more after the fit: retried like the
         # searcher's own writes. A fresh run ends only its own trials; a resume every one left running.
         if resume:
-            errors += searcher._retry("fail lost trials", lambda: fail_lost_trials(study_name, rstorage))
+            errors += searcher.retry("fail lost trials", lambda: fail_lost_trials(study_name, rstorage))
         else:
-            errors += searcher._retry("fail unfinished trials", lambda: fail_lost_trials(
+            errors += searcher.retry("fail unfinished trials", lambda: fail_lost_trials(
                 study_name, rstorage, only=searcher.storage_trial_ids(), reason=UNFINISHED_REASON))
         rows = _leaderboard(searcher, study_name, rstorage, console)
     except (DiskFullStop, SweepStopped):
@@ -344,8 +348,8 @@ def _evaluate_base_once(ray, study, job, spec: SweepSpec, console, run_dir: RunD
     console.print(f"base model: val_loss {base['val_loss']:.4f}  ppl {base['ppl']:.2f}")
 
 
-def _searcher(spec: SweepSpec, study_name: str, rstorage):
-    """What to try: Tune's OptunaSearch on the study, recording the truth (`sweep.search.StudySearch`)."""
+def _searcher(spec: SweepSpec, study_name: str, rstorage, *, resumed: bool):
+    """What to try: a Tune searcher over the study, recording the truth (`sweep.search.StudySearch`)."""
     from sweep.search import StudySearch
     from sweep.space import make_sampler, optuna_space
 
@@ -353,7 +357,7 @@ def _searcher(spec: SweepSpec, study_name: str, rstorage):
         raise ValueError("a sweep needs the spec's `search` section (what to try); this spec has none")
     return StudySearch(optuna_space(spec), metric=spec.search.metric, mode=spec.search.mode, sampler=make_sampler(spec),
                        study_name=study_name, storage=rstorage, budget_key=spec.budget.unit,
-                       top_rung=spec.budget.rungs[-1])
+                       top_rung=spec.budget.rungs[-1], resumed=resumed)
 
 
 def _callbacks(searcher, spec: SweepSpec, study_name: str, out_dir: Path, console) -> list:
@@ -475,7 +479,7 @@ def _leaderboard(searcher, study_name: str, rstorage, console) -> list:
 
     from sweep.leaderboard import leaderboard, render
 
-    study = searcher._retry("read the study", lambda: optuna.load_study(study_name=study_name, storage=rstorage))
-    rows = searcher._retry("read the leaderboard", lambda: leaderboard(study))
-    searcher._retry("read the leaderboard", lambda: render(rows, study, console=console))
+    study = searcher.retry("read the study", lambda: optuna.load_study(study_name=study_name, storage=rstorage))
+    rows = searcher.retry("read the leaderboard", lambda: leaderboard(study))
+    searcher.retry("read the leaderboard", lambda: render(rows, study, console=console))
     return rows

@@ -7,11 +7,12 @@ experiment state, the trials' checkpoints) is how the work goes on. A resume:
    folder that another user could have written (restoring unpickles it) or whose state files were cut
    short and cannot be put back from Ray's own copies (`run_folder_problem`);
 2. restores Tune's run (`Tuner.restore`) when Tune saved one, after marking ended in Tune's saved state the
-   trials the study has finished since (they are never trained or reported again). The searcher reconciles
-   itself with the study as it is unpickled (`sweep.search.StudySearch.__setstate__`): trials asked for
-   after Tune's last save run with their recorded params (never re-sampled), and the sampler's random state
-   is drawn afresh so it cannot repeat the draws made after that save. When Tune saved nothing yet (killed
-   while Ray started or during the base evaluation), a fresh Tuner runs the trials the study still lacks;
+   trials the study has finished since (they are never trained or reported again), and writing in the study
+   which RUNNING trials no restored Ray trial runs (`sweep.search.release_trials`): the searcher, whose only
+   state is the study, hands those out again with their recorded params (never re-sampled), draws its
+   sampler's random state afresh so it cannot repeat the draws made after Tune's save, and adds no trial
+   once the study holds its `num_trials`. When Tune saved nothing yet (killed while Ray started or during the
+   base evaluation), every RUNNING trial is released and a fresh Tuner runs the trials the study still lacks;
 3. after the fit, records FAIL whatever stayed RUNNING (`fail_lost_trials`).
 
 Why Tune's restore, corrected from the study, rather than a fresh Tuner seeded from the study: the restore
@@ -78,15 +79,15 @@ def _end_in_tune_what_the_study_finished(run_dir: Path, study) -> None:
     """Trials the study has finished since Tune's last save (killed right after a trial ended) are marked ended in
     the Tune state that `Tuner.restore` reads, so they are neither trained nor reported again."""
     from sweep._compat.ray import match_search_state, mark_trials_terminated, trials_in_state
-    from sweep.search import StudySearch
+    from sweep.search import release_trials
 
     finished = {t.user_attrs["ray_trial_id"] for t in study.get_trials(deepcopy=False)
-                if t.state.is_finished() and "ray_trial_id" in t.user_attrs}
+                if t.state.is_finished() and t.user_attrs.get("ray_trial_id")}
     state = sorted(run_dir.glob("experiment_state-*.json"))[-1]
     ended = mark_trials_terminated(state, finished)
     trials = trials_in_state(state)
     match_search_state(state.with_name(state.name.replace("experiment_state-", "search_gen_state-")), trials)
-    StudySearch.tune_trials = set(trials)  # what the restored searcher counts as not lost
+    release_trials(study, held=set(trials))  # the study's RUNNING trials Tune will not run: handed out again
     if ended:
         print(f"sweep resume: {len(ended)} trial(s) finished in the study after Ray Tune's last save; not run again",
               file=sys.stderr, flush=True)

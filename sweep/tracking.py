@@ -199,6 +199,7 @@ def make_wandb_callback(searcher, spec, study_name: str, out_dir, console=None):
             return run
 
         def _annotate(self, number: int, run) -> None:
+            from sweep._compat.optuna import study_storage, trial_of_number
             from sweep.record import set_trial_user_attr_any_state
 
             st = self.searcher.study
@@ -206,9 +207,9 @@ def make_wandb_callback(searcher, spec, study_name: str, out_dir, console=None):
                      "wandb_url": run.url if self.mode == "online" else None,
                      "wandb_run_dir": str(Path(run.dir).parent)}
             try:
-                tid = st._storage.get_trial_id_from_study_id_trial_number(st._study_id, number)
+                tid = trial_of_number(st, number)
                 for k, v in attrs.items():
-                    set_trial_user_attr_any_state(st._storage, tid, k, v)
+                    set_trial_user_attr_any_state(study_storage(st), tid, k, v)
             except Exception as e:
                 self._warn(f"could not store the run id on trial {number}: {e}")
 
@@ -258,7 +259,7 @@ def make_wandb_callback(searcher, spec, study_name: str, out_dir, console=None):
             self._finish(trial, self.searcher.final_state(trial.trial_id) or "COMPLETE")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            reason = getattr(self.searcher, "_fail_reasons", {}).get(trial.trial_id)
+            reason = self.searcher.fail_reason(trial.trial_id)
             self._finish(trial, "FAIL", reason)
 
         def on_trial_recover(self, iteration, trials, trial, **info):

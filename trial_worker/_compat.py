@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 
 def storage_checkpoint() -> dict:
@@ -21,10 +21,27 @@ def storage_checkpoint() -> dict:
             "local": isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem)}
 
 
-def set_logged_token_count(trainer: Any, tokens: int) -> None:
-    """Make TRL's SFTTrainer log `num_tokens` as `tokens` (its private `_metrics["train"]` store, which its
-    `log` averages and prints): the worker counts the tokens it really trained on, not the padded batch."""
-    trainer._metrics["train"]["num_tokens"] = [int(tokens)]
+def add_logged_tokens(trainer: Any, tokens: int) -> int:
+    """Add `tokens` to TRL's SFTTrainer count of trained tokens (its private `_total_train_tokens`) and make it
+    log `num_tokens` as that count (its private `_metrics["train"]` store, which its `log` averages and
+    prints): the worker counts the tokens it really trained on, not the padded batch. Returns the count."""
+    trainer._total_train_tokens = getattr(trainer, "_total_train_tokens", 0) + int(tokens)
+    trainer._metrics["train"]["num_tokens"] = [int(trainer._total_train_tokens)]
+    return trainer._total_train_tokens
+
+
+def attn_implementation(config: Any) -> Optional[str]:
+    """The attention a transformers model config runs (`PretrainedConfig._attn_implementation`, set by
+    `from_pretrained(attn_implementation=...)`); None for an object without one."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def function_trainable(fn: Any) -> Any:
+    """Ray Tune's Trainable class for a function trainable (`ray.tune.trainable.wrap_function`, what `tune.Tuner`
+    does to a function): the sweep subclasses it to restore past a checkpoint folder that is gone."""
+    from ray.tune.trainable import wrap_function
+
+    return wrap_function(fn)
 
 
 _LEAN_BNB: dict = {}

@@ -311,9 +311,10 @@ def trainable(job: dict, run_dir: str | None = None, function=None):
     and says so (see `run_trial`).
     """
     from ray import tune
-    from ray.tune.trainable import wrap_function
 
-    base: Any = wrap_function(tune.with_parameters(function or run_trial, job=job, run_dir=run_dir))
+    from trial_worker._compat import function_trainable
+
+    base: Any = function_trainable(tune.with_parameters(function or run_trial, job=job, run_dir=run_dir))
 
     class SweepTrial(base):
         def restore(self, checkpoint_path):

@@ -156,10 +156,10 @@ _MASKS: dict = {}
 
 def runs_varlen(model) -> bool:
     """Whether `model` attends with `model.FLAT_ATTENTION` (sdpa, and the varlen kernel for padding-free batches)."""
+    from trial_worker._compat import attn_implementation
     from trial_worker.model import FLAT_ATTENTION, _varlen_kernel
 
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) == FLAT_ATTENTION and _varlen_kernel() is not None
+    return attn_implementation(getattr(model, "config", None)) == FLAT_ATTENTION and _varlen_kernel() is not None
 
 
 def varlen_inputs(batch: dict, model) -> dict:

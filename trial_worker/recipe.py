@@ -326,11 +326,10 @@ def _lean_trainer_class():
         def log(self, logs, *args, **kwargs):
             pending = getattr(self, "_sweep_tokens", None)
             if pending is not None:
-                self._total_train_tokens += int(pending)
                 self._sweep_tokens = None
-                from trial_worker._compat import set_logged_token_count  # TRL's private store
+                from trial_worker._compat import add_logged_tokens  # TRL's private count and store
 
-                set_logged_token_count(self, self._total_train_tokens)
+                add_logged_tokens(self, int(pending))
             return super().log(logs, *args, **kwargs)
 
     return LeanSFTTrainer

@@ -22,6 +22,16 @@ def cached_frozen(trial: optuna.trial.Trial) -> optuna.trial.FrozenTrial:
     return trial._cached_frozen_trial
 
 
+def study_id(study: optuna.Study) -> int:
+    """The storage's id of a study (`Study._study_id`): optuna-dashboard's page of the study is named by it."""
+    return study._study_id
+
+
+def trial_of_number(study: optuna.Study, number: int) -> int:
+    """The storage id of the study's trial `number`."""
+    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+
+
 def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The storage a study writes through (`Study._storage`)."""
     return study._storage

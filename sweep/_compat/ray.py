@@ -158,34 +158,12 @@ def session_dir_of(pid: int) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------ Ray Tune's OptunaSearch
-# `sweep.search.StudySearch` extends Tune's OptunaSearch, whose state lives in private attributes:
-# `_ot_trials` (Ray trial id -> optuna.trial.Trial) and `_completed_trials` (Ray trial ids told).
-
-def searcher_trials(searcher: Any) -> dict:
-    """OptunaSearch's Ray trial id -> `optuna.trial.Trial` map (the trials it asked for)."""
-    return searcher._ot_trials
-
-
-def set_searcher_trials(searcher: Any, trials: dict) -> None:
-    searcher._ot_trials = trials
-
-
-def completed_trials(searcher: Any) -> set:
-    """OptunaSearch's set of Ray trial ids it has told the study about (it ignores their later results)."""
-    return searcher._completed_trials
-
+# ------------------------------------------------------------------ Ray Tune's restore
 
 def restored_callbacks(tuner: Any) -> list:
     """The callbacks `Tuner.restore` unpickled from the run folder (it takes no RunConfig, and keeps them on its
     private `_local_tuner`): the controller needs its own progress callback back to see a disk-full stop."""
     return list(tuner._local_tuner.get_run_config().callbacks or [])
-
-
-def pop_searcher_trials(state: dict) -> dict:
-    """Take OptunaSearch's trial map out of a searcher's pickled `__dict__` (Trial objects hold a storage
-    cache with a lock and cannot be pickled; `StudySearch` keeps their storage ids instead)."""
-    return state.pop("_ot_trials", None) or {}
 
 
 def asha_rungs(scheduler: Any) -> list:

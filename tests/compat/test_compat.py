@@ -128,24 +128,6 @@ def test_session_dir_of_reads_a_ray_processes_arguments(tmp_path):
         p.wait()
 
 
-def test_optuna_search_keeps_its_trials_where_study_search_reads_them(tmp_path):
-    from ray.tune.search.optuna import OptunaSearch
-
-    from sweep._compat.ray import completed_trials, pop_searcher_trials, searcher_trials, set_searcher_trials
-
-    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
-    s = OptunaSearch(space, metric="loss", mode="min", storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/s.db"),
-                     study_name="s")
-    config = s.suggest("t1")
-    assert isinstance(searcher_trials(s)["t1"], optuna.trial.Trial) and searcher_trials(s)["t1"].params == config
-    s.on_trial_complete("t1", {"loss": 0.5})
-    assert "t1" in completed_trials(s)
-    state = dict(s.__dict__)
-    assert set(pop_searcher_trials(state)) == {"t1"} and "_ot_trials" not in state
-    set_searcher_trials(s, {})
-    assert searcher_trials(s) == {}
-
-
 def test_a_restored_tuner_keeps_its_callbacks_where_the_controller_finds_them(tmp_path):
     from ray import tune
 
@@ -222,7 +204,8 @@ def test_asha_keeps_its_rungs_where_the_scheduler_rebuilds_them():
 
 
 def test_optuna_internals_the_record_uses(tmp_path):
-    from sweep._compat.optuna import cached_frozen, set_user_attr_of_finished_trial, study_storage, trial_id
+    from sweep._compat.optuna import (cached_frozen, set_user_attr_of_finished_trial, study_id, study_storage, trial_id,
+                                      trial_of_number)
 
     url = f"sqlite:///{tmp_path}/o.db"
     study = optuna.create_study(storage=url, study_name="o")
@@ -231,6 +214,8 @@ def test_optuna_internals_the_record_uses(tmp_path):
     assert cached_frozen(trial).intermediate_values == {10: 1.5}
     frozen = study.trials[0]
     assert trial_id(frozen) == trial_id(trial) and study_storage(study).get_trial(trial_id(trial)).number == 0
+    assert trial_of_number(study, 0) == trial_id(trial)
+    assert study_storage(study).get_study_id_from_name("o") == study_id(study)  # the dashboard's page of the study
     study.tell(trial, 1.0)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # what the searcher skips on a resume
         study_storage(study).set_trial_user_attr(trial_id(trial), "k", 1)
@@ -261,7 +246,7 @@ def test_worker_internals_ray_train_session_and_trl_metrics():
     from ray.train._internal import session, storage
     from trl import SFTTrainer
 
-    from trial_worker._compat import set_logged_token_count, storage_checkpoint
+    from trial_worker._compat import add_logged_tokens, storage_checkpoint
 
     assert callable(session.get_storage)
     assert {"checkpoint_fs_path", "storage_filesystem"} <= set(dir(storage.StorageContext)) | set(
@@ -271,12 +256,36 @@ def test_worker_internals_ray_train_session_and_trl_metrics():
     # SFTTrainer keeps its logged metrics in `_metrics[mode][name]` lists and averages them in `log`.
     assert 'self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}' in inspect.getsource(SFTTrainer.__init__)
     assert "self._metrics[mode]" in inspect.getsource(SFTTrainer.log)
+    # ... and counts the tokens it trained in `_total_train_tokens`, which the worker adds to with its own count.
+    assert "self._total_train_tokens" in inspect.getsource(SFTTrainer)
 
     class Trainer:
-        _metrics = {"train": {}}
+        _metrics: dict = {"train": {}}
+        _total_train_tokens = 100
 
-    set_logged_token_count(Trainer, 123)
-    assert Trainer._metrics["train"]["num_tokens"] == [123]
+    assert add_logged_tokens(Trainer, 23) == 123 and add_logged_tokens(Trainer, 7) == 130
+    assert Trainer._metrics["train"]["num_tokens"] == [130]
+
+
+def test_transformers_and_tune_internals_the_worker_uses(tiny_model):
+    """The attention a loaded model runs, read where `from_pretrained(attn_implementation=...)` puts it; Tune's
+    function trainable, the class the worker's restore-past-a-gone-checkpoint subclasses."""
+    from ray.tune.trainable import Trainable
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trial_worker._compat import attn_implementation, function_trainable
+
+    for attn in ("eager", "sdpa"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn)
+        assert attn_implementation(model.config) == attn
+    assert attn_implementation(AutoConfig.from_pretrained(tiny_model)) in (None, "eager", "sdpa")
+    assert attn_implementation(object()) is None
+
+    def fn(config):
+        return None
+
+    cls = function_trainable(fn)
+    assert isinstance(cls, type) and issubclass(cls, Trainable) and callable(getattr(cls, "restore"))
 
 
 @pytest.mark.parametrize("optim_bits", [8, 32])

@@ -240,8 +240,8 @@ def test_a_stop_result_also_sent_to_on_trial_result_is_recorded_once(storage_url
 
 
 def test_a_searcher_restored_from_an_older_save_agrees_with_the_study(storage_url, drive, tmp_path):
-    """Tune saves its searcher every few seconds; a controller killed after a save restores an older searcher.
-    The study is the record: a trial it finished since is not recorded again, a trial asked for after the save
+    """Tune saves its run every few seconds; a controller killed after a save restores an older one. The study is
+    the searcher's only state: a trial it finished since is not recorded again, a trial asked for after the save
     is run again with its recorded params (not sampled anew), and no later trial repeats its params."""
     storage = open_storage(storage_url)
     search = drive.make_search(storage)
@@ -254,6 +254,10 @@ def test_a_searcher_restored_from_an_older_save_agrees_with_the_study(storage_ur
     search.on_trial_result("t2", drive.result(10, 3.0))
     before = {t.number: (t.state, t.value, dict(t.intermediate_values)) for t in load_study(storage_url, "s").trials}
 
+    from sweep.search import release_trials
+
+    # `sweep resume`: Tune's save holds t1 only; t2's study trial, which no Ray trial will run, is released.
+    assert release_trials(load_study(storage_url, "s"), held={"t1"}) == (1, 1)
     restored = drive.make_search(open_storage(storage_url))
     restored.restore(str(tmp_path / "searcher.pkl"))  # as Tune.restore does
     assert restored.finished_before("t1") and restored.final_state("t1") == "COMPLETE"
@@ -289,6 +293,9 @@ def test_a_trial_killed_inside_its_ask_gets_the_rest_of_its_params_on_resume(sto
     for name, value in kept.items():
         cut._storage.set_trial_param(half._trial_id, name, space[name].to_internal_repr(value), space[name])
 
+    from sweep.search import release_trials
+
+    assert release_trials(load_study(storage_url, "s"), held=set()) == (1, 0)  # `sweep resume`, Tune saved nothing
     restored = drive.make_search(open_storage(storage_url))
     restored.restore(str(tmp_path / "searcher.pkl"))
     config = restored.suggest("t1")
