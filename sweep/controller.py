@@ -1,8 +1,8 @@
-"""The controller: a Ray Tune `Tuner` with an Optuna searcher on the study and ASHA.
+"""The controller: a Ray Tune `Tuner` with a searcher whose only state is the Optuna study, and ASHA.
 
 `run_sweep` is the whole of `sweep run` and `sweep resume`, read top to bottom:
   spec -> study (created, spec recorded; on resume: checked) -> assets (demo model/data if asked)
-  -> Ray -> base model's val loss (once per study) -> Tuner(OptunaSearch on the study, ASHAScheduler
+  -> Ray -> base model's val loss (once per study) -> Tuner(StudySearch on the study, ASHAScheduler
   on the budget unit, trials with {cpu, gpu}), new or restored -> fit -> nothing left RUNNING ->
   leaderboard.
 Around it: `sweep.progress` (the terminal), `sweep.resume` (what a resume trusts and how it agrees
@@ -146,11 +146,14 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
     ray = _start_ray(address, run_dir, console)
     stops.install()  # again: `ray.init` set a SIGTERM handler of its own
     try:
-        _evaluate_base_once(ray, study, job, spec, console, run_dir)
+        # Packed trials or one per process (`trial_worker.pack.tune.trial_plan`), chosen once: the plan holds the
+        # pack servers' handles (Ray ends an actor whose owner holds none) for the whole fit.
+        plan = _trial_plan(spec, job, run_dir)
+        _evaluate_base_once(study, job, plan, console)
         searcher = _searcher(spec, study_name, rstorage, resumed=resume)
         # W&B's offline runs are local files: beside a local run folder, else in ./sweep_runs.
         callbacks = _callbacks(searcher, spec, study_name, Path("sweep_runs" if is_uri(out_dir) else out_dir), console)
-        trainable = _trainable(spec, job, run_dir)
+        trainable = plan.trainable()
         if restore:
             tuner, progress = _restored_tuner(run_dir, trainable, console)
         else:
@@ -336,14 +339,14 @@ def _ray_init(ray, address: Optional[str]) -> None:
     )
 
 
-def _evaluate_base_once(ray, study, job, spec: SweepSpec, console, run_dir: RunDir) -> None:
+def _evaluate_base_once(study, job, plan, console) -> None:
     """The base model's val loss and perplexity on the validation split, recorded once per study."""
     from sweep.record import record_base_metrics
 
     if "base_val_loss" in study.user_attrs:
         return
     console.print("evaluating the base model (once per study) ...")
-    base = _trial_plan(spec, job, run_dir).evaluate_base(job)
+    base = plan.evaluate_base(job)
     record_base_metrics(study, base["val_loss"], base["ppl"])
     console.print(f"base model: val_loss {base['val_loss']:.4f}  ppl {base['ppl']:.2f}")
 
@@ -376,16 +379,9 @@ def _make_progress_callback(searcher, spec: SweepSpec, console):
     return Progress(searcher, spec.budget.unit, list(spec.budget.rungs), console)
 
 
-def _trainable(spec: SweepSpec, job, run_dir: RunDir):
-    """The one place a trial's trainable is built: the worker's entry point with the sweep's job and resources
-    (packed or one trial per process, see `_trial_plan`)."""
-    return _trial_plan(spec, job, run_dir).trainable()
-
-
 def _trial_plan(spec: SweepSpec, job, run_dir: RunDir):
     """Packed trials (a warm pack server per GPU, `trial_worker.pack`) or one trial per process, by
-    `resources.packing`: the trainable with its resources, and where the base model is evaluated. The pack
-    servers are named after the run, so asking twice gives the same ones."""
+    `resources.packing`: the trainable with its resources, and where the base model is evaluated."""
     from trial_worker.entry import trial_plan
 
     # The worker keeps a trial's deterministic failure in the run folder as a local path; on a URI run folder it
@@ -431,8 +427,8 @@ def run_config(spec: SweepSpec, study_name: str, storage_path: str, callbacks: l
 
 def _restored_tuner(run_dir: RunDir, trainable, console):
     """Tune's run restored from its folder, with its progress callback. The searcher (on the study), scheduler
-    and callbacks come back from the folder's pickles, which this sweep wrote; the searcher reconciles
-    itself with the study as it is unpickled (`sweep.resume`)."""
+    and callbacks come back from the folder's pickles, which this sweep wrote; the searcher reads everything but
+    how to reach the study from the study itself (`sweep.search`, `sweep.resume`)."""
     from ray import tune
 
     from sweep._compat.ray import restored_callbacks

@@ -110,7 +110,7 @@ def _set_aside_unpaired_saves(run_dir: Path) -> None:
     `Tuner.restore` takes the newest file of each kind, so a kill during the copy pairs one session's trials
     with another session's searcher (which then asks for more trials than the sweep has). Files of a session
     newer than the newest complete one are renamed `.<name>.unpaired`: Tune restores that complete session,
-    and the searcher's reconciliation with the study covers what happened since.
+    and the study (the searcher's only state, `release_trials`) covers what happened since.
     """
     stamps: dict[str, list[Path]] = {}
     for kind in STATE_KINDS:

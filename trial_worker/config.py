@@ -268,7 +268,12 @@ def searchable_params() -> dict[str, tuple[str, str]]:
 
 def apply_params(job: JobConfig, params: dict[str, Any]) -> JobConfig:
     """The job with a trial's sampled parameters written into their sections (validated again)."""
-    data = job.model_dump()
+    return JobConfig.model_validate(with_params(job.model_dump(), params))
+
+
+def with_params(data: dict, params: dict[str, Any]) -> dict:
+    """A job's data (`JobConfig.model_dump()`) with a trial's sampled parameters written into their sections, in
+    place; validating it is the caller's (once)."""
     where = searchable_params()
     for name, value in params.items():
         if name not in where:
@@ -278,7 +283,7 @@ def apply_params(job: JobConfig, params: dict[str, Any]) -> JobConfig:
             data["model"]["lora"][field] = value
         else:
             data[section][field] = value
-    return JobConfig.model_validate(data)
+    return data
 
 
 # What a trial reports to Tune at each rung (and what the record stores).

@@ -11,6 +11,7 @@ re-exported here). Importing this module loads neither torch nor Ray.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import os
 import shutil
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Union
 
-from trial_worker.config import JobConfig, apply_params
+from trial_worker.config import JobConfig, with_params
 from trial_worker.demo_assets import prepare_assets
 
 __all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_job", *sorted(_LAZY := {
@@ -58,18 +59,14 @@ def trial_job(config: dict[str, Any], job: Union[dict, JobConfig], *, cpus: floa
     GPU (`resources.gpus_per_trial: 0.25`), the trial's CUDA memory is capped at that share, so trials
     sharing a GPU cannot take each other's memory; whole GPUs leave it unset (no cap).
     """
-    base = job if isinstance(job, JobConfig) else JobConfig.model_validate(job)
-    out = apply_params(base, config)
-    fill: dict[str, Any] = {}
-    if out.training.torch_threads is None and cpus:
-        fill["torch_threads"] = max(1, int(cpus))
-    if out.training.gpu_memory_fraction is None and gpus and 0 < gpus < 1:
-        fill["gpu_memory_fraction"] = float(gpus)
-    if fill:
-        data = out.model_dump()
-        data["training"].update(fill)
-        out = JobConfig.model_validate(data)
-    return out
+    # Validated once, here: from this object on the trial's job is passed as it is (to the recipe, or to a pack).
+    data = with_params(job.model_dump() if isinstance(job, JobConfig) else copy.deepcopy(job), config)
+    training = data.setdefault("training", {})
+    if training.get("torch_threads") is None and cpus:
+        training["torch_threads"] = max(1, int(cpus))
+    if training.get("gpu_memory_fraction") is None and gpus and 0 < gpus < 1:
+        training["gpu_memory_fraction"] = float(gpus)
+    return JobConfig.model_validate(data)
 
 
 FATAL_DIR = "failed_trials"  # <run_dir>/failed_trials/<trial id>.json: a deterministic failure of an earlier attempt
@@ -91,45 +88,70 @@ def run_trial(config: dict[str, Any], job: dict, run_dir: str | None = None) -> 
     trial's local folder), so that a Tune retry (`max_failures`) fails at once with the same
     reason instead of training into the same wall again.
     """
-    import json
     import time
 
     import ray
+
+    from trial_worker.recipe import run
+
+    started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
+    remove_temp_folders()  # what killed workers on this node left behind
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    trial = trial_job(config, job, cpus=assigned.get("CPU"), gpus=assigned.get("GPU"))
+    output_dir = temp_folder("sweep-trial")
+    try:
+        with attempt(run_dir, output_dir) as a:
+            run(trial, report=a.report, resume_from=a.resume_from, output_dir=output_dir, started_at=started_at)
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+class Attempt:
+    """One attempt of a trial as `attempt` sets it up: where it resumes from, and its rung report to Tune."""
+
+    def __init__(self, resume_from: str | None, note: list[str]):
+        self.resume_from = resume_from
+        self.note = note  # the checkpoints skipped on the way in: said once, by the first report
+        self.writing: dict = {}  # the checkpoint being copied into the run's storage: {"step", "path", "local"}
+
+    def report(self, metrics: dict, checkpoint_dir: str) -> None:
+        """`tune.report` of a rung with its checkpoint folder (`report_checkpoint`)."""
+        metrics = dict(metrics)
+        if self.note:
+            metrics["checkpoint_note"] = self.note.pop()
+        report_checkpoint(metrics, checkpoint_dir, self.writing)
+
+
+@contextlib.contextmanager
+def attempt(run_dir: str | None, output_dir: str):
+    """What every attempt of a trial does around its training, one trial per process (`run_trial`) or in a pack
+    (`trial_worker.pack.tune.run_packed_trial`) alike: refuse to start when an earlier attempt failed
+    deterministically (`fatal_path`); pick the checkpoint to resume from (`_resume_point`, saying which were
+    skipped and why); turn a full disk under `output_dir` or in Tune's copy into `DiskFull`; and keep a NaN loss
+    or an out-of-memory at micro-batch 1 as the trial's fatal failure. Yields the `Attempt`."""
+    import json
+
     from ray import tune
 
     from trial_worker.lifecycle import NonFiniteLoss
-    from trial_worker.recipe import TrialOOM, run
+    from trial_worker.recipe import TrialOOM
 
-    started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
     fatal = fatal_path(run_dir)
     vanished = _VANISHED_CHECKPOINT.pop("path", None)  # see `trainable`
-    assigned = ray.get_runtime_context().get_assigned_resources()
-    trial = trial_job(config, job, cpus=assigned.get("CPU"), gpus=assigned.get("GPU"))
-    note: list[str] = []
-    writing: dict = {}  # the checkpoint being copied into the run's storage: {"step", "path", "local"}
-
-    def report(metrics: dict, checkpoint_dir: str) -> None:
-        metrics = dict(metrics)
-        if note:
-            metrics["checkpoint_note"] = note.pop()
-        report_checkpoint(metrics, checkpoint_dir, writing)
-
-    remove_temp_folders()  # what killed workers on this node left behind
-    output_dir = temp_folder("sweep-trial")
     try:
         with _resume_point(tune.get_checkpoint(), vanished) as (resume_from, problems):
+            note: list[str] = []
             if problems:
                 then = f"resumed from {Path(resume_from).name}" if resume_from else "restarted from step 0"
                 note.append("; ".join(problems) + f"; {then}")
                 print(f"sweep: {note[0]}", file=sys.stderr, flush=True)
-            with disk_full_stops(output_dir, writing):
-                run(trial, report=report, resume_from=resume_from, output_dir=output_dir, started_at=started_at)
+            a = Attempt(resume_from, note)
+            with disk_full_stops(output_dir, a.writing):
+                yield a
     except (NonFiniteLoss, TrialOOM) as e:
         fatal.parent.mkdir(parents=True, exist_ok=True)
         fatal.write_text(json.dumps({"reason": f"{type(e).__name__}: {e}"}))
         raise
-    finally:
-        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 # The temp folders of trials and packs: `<tmp>/<kind>-<pid>-<random>`, named for the process that uses them, so

@@ -203,15 +203,18 @@ def trials_in_state(state_file: Path) -> dict:
 
 def match_search_state(search_gen_state: Path, trials: dict) -> None:
     """Make a `search_gen_state-*.json` (a pickle of plain data: `{"counter": int, "name:ConcurrencyLimiter":
-    {"live_trials": set, "num_unfinished_live_trials": int}}`) agree with the experiment state's `trials`
-    ({id: status}): Tune copies the two files separately, so a kill can leave an older one beside a newer
-    experiment state; its trial counter would then ask for more trials than the sweep has, and its limiter
-    count trials that ended (or are marked ended) against `max_concurrent_trials` forever. The file belongs
-    to a run folder `sweep.resume` has trusted."""
+    {"live_trials": set, "num_unfinished_live_trials": int}, "finished": bool}`) agree with the experiment
+    state's `trials` ({id: status}): Tune copies the two files separately, so a kill can leave one older than
+    the other; its trial counter (or its "finished") would then ask for fewer trials than the study still needs
+    run, and its limiter count trials that ended (or are marked ended) against `max_concurrent_trials` forever.
+    The file belongs to a run folder `sweep.resume` has trusted."""
     import pickle
 
     state = pickle.loads(search_gen_state.read_bytes())
-    state["counter"] = max(int(state.get("counter", 0)), len(trials))
+    # One trial created per trial restored, and not finished: Tune asks for the rest, the study's trials that no
+    # restored trial runs first; the searcher says when the study holds them all (`StudySearch._study_is_full`).
+    state["counter"] = len(trials)
+    state["finished"] = False
     limiter = state.get("name:ConcurrencyLimiter")
     if isinstance(limiter, dict):
         limiter["live_trials"] = {i for i, s in trials.items() if s in ("PENDING", "RUNNING", "PAUSED")}

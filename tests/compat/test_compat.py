@@ -181,7 +181,7 @@ def test_the_concurrency_limiters_saved_live_trials_can_be_forgotten(tmp_path):
     again = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
     again.restore_from_dir(str(tmp_path))
     assert again.searcher.live_trials == {"b"} and again.searcher.suggest("c") is not None
-    assert again.get_state()["counter"] == 3  # one per trial of the experiment state
+    assert again.get_state()["counter"] == 3 and again.get_state()["finished"] is False  # one per restored trial
 
 
 def test_asha_keeps_its_rungs_where_the_scheduler_rebuilds_them():

@@ -56,9 +56,11 @@ class PackServer:
             return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                     "trials": held + len(self.queue), "error": self.error, "output_dir": self.output_dir}
 
-    def join(self, trial_id: str, job: dict, resume_from: Optional[str] = None, started_at: Optional[float] = None) -> None:
+    def join(self, trial_id: str, job, resume_from: Optional[str] = None, started_at: Optional[float] = None) -> None:
         """Queue a trial for admission; it starts at the first pack step after there is room for it.
+        `job`: the trial's `JobConfig` as the trial validated it (or its data, validated here once);
         `started_at` (`time.time()`): when Tune started the trial, for its reports' `setup_s`."""
+        job = _job(job)
         with self.lock:
             self.events[trial_id] = []
             self.seen[trial_id] = time.monotonic()
@@ -83,11 +85,11 @@ class PackServer:
         """The trial stopped (pruned, finished, failed, or its actor is going away): drop it from the pack."""
         self._command("leave", trial_id)
 
-    def evaluate_base(self, job: dict) -> dict:
+    def evaluate_base(self, job) -> dict:
         """{"val_loss", "ppl", "tokens"} of the untrained base on the job's validation rows, on the warm base."""
         done = threading.Event()
         box: dict = {}
-        self._command("evaluate_base", (job, box, done))
+        self._command("evaluate_base", (_job(job), box, done))
         done.wait()
         if "error" in box:
             raise RuntimeError(box["error"])
@@ -149,11 +151,9 @@ class PackServer:
                 if t is not None and t.state == "parked":
                     t.state = "running"
             elif op == "evaluate_base":
-                job_dict, box, done = args
+                job, box, done = args
                 try:
-                    from trial_worker.config import JobConfig
-
-                    box["result"] = self._engine_for(JobConfig.model_validate(job_dict)).evaluate(None)
+                    box["result"] = self._engine_for(job).evaluate(None)
                 except Exception as e:  # noqa: BLE001 - handed back to the caller
                     box["error"] = f"{type(e).__name__}: {e}"
                 done.set()
@@ -172,14 +172,12 @@ class PackServer:
             self.seen.pop(trial_id, None)
 
     def _admit(self) -> None:
-        from trial_worker.config import JobConfig
         from trial_worker.pack.engine import pack_key
 
         if self.engine is not None:  # trials sent back to wait by an out-of-memory step come first
             self.engine.readmit()
         while self.queue:
-            trial_id, job_dict, resume_from, started_at = self.queue[0]
-            job = JobConfig.model_validate(job_dict)
+            trial_id, job, resume_from, started_at = self.queue[0]
             try:
                 e = self._engine_for(job)
                 if pack_key(job) != e.key or not e.fits(job):
@@ -211,3 +209,10 @@ class PackServer:
 def _error_event(error: BaseException) -> dict:
     return {"kind": "error", "type": type(error).__name__, "message": str(error),
             "traceback": "".join(traceback.format_exception(error))[-3000:]}
+
+
+def _job(job):
+    """A trial's `JobConfig`: as sent (Ray pickles the validated object), or validated once from its data."""
+    from trial_worker.config import JobConfig
+
+    return job if isinstance(job, JobConfig) else JobConfig.model_validate(job)

@@ -11,19 +11,16 @@ unchanged. Reports carry `pack`, the pack the trial ran in.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 PACK_TRIAL_CPUS = 0.05  # a packed trial's own Tune actor only waits on its pack
-# The plans of this driver's runs, by (run name, Ray job): the pack servers' handles must live as long as the run
-# (Ray ends an actor once its owner holds no handle to it), and the controller asks for its plan more than once.
-_PLANS: dict[tuple, "TrialPlan"] = {}
 
 
 @dataclass
 class TrialPlan:
-    """How the sweep's trials run: the Tune trainable (with its resources) and how the base model is evaluated."""
+    """How the sweep's trials run: the Tune trainable (with its resources) and how the base model is evaluated.
+    Its holder keeps the pack servers alive (Ray ends an actor once its owner holds no handle to it)."""
 
     mode: str  # "packed" | "solo"
     trainable: Callable[[], Any]  # -> the Tune trainable with its resources
@@ -50,19 +47,9 @@ def packing_applies(resources: dict, job: dict, gpus_in_cluster: float, search_p
 
 
 def trial_plan(job: dict, *, resources: dict, run_dir: str, name: str, search_params: Optional[dict] = None) -> TrialPlan:
-    """The sweep's `TrialPlan` (call after `ray.init`): packed or one trial per process, per `resources.packing`
-    (`search_params`: the values trials may take, which `packing: auto` checks too).
-    The same run asking again (same name, same Ray session) gets the same plan and pack servers."""
-    import ray
-
-    key = (name, ray.get_runtime_context().get_job_id())
-    if key not in _PLANS:
-        _PLANS.clear()  # plans of an earlier Ray session: their packs went with it
-        _PLANS[key] = _new_plan(job, resources=resources, run_dir=run_dir, name=name, search_params=search_params)
-    return _PLANS[key]
-
-
-def _new_plan(job: dict, *, resources: dict, run_dir: str, name: str, search_params: Optional[dict] = None) -> TrialPlan:
+    """The sweep's `TrialPlan` (call after `ray.init`, once per run): packed or one trial per process, per
+    `resources.packing` (`search_params`: the values trials may take, which `packing: auto` checks too). The
+    pack servers are named after the run: a plan asked for again in the same Ray session gets the same ones."""
     import ray
     from ray import tune
 
@@ -89,7 +76,7 @@ def _new_plan(job: dict, *, resources: dict, run_dir: str, name: str, search_par
                            max_concurrency=1000, get_if_exists=True).remote(nm) for nm in names]
 
     def packed_base(j) -> dict:
-        return ray.get(packs[0].evaluate_base.remote(j.model_dump(mode="json") if hasattr(j, "model_dump") else j))
+        return ray.get(packs[0].evaluate_base.remote(j))
 
     def run_packed(config, job, run_dir=None):
         return run_packed_trial(config, job, run_dir, packs=tuple(names), pack_cpus=cpus)
@@ -118,47 +105,30 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
                      packs: tuple = (), pack_cpus: float = 1.0) -> None:
     """Tune function trainable of a packed trial: the same reports, checkpoints, retries and fatal-failure rule
     as `entry.run_trial`, with the training done by a pack server."""
-    import json
     import time
-    from pathlib import Path
 
     from ray import tune
 
     import trial_worker.entry as entry
-    from trial_worker import lifecycle, recipe
 
     started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
     entry.remove_temp_folders()  # what killed workers and packs on this node left behind
-    fatal = entry.fatal_path(run_dir)
-    vanished = entry._VANISHED_CHECKPOINT.pop("path", None)
     trial = entry.trial_job(config, job, cpus=pack_cpus)
     trial_id = tune.get_context().get_trial_id()
     pack, info = _choose_pack(list(packs))
-    pack_name = info["name"]
-    note: list[str] = []
-    try:
-        with entry._resume_point(tune.get_checkpoint(), vanished) as (resume_from, problems):
-            if problems:
-                then = f"resumed from {Path(resume_from).name}" if resume_from else "restarted from step 0"
-                note.append("; ".join(problems) + f"; {then}")
-                print(f"sweep: {note[0]}", file=sys.stderr, flush=True)
-            writing: dict = {}
-            # A full disk, in the pack's checkpoint save or in Tune's copy, stops the sweep as in a solo trial.
-            with entry.disk_full_stops(os.path.join(info["output_dir"], trial_id), writing):
-                _relay(pack, pack_name, trial_id, trial.model_dump(mode="json"), resume_from, note, writing, started_at)
-    except (lifecycle.NonFiniteLoss, recipe.TrialOOM) as e:
-        fatal.parent.mkdir(parents=True, exist_ok=True)
-        fatal.write_text(json.dumps({"reason": f"{type(e).__name__}: {e}"}))
-        raise
+    # A full disk, in the pack's checkpoint save or in Tune's copy, stops the sweep as in a solo trial.
+    with entry.attempt(run_dir, os.path.join(info["output_dir"], trial_id)) as a:
+        _relay(pack, info["name"], trial_id, trial, a, started_at)
 
 
-def _relay(pack, pack_name: str, trial_id: str, job: dict, resume_from: Optional[str], note: list[str],
-           writing: dict, started_at: float) -> None:
+def _relay(pack, pack_name: str, trial_id: str, job, attempt, started_at: float) -> None:
+    """The trial in the pack, from `attempt.resume_from`: each rung the pack reports goes to Tune
+    (`attempt.report`), then the pack goes on; its failure is raised here as the trial's."""
     import ray
 
-    from trial_worker import entry, lifecycle, recipe
+    from trial_worker import lifecycle, recipe
 
-    ray.get(pack.join.remote(trial_id, job, resume_from, started_at))
+    ray.get(pack.join.remote(trial_id, job, attempt.resume_from, started_at))
     try:
         while True:
             for event in ray.get(pack.poll.remote(trial_id, 5.0)):
@@ -170,10 +140,7 @@ def _relay(pack, pack_name: str, trial_id: str, job: dict, resume_from: Optional
                         raise known[event["type"]](event["message"])
                     raise RuntimeError(f"{event['type']}: {event['message']} (in pack {pack_name})\n"
                                        f"{event.get('traceback', '')}")
-                metrics = dict(event["metrics"], pack=event["pack"])
-                if note:
-                    metrics["checkpoint_note"] = note.pop()
-                entry.report_checkpoint(metrics, event["checkpoint"], writing)
+                attempt.report(dict(event["metrics"], pack=event["pack"]), event["checkpoint"])
                 pack.proceed.remote(trial_id)  # Tune has its copy and did not stop the trial: it goes on
     finally:
         pack.leave.remote(trial_id)
