@@ -113,7 +113,7 @@ TIMINGS = Timings()  # the point being run; replaced by each point
 def instrument() -> None:
     """Time StudySearch's ask / rung write / tell and ASHA's decisions into TIMINGS (wrappers that only measure)."""
     import sweep.schedule as schedule
-    from sweep.search import StudySearch
+    from sweep.record.search import StudySearch
 
     for name in ("suggest", "on_trial_result", "on_trial_complete"):
         original = getattr(StudySearch, name)

@@ -179,7 +179,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print the leaderboard as JSON"),
 ) -> None:
     """Leaderboard of a study, read from its storage."""
-    from sweep.leaderboard import leaderboard, render, to_json
+    from sweep.record.leaderboard import leaderboard, render, to_json
 
     st = _open_study(study, storage)
     rows = leaderboard(st)
@@ -205,7 +205,7 @@ def export(
     epochs: Optional[float] = typer.Option(None, "--epochs", help="production length in passes over the train split"),
 ) -> None:
     """Write the best COMPLETE trial as a full training config (validates with `sweep validate`)."""
-    from sweep.export import ExportError, export_best
+    from sweep.record.export import ExportError, export_best
 
     st = _open_study(study, storage)
     try:
@@ -235,7 +235,7 @@ def train(
 
     job = prepare_assets(resolve_paths(s, config.parent).job(), config.parent)
     try:
-        from sweep.tracking import make_train_callback
+        from sweep.record.tracking import make_train_callback
 
         run_dir = out or Path("runs") / s.name
         wandb_cb = make_train_callback(s, run_dir)
@@ -324,7 +324,7 @@ def report(
     storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
 ) -> None:
     """Write one self-contained HTML report of a study (charts + leaderboard; opens with no server or network)."""
-    from sweep.report import write_report
+    from sweep.record.report import write_report
 
     st = _open_study(study, storage)
     write_report(st, out)
@@ -374,7 +374,7 @@ def wandb_sync(
     dry_run: bool = typer.Option(False, "--dry-run", help="list the offline runs, upload nothing"),
 ) -> None:
     """Upload a study's offline W&B runs (key from WANDB_API_KEY or `wandb login`)."""
-    from sweep.tracking import sync_offline
+    from sweep.record.tracking import sync_offline
 
     st = _open_study(study, storage)
     root = st.user_attrs.get("wandb_dir")

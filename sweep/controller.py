@@ -161,7 +161,7 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
             # first trials' start): the trials the study lacks, its RUNNING ones first with their recorded params.
             n_new = n_trials
             if resume:
-                from sweep.search import release_trials
+                from sweep.record.search import release_trials
 
                 n_new -= searcher.retry("read the study", lambda: release_trials(study, held=set()))[1]
             tuner = _new_tuner(spec, study_name, out_dir, trainable, searcher, callbacks, n_new, from_study=resume)
@@ -352,8 +352,8 @@ def _evaluate_base_once(study, job, plan, console) -> None:
 
 
 def _searcher(spec: SweepSpec, study_name: str, rstorage, *, resumed: bool):
-    """What to try: a Tune searcher over the study, recording the truth (`sweep.search.StudySearch`)."""
-    from sweep.search import StudySearch
+    """What to try: a Tune searcher over the study, recording the truth (`sweep.record.search.StudySearch`)."""
+    from sweep.record.search import StudySearch
     from sweep.space import make_sampler, optuna_space
 
     if spec.search is None:
@@ -367,7 +367,7 @@ def _callbacks(searcher, spec: SweepSpec, study_name: str, out_dir: Path, consol
     """The terminal's progress lines first, then one W&B run per trial (on the driver) unless disabled."""
     callbacks = [_make_progress_callback(searcher, spec, console)]
     if spec.tracking.wandb.mode != "disabled":
-        from sweep.tracking import make_wandb_callback
+        from sweep.record.tracking import make_wandb_callback
 
         callbacks.append(make_wandb_callback(searcher, spec, study_name, out_dir, console))
     return callbacks
@@ -428,7 +428,7 @@ def run_config(spec: SweepSpec, study_name: str, storage_path: str, callbacks: l
 def _restored_tuner(run_dir: RunDir, trainable, console):
     """Tune's run restored from its folder, with its progress callback. The searcher (on the study), scheduler
     and callbacks come back from the folder's pickles, which this sweep wrote; the searcher reads everything but
-    how to reach the study from the study itself (`sweep.search`, `sweep.resume`)."""
+    how to reach the study from the study itself (`sweep.record.search`, `sweep.resume`)."""
     from ray import tune
 
     from sweep._compat.ray import restored_callbacks
@@ -473,7 +473,7 @@ def _leaderboard(searcher, study_name: str, rstorage, console) -> list:
     """The study's leaderboard, printed; read with the searcher's retries."""
     import optuna
 
-    from sweep.leaderboard import leaderboard, render
+    from sweep.record.leaderboard import leaderboard, render
 
     study = searcher.retry("read the study", lambda: optuna.load_study(study_name=study_name, storage=rstorage))
     rows = searcher.retry("read the leaderboard", lambda: leaderboard(study))

@@ -8,7 +8,7 @@ experiment state, the trials' checkpoints) is how the work goes on. A resume:
    short and cannot be put back from Ray's own copies (`run_folder_problem`);
 2. restores Tune's run (`Tuner.restore`) when Tune saved one, after marking ended in Tune's saved state the
    trials the study has finished since (they are never trained or reported again), and writing in the study
-   which RUNNING trials no restored Ray trial runs (`sweep.search.release_trials`): the searcher, whose only
+   which RUNNING trials no restored Ray trial runs (`sweep.record.search.release_trials`): the searcher, whose only
    state is the study, hands those out again with their recorded params (never re-sampled), draws its
    sampler's random state afresh so it cannot repeat the draws made after Tune's save, and adds no trial
    once the study holds its `num_trials`. When Tune saved nothing yet (killed while Ray started or during the
@@ -79,7 +79,7 @@ def _end_in_tune_what_the_study_finished(run_dir: Path, study) -> None:
     """Trials the study has finished since Tune's last save (killed right after a trial ended) are marked ended in
     the Tune state that `Tuner.restore` reads, so they are neither trained nor reported again."""
     from sweep._compat.ray import match_search_state, mark_trials_terminated, trials_in_state
-    from sweep.search import release_trials
+    from sweep.record.search import release_trials
 
     finished = {t.user_attrs["ray_trial_id"] for t in study.get_trials(deepcopy=False)
                 if t.state.is_finished() and t.user_attrs.get("ray_trial_id")}

@@ -110,7 +110,7 @@ def storage_failure(error: Optional[BaseException]) -> Optional[BaseException]:
 def storage_lost_message(failure: BaseException, *, study_name: str, storage_url: str, run_dir: "Path | str", again: str) -> str:
     """What `sweep run` says when the study database stayed unreachable (`again`: the resume command)."""
     from sweep.record import safe_url
-    from sweep.search import storage_error_text
+    from sweep.record.search import storage_error_text
 
     what, tries, waited = getattr(failure, "study_write_failed")
     return (f"sweep: stopped: could not write to the study database {safe_url(storage_url)}: {what} (study "

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sweep.cli import app
-from sweep.export import export_best
+from sweep.record.export import export_best
 from sweep.spec import load_spec, parse_spec, public_dict
 
 runner = CliRunner()
@@ -106,7 +106,7 @@ def test_export_to_a_path_without_a_suffix_is_a_folder(study, tmp_path):
     export_best(study, str(out))
     assert out.is_dir() and {"train.yaml", "sft_config.json", "EXPORT.md"} <= {p.name for p in out.iterdir()}
     assert load_spec(out / "train.yaml").budget.rungs == [20]
-    from sweep.export import ExportError
+    from sweep.record.export import ExportError
 
     with pytest.raises(ExportError, match=r"-o .*best\.json: the training config is YAML: give a file ending in \.yaml"):
         export_best(study, str(tmp_path / "best.json"))

@@ -19,7 +19,7 @@ SPACE = {
 
 
 def make_search(storage, name="s", **kw):
-    from sweep.search import StudySearch
+    from sweep.record.search import StudySearch
 
     kw.setdefault("retry_backoff_s", 0.01)
     return StudySearch(

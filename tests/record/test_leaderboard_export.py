@@ -8,8 +8,8 @@ import optuna
 import pytest
 import yaml
 
-from sweep.export import ExportError, export_best
-from sweep.leaderboard import leaderboard, render, to_json
+from sweep.record.export import ExportError, export_best
+from sweep.record.leaderboard import leaderboard, render, to_json
 from sweep.record import load_study, open_storage, record_base_metrics, record_spec
 from trial_worker.config import JobConfig
 

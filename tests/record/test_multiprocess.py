@@ -20,7 +20,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from sweep.record import open_storage
-    from sweep.search import StudySearch
+    from sweep.record.search import StudySearch
     url, proc, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     space = {{"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True),
               "lora_r": optuna.distributions.CategoricalDistribution([4, 8, 16])}}

@@ -75,7 +75,7 @@ def test_storage_errors_never_show_the_password():
 
 def test_study_tools_do_not_import_ray_or_torch():
     code = (
-        "import sys, sweep.record, sweep.leaderboard, sweep.export\n"
+        "import sys, sweep.record, sweep.record.leaderboard, sweep.record.export\n"
         "heavy = [m for m in ('ray', 'torch', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

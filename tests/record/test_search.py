@@ -124,7 +124,7 @@ class FlakyStorage(optuna.storages.RDBStorage):
 def test_tell_is_retried_when_the_storage_fails_transiently(storage_url, drive, caplog):
     storage = FlakyStorage(storage_url, fail_times=2)
     search = drive.make_search(storage)
-    with caplog.at_level("WARNING", logger="sweep.search"):
+    with caplog.at_level("WARNING", logger="sweep.record.search"):
         drive.run_trial(search, "t1", [2.0, 1.5, 1.2])
     assert storage.calls == 3
     assert "tell failed (try 1 of 5)" in caplog.text
@@ -254,7 +254,7 @@ def test_a_searcher_restored_from_an_older_save_agrees_with_the_study(storage_ur
     search.on_trial_result("t2", drive.result(10, 3.0))
     before = {t.number: (t.state, t.value, dict(t.intermediate_values)) for t in load_study(storage_url, "s").trials}
 
-    from sweep.search import release_trials
+    from sweep.record.search import release_trials
 
     # `sweep resume`: Tune's save holds t1 only; t2's study trial, which no Ray trial will run, is released.
     assert release_trials(load_study(storage_url, "s"), held={"t1"}) == (1, 1)
@@ -293,7 +293,7 @@ def test_a_trial_killed_inside_its_ask_gets_the_rest_of_its_params_on_resume(sto
     for name, value in kept.items():
         cut._storage.set_trial_param(half._trial_id, name, space[name].to_internal_repr(value), space[name])
 
-    from sweep.search import release_trials
+    from sweep.record.search import release_trials
 
     assert release_trials(load_study(storage_url, "s"), held=set()) == (1, 0)  # `sweep resume`, Tune saved nothing
     restored = drive.make_search(open_storage(storage_url))
@@ -393,7 +393,7 @@ def test_a_rung_whose_write_fails_leaves_nothing_half_written(storage_url, drive
 def test_a_discrete_space_gets_no_config_twice_until_every_one_is_tried(storage_url, sampler):
     # 2 x 3 x 2 = 12 configs: the sweep's sampler (made from the spec, as the controller makes it), asked
     # through the study as Tune asks, gives 12 different ones (plain TPE repeats its favourites), then repeats.
-    from sweep.search import StudySearch
+    from sweep.record.search import StudySearch
     from sweep.space import make_sampler, optuna_space
     from sweep.spec import parse_spec
 

@@ -58,7 +58,7 @@ def _distance(space: dict, a: dict, b: dict) -> float:
 def _asks_while_running(params: str, seed: int, liar: bool) -> list[float]:
     """10 trials finished, then 8 asked in a row while the earlier ones run: each new ask's distance to the
     nearest RUNNING trial."""
-    from sweep.search import StudySearch
+    from sweep.record.search import StudySearch
 
     spec = parse_spec(HEAD.format(seed=seed) + params, "s.yaml")
     space, sampler = optuna_space(spec), make_sampler(spec)

@@ -95,7 +95,7 @@ def test_wandb_sync_lists_offline_runs_and_refuses_a_study_without_tracking(sqli
     # Two offline runs written the way the tracking callback writes them.
     import wandb
 
-    from sweep.tracking import run_id, wandb_root
+    from sweep.record.tracking import run_id, wandb_root
 
     root = wandb_root(tmp_path / "runs", "nosync")
     for n in range(2):

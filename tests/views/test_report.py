@@ -46,7 +46,7 @@ def test_the_report_is_one_self_contained_file(report):
 
 
 def test_the_report_shows_what_the_study_holds(report):
-    from sweep.leaderboard import leaderboard
+    from sweep.record.leaderboard import leaderboard
 
     html, study = report["html"], report["study"]
     rows = leaderboard(study)
@@ -93,7 +93,7 @@ def test_chromium_renders_every_chart_with_no_console_errors(report, tmp_path):
 def test_a_study_with_only_pruned_trials_still_reports(tmp_path):
     import optuna
 
-    from sweep.report import build_report
+    from sweep.record.report import build_report
 
     st = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", study_name="p")
     t = st.ask({"x": optuna.distributions.FloatDistribution(0, 1)})

@@ -36,9 +36,9 @@ def tracked(tmp_path_factory):
 
     from sweep.controller import _make_progress_callback
     from sweep.record import open_storage
-    from sweep.search import StudySearch
+    from sweep.record.search import StudySearch
     from sweep.spec import SweepSpec
-    from sweep.tracking import make_wandb_callback
+    from sweep.record.tracking import make_wandb_callback
     from views_helpers import CANARY_KEY, demo_spec_dict
 
     work = tmp_path_factory.mktemp("tracked")
@@ -82,13 +82,13 @@ def tracked(tmp_path_factory):
 
 
 def _runs(tracked):
-    from sweep.tracking import offline_runs, read_offline_run
+    from sweep.record.tracking import offline_runs, read_offline_run
 
     return [read_offline_run(p) for p in offline_runs(tracked["study"].user_attrs["wandb_dir"])]
 
 
 def test_one_offline_run_per_trial_grouped_by_study_and_linked_from_the_trial(tracked):
-    from sweep.tracking import run_id
+    from sweep.record.tracking import run_id
 
     study, runs = tracked["study"], _runs(tracked)
     assert len(study.trials) == N_TRIALS
@@ -156,7 +156,7 @@ def test_the_callback_pickles_without_its_runs_and_a_resumed_trial_continues_its
     """Tune pickles callbacks into its experiment state; after a restore the same run id is used."""
     import ray.cloudpickle as cloudpickle
 
-    from sweep.tracking import offline_runs, read_offline_run
+    from sweep.record.tracking import offline_runs, read_offline_run
 
     cb = tracked["cb"]
     again = pickle.loads(cloudpickle.dumps(cb))

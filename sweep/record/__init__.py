@@ -3,7 +3,7 @@
 Everything a person or a dashboard shows about a sweep is read from one Optuna study.
 This module opens its storage, writes the study-level attributes (the validated spec,
 the base model's metrics), and keeps a small registry so `sweep status NAME` finds a
-study without its URL. The Ray side of the record (`StudySearch`) is in `sweep.search`,
+study without its URL. The Ray side of the record (`StudySearch`) is in `sweep.record.search`,
 so nothing here imports Ray.
 
 Study user attrs written here:
@@ -11,7 +11,7 @@ Study user attrs written here:
   spec_hash     hash of that spec; `spec_history` lists earlier hashes when a resume changed it
   base_val_loss, base_ppl   the untrained base model on the same validation tokens (written once)
 
-Trial user attrs (written by `sweep.search.StudySearch`, read by the leaderboard/export):
+Trial user attrs (written by `sweep.record.search.StudySearch`, read by the leaderboard/export):
   ray_trial_id                       Tune's id of the trial (set when the trial is asked)
   rung_<budget>                      the rung's report (`trial_worker.config.REPORT_KEYS` but `rung`:
                                       val_loss, ppl, steps, samples, scheduled_lr, ...), keyed by the

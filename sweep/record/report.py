@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 from pydantic import ValidationError
 
-from sweep.leaderboard import base_metrics, leaderboard
+from sweep.record.leaderboard import base_metrics, leaderboard
 from trial_worker.config import BudgetConfig
 
 STATE_COLORS = {"COMPLETE": "#2a9d8f", "PRUNED": "#e9a23b", "FAIL": "#d62828", "RUNNING": "#457b9d", "WAITING": "#999999"}
