@@ -30,11 +30,11 @@ __all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_j
     "load_run": "trial_worker.production",
     "export_formats": "trial_worker.formats",
     "ProductionError": "trial_worker.production",
-    "compare": "trial_worker.generate",
-    "serve": "trial_worker.chat",
+    "compare": "trial_worker.production.compare",
+    "serve": "trial_worker.production.chat",
     "load_splits": "trial_worker.data",
-    "export_run_gguf": "trial_worker.gguf_export",
-    "GGUFExportError": "trial_worker.gguf_export",
+    "export_run_gguf": "trial_worker.production.gguf",
+    "GGUFExportError": "trial_worker.production.gguf",
     "check_job": "trial_worker.check_inputs",
     "trial_plan": "trial_worker.pack.tune",  # packed or one-trial-per-process: the controller's one choice
     "unpackable": "trial_worker.pack",  # what packed trials would not train as written (sweep validate)

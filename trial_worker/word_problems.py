@@ -16,7 +16,7 @@ some days later), and the reply is the worked solution in a fixed form, one calc
 The form is learnt in a few steps; the arithmetic (products up to 9 x 19, sums and differences up to 200,
 division by 60 and by 7, month lengths, leap years) is learnt slowly and in part, so val loss keeps falling
 past the top rung and exact match stays well below 1. The reply is deterministic given the question, so
-exact match of the whole reply (`trial_worker.generate.exact_match`) scores it, and `final_answer` reads the
+exact match of the whole reply (`trial_worker.production.compare.exact_match`) scores it, and `final_answer` reads the
 last line for a looser check.
 
 Generated with a fixed seed; the validation split is drawn first from its own seed, and no question of it

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from trial_worker import production
-from trial_worker.chat import build_app, load_chat_model, respond
+from trial_worker.production.chat import build_app, load_chat_model, respond
 
 
 @pytest.fixture(scope="module")

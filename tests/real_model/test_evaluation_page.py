@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trial_worker.config import JobConfig
-from trial_worker.generate import conversation_text, plot_loss_curves, render_markdown
+from trial_worker.production.compare import conversation_text, plot_loss_curves, render_markdown
 
 CHAT = [
     {"role": "system", "content": "Reply with the date only."},

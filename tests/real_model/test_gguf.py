@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from sweep.cli import app
 from trial_worker.demo_assets import make_tasks
-from trial_worker.generate import generate
+from trial_worker.production.compare import generate
 
 runner = CliRunner()
 

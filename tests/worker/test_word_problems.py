@@ -7,7 +7,7 @@ import datetime
 import json
 import re
 
-from trial_worker.generate import exact_match
+from trial_worker.production.compare import exact_match
 from trial_worker.word_problems import KINDS, WEEKDAYS, final_answer, split_word_problems, write_word_problems
 
 

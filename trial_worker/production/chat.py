@@ -66,7 +66,7 @@ def trained_system_prompt(path: str | os.PathLike) -> Optional[str]:
 def respond(model, tokenizer, message: str, history: list, temperature: float, max_new_tokens: int,
             system_prompt: Optional[str] = None):
     """Gradio's chat function: the history (openai-style messages) plus the new message -> streamed reply."""
-    from trial_worker.generate import stream_reply
+    from trial_worker.production.compare import stream_reply
 
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     for turn in history or []:
