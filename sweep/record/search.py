@@ -278,15 +278,22 @@ class StudySearch(Searcher):
                 params[name] = self.retry(f"suggest {name}", functools.partial(suggest_param, ot_trial, name, dist))
         return params
 
-    def on_trial_result(self, trial_id: str, result: Dict) -> None:
+    def _running(self, trial_id: str, what: str) -> Optional[optuna.trial.Trial]:
+        """The study trial of Ray trial `trial_id` while it runs; None (said in the log) for a trial the study does
+        not name, or has finished (a resumed Tune's older state: its later reports change nothing)."""
         ot_trial = self._trial(trial_id)
         if ot_trial is None:
-            logger.error("Received a result for trial %s that the study does not name; ignored", trial_id)
+            logger.error("Received %s of trial %s, which the study does not name; ignored", what, trial_id)
+        elif self._finished(ot_trial):
+            logger.debug("Received %s of trial %s after it finished; ignored", what, trial_id)
+            return None
+        return ot_trial
+
+    def on_trial_result(self, trial_id: str, result: Dict) -> None:
+        ot_trial = self._running(trial_id, "a result")
+        if ot_trial is None:
             return
         frozen = cached_frozen(ot_trial)
-        if self._finished(ot_trial):
-            logger.debug("Received a result for trial %s after it finished; ignored: %s", trial_id, result)
-            return
         attrs, report = self._rung_writes(frozen, result)
         if attrs or report:
             # One transaction for the rung: its metrics and its intermediate value land together or not at all.
@@ -312,14 +319,10 @@ class StudySearch(Searcher):
         return attrs, (step, float(value))
 
     def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False) -> None:
-        ot_trial = self._trial(trial_id)
+        ot_trial = self._running(trial_id, "the completion")
         if ot_trial is None:
-            logger.error("Completion of trial %s that the study does not name; nothing recorded", trial_id)
             return
         frozen = cached_frozen(ot_trial)
-        if self._finished(ot_trial):
-            logger.debug("Received a second completion for trial %s; ignored", trial_id)
-            return
         # Tune sends the result on which it stops a trial (ASHA's cut, or the top rung)
         # only here, never to on_trial_result: it is a rung report too.
         attrs, report = self._rung_writes(frozen, result) if result else ({}, None)

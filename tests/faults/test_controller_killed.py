@@ -41,6 +41,15 @@ def _resume_finishes(spec, tmp_path, env, storage: str, lrs: list):
     return study, after
 
 
+def _sweep_run(spec, tmp_path, env) -> tuple[subprocess.Popen, list[str]]:
+    """`sweep run SPEC` started, with the lines it prints gathered as they come."""
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
 def test_a_killed_controller_resumes_with_finished_trials_kept_and_none_running(tmp_path, assets, fault_row):
     spec = small_spec(tmp_path, assets, name="ctl", rungs=RUNGS, params={"learning_rate": {"type": "choice", "values": LRS}})
     # Tune saves its experiment state every ~1 s instead of its adaptive period ("auto", ~10 s+),
@@ -123,10 +132,7 @@ def test_killed_while_a_checkpoint_is_written_the_sweep_resumes_from_intact_chec
     storage = f"sqlite:///{tmp_path / 'torn.db'}"
     run_dir = tmp_path / "runs" / "torn"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    proc, lines = _sweep_run(spec, tmp_path, env)
 
     def checkpoint_dirs() -> set:
         try:
@@ -200,10 +206,7 @@ def test_trials_finished_after_tunes_last_save_are_not_trained_again_nor_replace
     storage = f"sqlite:///{tmp_path / 'late.db'}"
     run_dir = tmp_path / "runs" / "late"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    proc, lines = _sweep_run(spec, tmp_path, env)
     from sweep._compat.ray import trials_in_state
     from sweep.resume import STATE_KINDS
 
