@@ -191,11 +191,15 @@ class StudySearch(Searcher):
     def _lookup(self, trial_id: str) -> Optional[tuple[int, int]]:
         """(storage id, number) of the study trial that Ray trial `trial_id` runs, or None."""
         if trial_id not in self._ids:
-            for t in self.retry("read the study", self._trials):
-                rid = t.user_attrs.get("ray_trial_id")
-                if rid:
-                    self._ids[rid] = (storage_id(t), t.number)
+            self._index(self.retry("read the study", self._trials))
         return self._ids.get(trial_id)
+
+    def _index(self, trials: list) -> None:
+        """Learn which Ray trial runs which of `trials` (the study's), as the study names them."""
+        for t in trials:
+            rid = t.user_attrs.get("ray_trial_id")
+            if rid:
+                self._ids[rid] = (storage_id(t), t.number)
 
     def _trial(self, trial_id: str) -> Optional[optuna.trial.Trial]:
         """The study trial of Ray trial `trial_id` (None if the study names none)."""
@@ -209,7 +213,7 @@ class StudySearch(Searcher):
     def _finished(self, ot_trial: optuna.trial.Trial) -> bool:
         return storage_id(ot_trial) in self._told or cached_frozen(ot_trial).state.is_finished()
 
-    def _study_is_full(self) -> bool:
+    def _study_is_full(self, trials: list) -> bool:
         """Whether the study already holds every trial the sweep is to have (its user attr `num_trials`, written
         by the controller; no limit without it). The study, not Tune's trial counter, says so: Tune restored from
         a save older than the study (a trial started and was pruned between two of Tune's saves, then a kill)
@@ -218,16 +222,17 @@ class StudySearch(Searcher):
         cap = self._study.user_attrs.get("num_trials")
         if cap is None:
             return False
-        held = sum(1 for t in self._trials() if not str(t.user_attrs.get("fail_reason", "")).startswith(ASK_FAILED))
+        held = sum(1 for t in trials if not str(t.user_attrs.get("fail_reason", "")).startswith(ASK_FAILED))
         if held < int(cap):
             return False
         logger.info("study %s holds its %d trials: no trial added (Ray Tune asked for one more)", self._study_name, held)
         return True
 
-    def _released(self) -> Optional[int]:
-        """The storage id of the first RUNNING trial no Ray trial runs (`release_trials`), or None."""
-        for t in self._trials(states=(TrialState.RUNNING,)):
-            if "ray_trial_id" in t.user_attrs and t.user_attrs["ray_trial_id"] is None:
+    @staticmethod
+    def _released(trials: list) -> Optional[int]:
+        """The storage id of the first RUNNING trial of `trials` that no Ray trial runs (`release_trials`), or None."""
+        for t in trials:
+            if t.state == TrialState.RUNNING and "ray_trial_id" in t.user_attrs and t.user_attrs["ray_trial_id"] is None:
                 return storage_id(t)
         return None
 
@@ -236,13 +241,16 @@ class StudySearch(Searcher):
         return False  # the space, metric and mode were given at construction (as OptunaSearch answers)
 
     def suggest(self, trial_id: str) -> Optional[Dict]:
-        found = self._lookup(trial_id)
+        # One read of the study: which Ray trial runs what, which trial no Ray trial runs, how many there are.
+        trials = self.retry("read the study", self._trials)
+        self._index(trials)
+        found = self._ids.get(trial_id)
         if found is not None:  # Tune asks once per trial; asked again, the same params
-            return dict(self.retry("read the trial", lambda: optuna.trial.Trial(self._study, found[0])).params)
-        released = self.retry("read the study", self._released)
+            return dict(next(t for t in trials if storage_id(t) == found[0]).params)
+        released = self._released(trials)
         if released is not None:
             return self._continue(trial_id, released)
-        if self.retry("count the study's trials", self._study_is_full):
+        if self.retry("read the study's trial count", lambda: self._study_is_full(trials)):
             return Searcher.FINISHED
 
         def ask():
