@@ -233,9 +233,11 @@ def run_mode(work: Path, spec: Path, name: str, max_s: float | None = None) -> d
     cut = threading.Timer(max_s, lambda: p.send_signal(signal.SIGINT)) if max_s else None
     if cut:
         cut.start()
-    log = []
+    log, timeline = [], []
     for line in p.stdout or []:
         log.append(line)
+        if len(timeline) < 40:  # where the time before the first training step goes: the controller's first lines
+            timeline.append([round(time.time() - t0, 1), line.rstrip()[:160]])
         if "ASHA over" in line and "trials_start" not in marks:
             marks["trials_start"] = time.time()
     p.wait()
@@ -276,6 +278,7 @@ def run_mode(work: Path, spec: Path, name: str, max_s: float | None = None) -> d
         "makespan_s": round(makespan, 1),
         "trials_phase_s": round(t1 - start, 1),
         "before_first_trial_s": round(start - t0, 1),
+        "timeline": timeline,
         "time_to_first_training_step_s": round(first_step - t0, 1) if first_step else None,
         "training_tokens": round(tokens),
         "training_tokens_per_s_over_makespan": round(tokens / makespan),
@@ -324,7 +327,7 @@ def compare(result: dict) -> None:
 
 
 def _summary(figures: dict) -> dict:
-    return {k: v for k, v in figures.items() if k not in ("params", "alone_segments", "rungs_reached", "versions")}
+    return {k: v for k, v in figures.items() if k not in ("params", "alone_segments", "rungs_reached", "versions", "timeline")}
 
 
 def main() -> None:

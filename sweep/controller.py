@@ -2,7 +2,8 @@
 
 `run_sweep` is the whole of `sweep run` and `sweep resume`, read top to bottom:
   spec -> study (created, spec recorded; on resume: checked) -> assets (demo model/data if asked)
-  -> Ray -> base model's val loss (once per study) -> Tuner(StudySearch on the study, ASHAScheduler
+  -> Ray -> base model's val loss (once per study: reused from a study of the same model and data, else
+  evaluated beside the first trials) -> Tuner(StudySearch on the study, ASHAScheduler
   on the budget unit, trials with {cpu, gpu}), new or restored -> fit -> nothing left RUNNING ->
   leaderboard.
 Around it: `sweep.progress` (the terminal), `sweep.resume` (what a resume trusts and how it agrees
@@ -149,7 +150,7 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
         # Packed trials or one per process (`trial_worker.pack.tune.trial_plan`), chosen once: the plan holds the
         # pack servers' handles (Ray ends an actor whose owner holds none) for the whole fit.
         plan = _trial_plan(spec, job, run_dir)
-        _evaluate_base_once(study, job, plan, console)
+        base = _evaluate_base_once(study, rstorage, job, plan, console, stops, on_gpu=_on_gpu(ray, spec))
         searcher = _searcher(spec, study_name, rstorage, resumed=resume)
         # W&B's offline runs are local files: beside a local run folder, else in ./sweep_runs.
         callbacks = _callbacks(searcher, spec, study_name, Path("sweep_runs" if is_uri(out_dir) else out_dir), console)
@@ -172,6 +173,8 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
 
         state["fit"] = True
         results = _fit(ray, tuner, progress, run_dir=run_dir, again=again, stops=stops)
+        if base is not None:
+            base.join()  # the leaderboard and export show the base beside the trials
         errors = sum(1 for r in results if r.error is not None)
         # Nothing may stay RUNNING. The study is written and read once more after the fit: retried like the
         # searcher's own writes. A fresh run ends only its own trials; a resume every one left running.
@@ -339,16 +342,47 @@ def _ray_init(ray, address: Optional[str]) -> None:
     )
 
 
-def _evaluate_base_once(study, job, plan, console) -> None:
-    """The base model's val loss and perplexity on the validation split, recorded once per study."""
-    from sweep.record import record_base_metrics
+def _on_gpu(ray, spec: SweepSpec) -> bool:
+    """Whether the trials (and so the base evaluation) run on GPUs."""
+    return spec.resources.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _evaluate_base_once(study, rstorage, job, plan, console, stops: "Interrupts", *, on_gpu: bool):
+    """The base model's val loss and perplexity on the validation split, recorded once per study: taken from an
+    earlier study of the same storage that evaluated the same model, data and split (`record.base_eval_key`),
+    else evaluated beside the first trials (a thread, returned for the caller to join before the leaderboard)
+    so that Tune starts them at once: on a pack the base is loaded for both, and its evaluation is one pass
+    over the validation split. A failed base evaluation is said and leaves the sweep going (the leaderboard
+    then shows no base line)."""
+    import threading
+
+    from sweep.record import base_eval_key, record_base_metrics, reuse_base_metrics
 
     if "base_val_loss" in study.user_attrs:
-        return
-    console.print("evaluating the base model (once per study) ...")
-    base = plan.evaluate_base(job)
-    record_base_metrics(study, base["val_loss"], base["ppl"])
-    console.print(f"base model: val_loss {base['val_loss']:.4f}  ppl {base['ppl']:.2f}")
+        return None
+    earlier = reuse_base_metrics(study, rstorage, base_eval_key(job, on_gpu=on_gpu))
+    if earlier is not None:
+        attrs = study.user_attrs
+        console.print(f"base model: val_loss {attrs['base_val_loss']:.4f}  ppl {attrs['base_ppl']:.2f} (evaluated "
+                      f"for study '{earlier}': the same model, data and split)")
+        return None
+    console.print("evaluating the base model (once per study, beside the first trials) ...")
+
+    def evaluate() -> None:
+        try:
+            base = plan.evaluate_base(job)
+            record_base_metrics(study, base["val_loss"], base["ppl"])
+        except Exception as e:  # noqa: BLE001 - the trials go on; the base is what the leaderboard lacks
+            if not stops.signal:
+                from rich.markup import escape
+
+                console.print(f"[yellow]the base model's evaluation failed[/]: {escape(f'{type(e).__name__}: {e}')}")
+            return
+        console.print(f"base model: val_loss {base['val_loss']:.4f}  ppl {base['ppl']:.2f}")
+
+    thread = threading.Thread(target=evaluate, name="sweep-base-evaluation", daemon=True)
+    thread.start()
+    return thread
 
 
 def _searcher(spec: SweepSpec, study_name: str, rstorage, *, resumed: bool):

@@ -10,6 +10,9 @@ Study user attrs written here:
   spec          the validated spec as plain data, secrets removed (what `sweep export` reads)
   spec_hash     hash of that spec; `spec_history` lists earlier hashes when a resume changed it
   base_val_loss, base_ppl   the untrained base model on the same validation tokens (written once)
+  base_eval_key the hash of what the base evaluation depends on (`base_eval_key`); a later sweep of the
+                same model, data and split in the same storage takes the metrics from here
+  base_from     the study whose base evaluation this one's metrics are (absent: evaluated for this one)
 
 Trial user attrs (written by `sweep.record.search.StudySearch`, read by the leaderboard/export):
   ray_trial_id                       Tune's id of the trial (set when the trial is asked)
@@ -225,6 +228,57 @@ def fail_running_trials(study: optuna.Study, reason: str, *, keep: frozenset[int
 
 
 # ------------------------------------------------------------------ study attrs
+
+
+def base_eval_key(job: Any, *, on_gpu: bool) -> str:
+    """The hash of everything the base model's validation loss depends on: the model section but its LoRA
+    settings (path, revision, quantization, attention), the whole data section (path, format, splits,
+    sample caps, sequence length, system prompt), the compute dtype, the seed (a held-out fraction is drawn
+    with it), GPU or CPU, and the name, size and modification time of every file of a local model or data
+    path. Anything else a sweep changes (learning rate, batch, LoRA rank) leaves it alone. Conservative:
+    a regenerated file or a moved folder is a new key (the base is evaluated again), never a wrong reuse."""
+    import hashlib
+
+    t = job.training
+    what = {"model": job.model.model_dump(mode="json", exclude={"lora"}), "data": job.data.model_dump(mode="json"),
+            "bf16": t.bf16, "fp16": t.fp16, "seed": t.seed, "gpu": bool(on_gpu),
+            "files": [_files_of(job.model.name_or_path), _files_of(job.data.path)]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _files_of(path: str, limit: int = 20000) -> list:
+    """[(relative name, size, mtime_ns)] of a local file or of a folder's files (hidden ones too); [] for a hub id."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return [[os.path.abspath(p), st.st_size, st.st_mtime_ns]]
+    if not p.is_dir():
+        return []
+    out: list = [[os.path.abspath(p)]]
+    for root, dirs, files in os.walk(p):
+        dirs.sort()
+        for f in sorted(files):
+            st = os.stat(os.path.join(root, f))
+            out.append([os.path.relpath(os.path.join(root, f), p), st.st_size, st.st_mtime_ns])
+            if len(out) > limit:
+                return out
+    return out
+
+
+def reuse_base_metrics(study: optuna.Study, storage: Any, key: str) -> Optional[str]:
+    """Record on `study` the base metrics an earlier study of the same storage holds under the same
+    `base_eval_key`; the name of that study, or None when no study has them (or `study` has its own)."""
+    study.set_user_attr("base_eval_key", key)
+    if "base_val_loss" in study.user_attrs:
+        return None
+    for other in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        attrs = other.user_attrs
+        if (other.study_name != study.study_name and attrs.get("base_eval_key") == key
+                and attrs.get("base_val_loss") is not None):
+            if record_base_metrics(study, attrs["base_val_loss"], attrs.get("base_ppl", float("nan"))):
+                study.set_user_attr("base_from", other.study_name)
+            return other.study_name
+    return None
 
 
 def record_base_metrics(study: optuna.Study, val_loss: float, ppl: float) -> bool:

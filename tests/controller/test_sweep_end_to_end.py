@@ -88,3 +88,17 @@ def test_export_writes_the_best_complete_trial_as_a_valid_training_config(finish
     assert spec.budget.max == RUNGS[-1]
     v = sweep_cli("validate", str(out), cwd=finished_sweep["work"])
     assert v.returncode == 0, v.stderr
+
+
+def test_a_second_sweep_of_the_same_model_and_data_takes_the_base_from_the_first(finished_sweep):
+    """The base evaluation ran beside the first sweep's trials and was recorded; a second sweep (another study in
+    the same database, another search over the same model, data and split) does not evaluate it again."""
+    f = finished_sweep
+    first = f["study"].user_attrs
+    assert "evaluating the base model" in f["out"] and first.get("base_eval_key") and "base_from" not in first
+    r = sweep_cli("run", f["spec"], "--name", "e2e-again", "--num-trials", "1", cwd=f["work"], env=f["env"], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    again = optuna.load_study(study_name="e2e-again", storage=f["storage"]).user_attrs
+    assert (again["base_val_loss"], again["base_ppl"]) == (first["base_val_loss"], first["base_ppl"])
+    assert again["base_from"] == "e2e" and again["base_eval_key"] == first["base_eval_key"]
+    assert "evaluated for study 'e2e'" in r.stdout and "evaluating the base model" not in r.stdout, r.stdout
