@@ -22,6 +22,7 @@ from sweep._compat.ray import ray_temp_dir as _ray_temp_dir  # noqa: F401  (the 
 from sweep.resume import (UNFINISHED_REASON, ResumeRefused, check_resumable, end_orphans, end_processes, fail_lost_trials,
                           mark_ray_owner, own_ray, record_controller)
 from sweep.spec import SweepSpec, default_storage, is_uri, public_dict, resolve_paths, run_storage, spec_hash
+from sweep.terminal import terminal_console
 from sweep.stops import (DiskFullStop, Interrupts, QuietStops, StudyStorageLost, SweepInterrupted, SweepStopped,
                          disk_full_message, interrupted_message, resume_command, storage_failure, storage_lost_message)
 
@@ -29,13 +30,6 @@ from sweep.stops import (DiskFullStop, Interrupts, QuietStops, StudyStorageLost,
 RunDir = Union[Path, str]
 
 __all__ = ["run_sweep", "terminal_console", "DiskFullStop", "ResumeRefused", "StudyStorageLost", "SweepStopped"]
-
-
-def terminal_console():
-    """The sweep's console: the terminal's width, or 160 columns when the output is piped to a file."""
-    from rich.console import Console
-
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def run_sweep(

@@ -35,7 +35,7 @@ class Progress(Callback):
         return {k: v for k, v in self.__dict__.items() if k != "console"}
 
     def __setstate__(self, state):
-        from sweep.controller import terminal_console
+        from sweep.terminal import terminal_console
 
         self.__dict__.update(state)
         self.console = terminal_console()

@@ -23,31 +23,21 @@ from typing import Any, Union
 from trial_worker.config import JobConfig, with_params
 from trial_worker.demo_assets import prepare_assets
 
-__all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_job", *sorted(_LAZY := {
-    # name -> module: the rest of what `sweep` may call, imported when first used so that
-    # importing this module stays free of torch/transformers.
-    "train": "trial_worker.production",
-    "load_run": "trial_worker.production",
-    "export_formats": "trial_worker.formats",
-    "ProductionError": "trial_worker.production",
-    "compare": "trial_worker.production.compare",
-    "serve": "trial_worker.production.chat",
-    "load_splits": "trial_worker.data",
-    "export_run_gguf": "trial_worker.production.gguf",
-    "GGUFExportError": "trial_worker.production.gguf",
-    "check_job": "trial_worker.check_inputs",
-    "trial_plan": "trial_worker.pack.tune",  # packed or one-trial-per-process: the controller's one choice
-    "unpackable": "trial_worker.pack",  # what packed trials would not train as written (sweep validate)
-})]
+# The rest of what `sweep` calls, imported here so that `sweep` has one door into the worker; none of these
+# modules loads torch, transformers or Ray on import (tests/spec/test_layering.py).
+from trial_worker.check_inputs import check_job
+from trial_worker.data import load_splits
+from trial_worker.formats import export_formats
+from trial_worker.pack import unpackable  # what packed trials would not train as written (sweep validate)
+from trial_worker.pack.tune import trial_plan  # packed or one-trial-per-process: the controller's one choice
+from trial_worker.production import ProductionError, load_run, train
+from trial_worker.production.chat import serve
+from trial_worker.production.compare import compare
+from trial_worker.production.gguf import GGUFExportError, export_run_gguf
 
-
-def __getattr__(name: str):
-    """The lazily imported part of the entry point (PEP 562)."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["run_trial", "trainable", "evaluate_base", "prepare_assets", "trial_job", "check_job", "load_splits",
+           "export_formats", "unpackable", "trial_plan", "ProductionError", "load_run", "train", "serve", "compare",
+           "GGUFExportError", "export_run_gguf"]
 
 
 def trial_job(config: dict[str, Any], job: Union[dict, JobConfig], *, cpus: float | None = None,

@@ -12,10 +12,13 @@ import dataclasses
 import importlib.util
 import json
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from trial_worker.config import JobConfig, ModelConfig
 from trial_worker.execution import Execution, as_written
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 WSD_DECAY_FRACTION = 0.2
 COSINE_MIN_LR_RATE = 0.1
@@ -117,11 +120,15 @@ def sft_kwargs(job: JobConfig, output_dir: str, *, cpu: bool, execution: Optiona
     return kwargs
 
 
+def dtype_of(name: str) -> "torch.dtype":
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
 def bnb_config(cfg: ModelConfig):
     """The job's 4-bit quantization as transformers' `BitsAndBytesConfig`."""
     from transformers import BitsAndBytesConfig
-
-    from trial_worker.model import dtype_of
 
     q = cfg.quantization
     return BitsAndBytesConfig(

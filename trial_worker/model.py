@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from trial_worker.config import ModelConfig, TrainingConfig
-from trial_worker.formats import bnb_config, peft_lora_config
+from trial_worker.formats import bnb_config, dtype_of, peft_lora_config
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
@@ -86,12 +85,6 @@ def register_attention() -> None:
 
     AttentionInterface.register(FLAT_ATTENTION, flat_attention)
     AttentionMaskInterface.register(FLAT_ATTENTION, sdpa_mask)
-
-
-def dtype_of(name: str) -> "torch.dtype":
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def load_tokenizer(cfg: ModelConfig) -> "PreTrainedTokenizerBase":

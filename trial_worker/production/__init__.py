@@ -156,7 +156,7 @@ def merge_adapter(job: JobConfig, adapter_dir: str | os.PathLike, out_dir: str |
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trial_worker.model import dtype_of
+    from trial_worker.formats import dtype_of
 
     m = job.model
     base = AutoModelForCausalLM.from_pretrained(m.name_or_path, revision=m.revision,
