@@ -19,8 +19,8 @@ from typing import Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from sweep._compat.ray import ray_temp_dir as _ray_temp_dir  # noqa: F401  (the fault tests find Ray's folders by it)
-from sweep.resume import (UNFINISHED_REASON, ResumeRefused, check_resumable, end_orphans, end_processes, fail_lost_trials,
-                          mark_ray_owner, own_ray, record_controller)
+from sweep.processes import end_orphans, end_processes, mark_ray_owner, own_ray
+from sweep.resume import UNFINISHED_REASON, ResumeRefused, check_resumable, fail_lost_trials, record_controller
 from sweep.spec import SweepSpec, default_storage, is_uri, public_dict, resolve_paths, run_storage, spec_hash
 from sweep.terminal import terminal_console
 from sweep.stops import (DiskFullStop, Interrupts, QuietStops, StudyStorageLost, SweepInterrupted, SweepStopped,

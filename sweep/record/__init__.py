@@ -422,7 +422,7 @@ def _alive(pid: int, started: Optional[str]) -> bool:
         return False
     if now is not None:
         return started is None or now == started
-    from sweep.resume import pid_exists
+    from sweep.processes import pid_exists
 
     return pid_exists(pid)
 
