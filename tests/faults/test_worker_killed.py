@@ -89,7 +89,8 @@ def test_a_killed_trial_worker_resumes_from_its_checkpoint_with_no_duplicate(tmp
         assert sorted(t.intermediate_values) == list(RUNGS[: len(t.intermediate_values)])
     # The W&B runs live in the controller, which the kill did not touch: one run per trial, continued
     # through the retry (each rung logged once, in order), ending in the state the study records.
-    from sweep.record.tracking import offline_runs, read_offline_run, wandb_root
+    from sweep.record.tracking import offline_runs, wandb_root
+    from wandb_log import read_offline_run
 
     runs = [read_offline_run(p) for p in offline_runs(wandb_root(tmp_path / "runs", "killed"))]
     by_trial = {t.number: [r for r in runs if r["id"] == t.user_attrs["wandb_run_id"]] for t in trials}

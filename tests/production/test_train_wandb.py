@@ -12,7 +12,8 @@ runner = CliRunner()
 
 def test_train_logs_one_wandb_run_that_resume_continues(tiny_model, task_data, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from sweep.record.tracking import offline_runs, read_offline_run
+    from sweep.record.tracking import offline_runs
+    from wandb_log import read_offline_run
 
     monkeypatch.setenv("WANDB_API_KEY", "")  # auto = offline: nothing leaves the machine
     monkeypatch.delenv("WANDB_API_KEY")

@@ -82,7 +82,8 @@ def tracked(tmp_path_factory):
 
 
 def _runs(tracked):
-    from sweep.record.tracking import offline_runs, read_offline_run
+    from sweep.record.tracking import offline_runs
+    from wandb_log import read_offline_run
 
     return [read_offline_run(p) for p in offline_runs(tracked["study"].user_attrs["wandb_dir"])]
 
@@ -156,7 +157,8 @@ def test_the_callback_pickles_without_its_runs_and_a_resumed_trial_continues_its
     """Tune pickles callbacks into its experiment state; after a restore the same run id is used."""
     import ray.cloudpickle as cloudpickle
 
-    from sweep.record.tracking import offline_runs, read_offline_run
+    from sweep.record.tracking import offline_runs
+    from wandb_log import read_offline_run
 
     cb = tracked["cb"]
     again = pickle.loads(cloudpickle.dumps(cb))
