@@ -19,6 +19,9 @@ from typing import Optional, Sequence
 
 from trial_worker.config import REPORT_KEYS, JobConfig
 
+# A rung's checkpoint folder: transformers' Trainer's name (`trainer_utils.PREFIX_CHECKPOINT_DIR`-step), which the
+# solo recipe gets from the Trainer and the pack writes itself; `sweep train --resume` finds them by it.
+CHECKPOINT_PREFIX = "checkpoint"
 TRIAL_STATE_FILE = "sweep_trial_state.json"  # our own counters, saved beside the checkpoint's own files
 COUNTERS = ("wall_s", "train_s", "tokens")  # carried over from the attempts before this one
 
@@ -40,6 +43,11 @@ def check_finite(job: JobConfig, what: str, value: float, step: int) -> None:
             f"weight_decay={t.weight_decay:g}, max_grad_norm={t.max_grad_norm:g}, optim={t.optim}); "
             "the trial is stopped and recorded FAIL"
         )
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """The checkpoint folder of `step` under a trial's (or a production run's) output folder."""
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}-{step}"
 
 
 def read_state(checkpoint_dir: Optional[str | Path]) -> dict:

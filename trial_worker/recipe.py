@@ -35,6 +35,7 @@ from trial_worker.execution import (Execution, as_written, cap_gpu_memory, memor
                                     reset_peak_memory, smaller)
 from trial_worker.formats import rung_steps, sft_config
 from trial_worker.lifecycle import check_finite, counters, read_state, rung_report, write_state
+from trial_worker.lifecycle import checkpoint_dir as rung_checkpoint
 from trial_worker.graphs import StepGraphs, causal_lm_parts, graphs_wanted, lm_head_not_plain, token_nll, varlen_inputs
 from trial_worker.model import load_model, use_cpu
 
@@ -259,7 +260,7 @@ def _RungCallback(trial: QLoRATrial):
 
         def on_save(self, args, state, control, **kw):
             step = state.global_step
-            checkpoint_dir = os.path.join(args.output_dir, f"checkpoint-{step}")
+            checkpoint_dir = str(rung_checkpoint(args.output_dir, step))
             if step in trial.rung_steps:
                 trial._on_rung(step, checkpoint_dir)  # hashes the checkpoint before reporting it
                 trial.t_mark = time.perf_counter()  # eval, saving and reporting are not training time

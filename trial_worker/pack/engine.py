@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 
 from trial_worker.checkpoint import write_manifest
 from trial_worker.config import JobConfig
-from trial_worker.lifecycle import check_finite, counters, read_state, rung_report, write_state
+from trial_worker.lifecycle import check_finite, checkpoint_dir, counters, read_state, rung_report, write_state
 from trial_worker.pack.batch import Seq, build, pack_rows, tokenize
 
 Report = Callable[[dict, str], None]
@@ -615,7 +615,7 @@ class PackEngine:
             tokens=t.tokens, t_start=t.t_start, setup_s=t.setup_s or 0.0, peak_mem_gb=peak_memory_gb(),
             micro_batch=t.micro_rows, accumulation=t.accumulation, gradient_checkpointing=self.checkpointing)
         t.since_rung = []
-        directory = t.output_dir / f"checkpoint-{step}"
+        directory = checkpoint_dir(t.output_dir, step)
         write = t.save(directory, state)
         t.state = "saving"
         self.saves.append((t, self.writer.submit(write), metrics, directory))

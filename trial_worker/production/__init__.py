@@ -31,6 +31,7 @@ import yaml
 
 from trial_worker.checkpoint import choose
 from trial_worker.config import JobConfig
+from trial_worker.lifecycle import CHECKPOINT_PREFIX
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
@@ -38,7 +39,7 @@ MERGED_DIR = "merged"
 LOSS_CSV = "loss.csv"
 LOSS_PNG = "loss.png"
 METRICS_FILE = "metrics.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 # loss.csv: the Trainer's log history under the names the trials' reports use (`steps`, `scheduled_lr`).
 LOSS_COLUMNS = {"steps": "step", "epoch": "epoch", "loss": "loss", "scheduled_lr": "learning_rate", "grad_norm": "grad_norm"}
 
