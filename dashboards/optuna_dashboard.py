@@ -7,19 +7,16 @@ The dashboard shows every study in the storage; the page of this study is
 from __future__ import annotations
 
 
-def study_url(study, host: str, port: int) -> str:
-    from sweep._compat.optuna import study_id
-
-    return f"http://{host}:{port}/dashboard/studies/{study_id(study)}"
+def study_url(study_id: int, host: str, port: int) -> str:
+    return f"http://{host}:{port}/dashboard/studies/{study_id}"
 
 
-def serve(storage_url: str, *, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve optuna-dashboard on host:port until interrupted (blocks)."""
+def serve(storage, *, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve optuna-dashboard for `storage` (an Optuna storage, opened by the caller) on host:port until
+    interrupted (blocks). Nothing here imports `sweep`: the CLI opens the study and its storage."""
     try:
         from optuna_dashboard import run_server
     except ImportError:
         raise ImportError("``optuna-dashboard`` package not found; install it with "
                           "`pip install 'sweep[dashboard]'`") from None
-    from sweep.record import open_storage
-
-    run_server(open_storage(storage_url, create=False), host=host, port=port)
+    run_server(storage, host=host, port=port)

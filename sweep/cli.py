@@ -360,11 +360,12 @@ def dashboard(
         typer.echo(f"published {publish(w)}")
         return
     from dashboards.optuna_dashboard import serve, study_url
-    from sweep.record import resolve_study
+    from sweep._compat.optuna import study_id
+    from sweep.record import open_storage, resolve_study
 
     url, _ = resolve_study(study, storage)
-    typer.echo(f"optuna-dashboard: {study_url(st, host, port)}  (Ctrl-C to stop)")
-    serve(url, host=host, port=port)
+    typer.echo(f"optuna-dashboard: {study_url(study_id(st), host, port)}  (Ctrl-C to stop)")
+    serve(open_storage(url, create=False), host=host, port=port)
 
 
 @app.command("wandb-sync")

@@ -144,8 +144,9 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
         # Packed trials or one per process (`trial_worker.pack.tune.trial_plan`), chosen once: the plan holds the
         # pack servers' handles (Ray ends an actor whose owner holds none) for the whole fit.
         plan = _trial_plan(spec, job, run_dir)
-        base = _evaluate_base_once(study, rstorage, job, plan, console, stops, on_gpu=_on_gpu(ray, spec))
         searcher = _searcher(spec, study_name, rstorage, resumed=resume)
+        base = _evaluate_base_once(study, rstorage, job, plan, console, stops, on_gpu=_on_gpu(ray, spec),
+                                   retry=searcher.retry)
         # W&B's offline runs are local files: beside a local run folder, else in ./sweep_runs.
         callbacks = _callbacks(searcher, spec, study_name, Path("sweep_runs" if is_uri(out_dir) else out_dir), console)
         trainable = plan.trainable()
@@ -341,13 +342,13 @@ def _on_gpu(ray, spec: SweepSpec) -> bool:
     return spec.resources.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _evaluate_base_once(study, rstorage, job, plan, console, stops: "Interrupts", *, on_gpu: bool):
+def _evaluate_base_once(study, rstorage, job, plan, console, stops: "Interrupts", *, on_gpu: bool, retry):
     """The base model's val loss and perplexity on the validation split, recorded once per study: taken from an
     earlier study of the same storage that evaluated the same model, data and split (`record.base_eval_key`),
     else evaluated beside the first trials (a thread, returned for the caller to join before the leaderboard)
     so that Tune starts them at once: on a pack the base is loaded for both, and its evaluation is one pass
     over the validation split. A failed base evaluation is said and leaves the sweep going (the leaderboard
-    then shows no base line)."""
+    then shows no base line). `retry`: the searcher's policy for transient storage errors."""
     import threading
 
     from sweep.record import base_eval_key, record_base_metrics, reuse_base_metrics
@@ -365,7 +366,8 @@ def _evaluate_base_once(study, rstorage, job, plan, console, stops: "Interrupts"
     def evaluate() -> None:
         try:
             base = plan.evaluate_base(job)
-            record_base_metrics(study, base["val_loss"], base["ppl"])
+            # beside the searcher's own writes: a transient storage error (SQLite busy) is tried again as theirs are
+            retry("record the base model's metrics", lambda: record_base_metrics(study, base["val_loss"], base["ppl"]))
         except Exception as e:  # noqa: BLE001 - the trials go on; the base is what the leaderboard lacks
             if not stops.signal:
                 from rich.markup import escape

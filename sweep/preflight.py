@@ -3,7 +3,7 @@
 `sweep run` and `sweep resume` call `preflight` before they create or open a study, register its
 name or start Ray, so bad input costs a second and leaves nothing behind: the data path exists, its
 rows parse and have the format's fields, at least one train and one validation row has a response
-(the worker's own split and drop rules, `trial_worker.check_inputs`), the model folder has a config,
+(the worker's own split and drop rules, `trial_worker.inputs.check`), the model folder has a config,
 weights and tokenizer files, a hub id can load while offline, and the study's SQLite file and the
 run folder can be written. `sweep validate` runs the local part of it (no assets written, no hub ids,
 no storage). Problems come as a `PreflightError` in the spec errors' form (file:line, field = value,

@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """The project's tiny Llama (2 layers, random weights, its own tokenizer), written once per session."""
-    from trial_worker.demo_assets import write_tiny_llama
+    from trial_worker.inputs.demo import write_tiny_llama
 
     return str(write_tiny_llama(tmp_path_factory.mktemp("assets") / "tiny-llama"))
 

@@ -71,7 +71,7 @@ class DataConfig(Strict):
     generate: Optional[Literal["arithmetic", "dates", "word-problems"]] = Field(
         None, description="If the local folder is missing, write generated task data there: string/arithmetic "
         "tasks (demo/tests), date-to-ISO-8601 conversions with a system prompt (the SmolLM2 quick demo), or "
-        "multi-step word problems with worked answers (trial_worker.word_problems; the SmolLM2 search benchmark)."
+        "multi-step word problems with worked answers (trial_worker.inputs.word_problems; the SmolLM2 search benchmark)."
     )
     format: DataFormat = Field("auto", description="sharegpt (conversations/from/value), messages (role/content), text, instruction (instruction/input/output)")
     split: str = "train"

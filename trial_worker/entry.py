@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Union
 
 from trial_worker.config import JobConfig, with_params
-from trial_worker.demo_assets import prepare_assets
+from trial_worker.inputs.demo import prepare_assets
 
 # The rest of what `sweep` calls, imported here so that `sweep` has one door into the worker; none of these
 # modules loads torch, transformers or Ray on import (tests/spec/test_layering.py).
-from trial_worker.check_inputs import check_job
+from trial_worker.inputs.check import check_job
 from trial_worker.data import load_splits
 from trial_worker.formats import export_formats
 from trial_worker.pack import unpackable  # what packed trials would not train as written (sweep validate)

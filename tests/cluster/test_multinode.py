@@ -179,7 +179,7 @@ def _trial_workers_by_node(nodes: RayNodes) -> dict[int, str]:
 
 @pytest.fixture(scope="module")
 def assets(tiny_model, tmp_path_factory):
-    from trial_worker.demo_assets import write_task_data
+    from trial_worker.inputs.demo import write_task_data
 
     return {"model": tiny_model, "data": str(write_task_data(tmp_path_factory.mktemp("tasks") / "tasks", n_train=200, n_val=40))}
 

@@ -87,7 +87,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """The tiny Llama and task data, written once for every sweep of the suite."""
-    from trial_worker.demo_assets import write_task_data, write_tiny_llama
+    from trial_worker.inputs.demo import write_task_data, write_tiny_llama
 
     root = tmp_path_factory.mktemp("fault-assets")
     return {"model": str(write_tiny_llama(root / "tiny-llama")),

@@ -72,7 +72,7 @@ def gpu_model(tmp_path_factory, results):
     import transformers
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from trial_worker.demo_assets import build_tokenizer
+    from trial_worker.inputs.demo import build_tokenizer
 
     root = tmp_path_factory.mktemp("gpu-oom")
     model_dir, data_dir = root / "model", root / "data"

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sweep_helpers import sweep_cli, sweep_env
-from trial_worker.check_inputs import SPLIT_KEYWORDS, check_data
+from trial_worker.inputs.check import SPLIT_KEYWORDS, check_data
 from trial_worker.config import DataConfig
 
 GOOD_ROW = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}

@@ -61,7 +61,7 @@ def test_damaged_weights_are_refused_naming_the_file(tmp_path, assets, fault_row
 
 def test_rows_with_no_response_token_within_max_seq_length(tmp_path, assets, fault_row):
     from sweep.spec import load_spec
-    from trial_worker.check_inputs import FolderTokenizer, check_job
+    from trial_worker.inputs.check import FolderTokenizer, check_job
     from trial_worker.data import tokenize_chat
     from trial_worker.model import load_tokenizer
 

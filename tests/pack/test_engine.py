@@ -29,7 +29,7 @@ TRIALS = {
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory) -> dict[str, JobConfig]:
-    from trial_worker.demo_assets import write_task_data, write_tiny_llama
+    from trial_worker.inputs.demo import write_task_data, write_tiny_llama
 
     root = tmp_path_factory.mktemp("pack")
     model, data = write_tiny_llama(root / "tiny"), write_task_data(root / "tasks", n_train=120, n_val=24)

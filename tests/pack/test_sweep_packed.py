@@ -33,7 +33,7 @@ def pack_processes(sweep_home: str) -> list:
 
 
 def test_packed_sweep_survives_its_pack_killed_and_keeps_the_record(tmp_path):
-    from trial_worker.demo_assets import write_task_data, write_tiny_llama
+    from trial_worker.inputs.demo import write_task_data, write_tiny_llama
 
     assets = {"model": str(write_tiny_llama(tmp_path / "assets" / "tiny-llama")),
               "data": str(write_task_data(tmp_path / "assets" / "tasks", n_train=200, n_val=40))}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trial_worker.config import JobConfig
-from trial_worker.demo_assets import write_task_data
+from trial_worker.inputs.demo import write_task_data
 
 
 @pytest.fixture(scope="session")

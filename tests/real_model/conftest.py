@@ -13,7 +13,7 @@ def smollm2_model(tmp_path_factory) -> str:
     """
     import importlib.util
 
-    from trial_worker.demo_assets import SMOLLM2_PACKAGE, write_smollm2
+    from trial_worker.inputs.demo import SMOLLM2_PACKAGE, write_smollm2
 
     pytest.importorskip("gguf")
     if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
@@ -25,6 +25,6 @@ def smollm2_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def date_data(tmp_path_factory) -> str:
     """Date-conversion chats with a system turn, a quarter of them two rounds long."""
-    from trial_worker.demo_assets import write_date_data
+    from trial_worker.inputs.demo import write_date_data
 
     return str(write_date_data(tmp_path_factory.mktemp("real") / "dates", n_train=64, n_val=16))

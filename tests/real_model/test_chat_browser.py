@@ -117,7 +117,7 @@ def test_the_tuned_model_answers_a_task_question_in_the_browser(tuned_run, chat_
     from selenium.webdriver.support.ui import WebDriverWait
 
     from trial_worker.production.chat import load_chat_model
-    from trial_worker.demo_assets import DATE_SYSTEM_PROMPT
+    from trial_worker.inputs.demo import DATE_SYSTEM_PROMPT
     from trial_worker.production.compare import generate
 
     held_out = json.loads((Path(date_data) / "validation.jsonl").read_text().splitlines()[0])["messages"]

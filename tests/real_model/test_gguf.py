@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from sweep.cli import app
-from trial_worker.demo_assets import make_tasks
+from trial_worker.inputs.demo import make_tasks
 from trial_worker.production.compare import generate
 
 runner = CliRunner()
@@ -20,7 +20,7 @@ runner = CliRunner()
 def test_merged_model_round_trips_through_gguf(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trial_worker.demo_assets import write_task_data
+    from trial_worker.inputs.demo import write_task_data
 
     data = write_task_data(tmp_path / "tasks", n_train=64, n_val=16)
     config = tmp_path / "train.yaml"

@@ -24,6 +24,12 @@ def test_sweep_uses_only_the_worker_entry_point_and_shared_config():
     assert not bad, bad
 
 
+def test_dashboards_never_import_sweep():
+    # `sweep dashboard` opens the study and hands the dashboards what they show: no edge back into `sweep`
+    bad = [(f, m) for f, m in _imports("dashboards") if m == "sweep" or m.startswith("sweep.")]
+    assert not bad, bad
+
+
 def test_trial_worker_never_imports_sweep():
     bad = [(f, m) for f, m in _imports("trial_worker") if m == "sweep" or m.startswith("sweep.")]
     assert not bad, bad

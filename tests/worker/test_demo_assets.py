@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trial_worker.demo_assets import make_tasks
+from trial_worker.inputs.demo import make_tasks
 
 
 def test_tiny_llama_loads_with_auto_classes(tiny_model):
@@ -45,7 +45,7 @@ def test_task_answers_are_right():
 _PREPARE = """
 import json, sys
 from trial_worker.config import JobConfig
-from trial_worker.demo_assets import prepare_assets
+from trial_worker.inputs.demo import prepare_assets
 job = JobConfig.model_validate({
     "model": {"name_or_path": "assets/tiny", "generate": "tiny-llama"},
     "data": {"path": "assets/data", "generate": "arithmetic"},

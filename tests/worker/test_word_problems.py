@@ -1,4 +1,4 @@
-"""The word-problem task (trial_worker.word_problems): deterministic, held out, and checkable by exact match."""
+"""The word-problem task (trial_worker.inputs.word_problems): deterministic, held out, and checkable by exact match."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import re
 
 from trial_worker.production.compare import exact_match
-from trial_worker.word_problems import KINDS, WEEKDAYS, final_answer, split_word_problems, write_word_problems
+from trial_worker.inputs.word_problems import KINDS, WEEKDAYS, final_answer, split_word_problems, write_word_problems
 
 
 def _solve(question: str) -> str:

@@ -46,7 +46,7 @@ def packing_applies(resources: dict, job: dict, gpus_in_cluster: float, search_p
             and job["training"].get("execution", "auto") != "as_written" and not unpackable(job, search_params))
 
 
-def trial_plan(job: dict, *, resources: dict, run_dir: str, name: str, search_params: Optional[dict] = None) -> TrialPlan:
+def trial_plan(job: dict, *, resources: dict, run_dir: Optional[str], name: str, search_params: Optional[dict] = None) -> TrialPlan:
     """The sweep's `TrialPlan` (call after `ray.init`, once per run): packed or one trial per process, per
     `resources.packing` (`search_params`: the values trials may take, which `packing: auto` checks too). The
     pack servers are named after the run: a plan asked for again in the same Ray session gets the same ones."""

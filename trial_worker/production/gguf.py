@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from trial_worker.demo_assets import LLAMA3_SPLIT
+from trial_worker.inputs.demo import LLAMA3_SPLIT
 
 OUT_TYPES = ("auto", "f16", "bf16", "f32", "q8_0")
 # `auto`: the checkpoint's own dtype, so the file holds exactly the merged weights.

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from trial_worker.config import JobConfig
-from trial_worker.word_problems import write_word_problems
+from trial_worker.inputs.word_problems import write_word_problems
 
 BOS, EOS, EOT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|pad|>"
 HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"

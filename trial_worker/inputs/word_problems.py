@@ -1,6 +1,6 @@
 """Word problems with worked answers: a generated chat task a 135M model fails and 120 steps do not saturate.
 
-The dates task (`demo_assets.write_date_data`) is learnt to a val loss of ~0.0001 by every config within a few
+The dates task (`inputs.demo.write_date_data`) is learnt to a val loss of ~0.0001 by every config within a few
 dozen steps, so a search over it cannot tell configs apart. These problems need several dependent steps each
 (shopping totals and change, hours to minutes and back, a date some days later across a month end, the weekday
 some days later), and the reply is the worked solution in a fixed form, one calculation per line, ending in
