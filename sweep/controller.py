@@ -12,6 +12,7 @@ with the study), `sweep.stops` (disk full, study database lost), `sweep._compat`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path, PurePosixPath
@@ -167,7 +168,8 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
                       f"{res.cpus_per_trial:g} CPU / {res.gpus_per_trial:g} GPU per trial")
 
         state["fit"] = True
-        results = _fit(ray, tuner, progress, run_dir=run_dir, again=again, stops=stops)
+        with _trials_start_together(plan.mode, res.max_concurrent_trials, n_trials):
+            results = _fit(ray, tuner, progress, run_dir=run_dir, again=again, stops=stops)
         if base is not None:
             base.join()  # the leaderboard and export show the base beside the trials
         errors = sum(1 for r in results if r.error is not None)
@@ -335,6 +337,28 @@ def _ray_init(ray, address: Optional[str]) -> None:
         log_to_driver=False,  # trial errors reach the terminal and the study through the callback
         ignore_reinit_error=True,
     )
+
+
+PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
+
+
+@contextlib.contextmanager
+def _trials_start_together(mode: str, max_concurrent: Optional[int], n_trials: int):
+    """Packed trials start together. Under a searcher of its own and no `max_concurrent_trials`, Tune keeps one
+    trial pending at a time (`TUNE_MAX_PENDING_TRIALS_PG` "auto"), so trials start one after another, each waiting
+    for its actor (H100, 2026-12-06, benchmarks/results/sweep_first_step.json: one every 3.2 s, the 6th 16 s after
+    the first). A packed trial's actor takes 0.05 CPU and only waits on its pack, so up to all of them (the
+    concurrency limit, at most a pack's 64) may be pending at once. One trial per process keeps Tune's rule (a
+    pending trial there waits for a GPU, and the searcher would decide it with less known). A value the user set
+    is kept."""
+    if mode != "packed" or PENDING_TRIALS_ENV in os.environ:
+        yield
+        return
+    os.environ[PENDING_TRIALS_ENV] = str(max(1, min(n_trials, max_concurrent or n_trials, 64)))
+    try:
+        yield
+    finally:
+        os.environ.pop(PENDING_TRIALS_ENV, None)
 
 
 def _on_gpu(ray, spec: SweepSpec) -> bool:

@@ -11,6 +11,7 @@ import signal
 import time
 
 import optuna
+import pytest
 
 from sweep_helpers import LiveCli, small_spec, sweep_env
 from trial_worker.config import REPORT_KEYS
@@ -87,3 +88,34 @@ def test_packed_sweep_survives_its_pack_killed_and_keeps_the_record(tmp_path):
         for r in rows:
             if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1:
                 assert r["steps"] == RUNGS[r["training_iteration"] - 1], r  # went on at the next rung
+
+
+@pytest.mark.parametrize("user_setting", [None, "1"])
+def test_packed_trials_start_together_unless_the_user_limits_tunes_pending_trials(tmp_path, user_setting):
+    """With no `max_concurrent_trials`, Tune keeps one trial pending at a time under a searcher of its own: packed
+    trials would start one after another, each waiting for its actor. The sweep lets them all be pending (a
+    packed trial's actor only waits on its pack), so every trial is asked for before the first one starts; a
+    `TUNE_MAX_PENDING_TRIALS_PG` the user set is kept."""
+    from trial_worker.inputs.demo import write_task_data, write_tiny_llama
+
+    assets = {"model": str(write_tiny_llama(tmp_path / "assets" / "tiny-llama")),
+              "data": str(write_task_data(tmp_path / "assets" / "tasks", n_train=100, n_val=20))}
+    spec = small_spec(tmp_path, assets, name="together", rungs=RUNGS, num_trials=4, resources={
+        "gpus_per_trial": 0, "cpus_per_trial": 1, "packing": "on"},
+        params={"learning_rate": {"type": "choice", "values": [0.02, 0.005, 0.001, 0.0005]}})
+    env = sweep_env(tmp_path)
+    env.pop("TUNE_MAX_PENDING_TRIALS_PG", None)
+    if user_setting:
+        env["TUNE_MAX_PENDING_TRIALS_PG"] = user_setting
+    run = LiveCli("run", spec, cwd=tmp_path, env=env)
+    try:
+        assert run.wait_for(r"trial +\d+ started", 300), "no trial started:\n" + run.tail()
+        asked = len(optuna.load_study(study_name="together", storage=f"sqlite:///{tmp_path / 'together.db'}").trials)
+        run.proc.send_signal(signal.SIGINT)
+    finally:
+        returncode = run.finish()
+    assert returncode == 130, run.tail()
+    if user_setting is None:
+        assert asked == 4, f"{asked} of 4 trials asked for when the first started:\n" + run.tail()
+    else:  # one pending at a time: the next trial is asked for once the one before has started
+        assert asked <= 2, f"{asked} of 4 trials asked for when the first started:\n" + run.tail()
