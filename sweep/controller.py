@@ -382,8 +382,9 @@ def _evaluate_base_once(study, rstorage, job, plan, console, stops: "Interrupts"
     earlier = reuse_base_metrics(study, rstorage, base_eval_key(job, on_gpu=on_gpu))
     if earlier is not None:
         attrs = study.user_attrs
-        console.print(f"base model: val_loss {attrs['base_val_loss']:.4f}  ppl {attrs['base_ppl']:.2f} (evaluated "
-                      f"for study '{earlier}': the same model, data and split)")
+        ppl = attrs.get("base_ppl")  # None where it overflowed
+        console.print(f"base model: val_loss {attrs['base_val_loss']:.4f}  ppl {'inf' if ppl is None else f'{ppl:.2f}'} "
+                      f"(evaluated for study '{earlier}': the same model, data and split)")
         return None
     console.print("evaluating the base model (once per study, beside the first trials) ...")
 
