@@ -213,17 +213,29 @@ def test_a_lost_worker_node_its_trials_go_on_on_the_other_node(tmp_path, assets,
         run = LiveCli("run", spec, "--address", nodes.address, "--storage", url, cwd=tmp_path, env=nodes.env)
         # A trial that ASHA let go on past rung 1 (the first to get there always does: no other result to compare
         # with): once its rung checkpoint is in the shared run folder and Tune has taken the report (the terminal's
-        # rung line), kill the raylet of the node of a trial actor that is training (titled `...train`: Tune asked
-        # it for the next rung), mid-way to rung 2.
+        # rung line), kill the raylet of the node of *that trial's* actor (the pid of its reports), while it is
+        # training (titled `...train`) and the study still has it RUNNING a moment later (not a trial ASHA has just
+        # stopped, whose actor may still carry the title), mid-way to rung 2.
         assert run.wait_for(" rung 1/", 240), "no trial reached its first rung:\n" + run.tail()
+        study_url = pg_server.url.rsplit("/", 1)[0] + f"/{db}"
         deadline, victim, alive = time.time() + 60, None, {}
         while time.time() < deadline and victim is None:
-            if list((shared / "runs").rglob("checkpoint_*")):
-                time.sleep(0.3)
+            time.sleep(0.3)
+            for rj in (shared / "runs").rglob("result.json"):
+                rows = [json.loads(x) for x in rj.read_text().splitlines() if x.strip()]
+                if not rows or not list(rj.parent.glob("checkpoint_*")):
+                    continue
+                pid = rows[-1]["pid"]
                 alive = _trial_workers_by_node(nodes)
-                training = [pid for pid in alive if ".train" in " ".join(psutil.Process(pid).cmdline())]
-                victim = alive[training[0]] if training else None
-            time.sleep(0.1)
+                try:
+                    training = pid in alive and ".train" in " ".join(psutil.Process(pid).cmdline())
+                except psutil.Error:
+                    training = False
+                running = {t.user_attrs.get("ray_trial_id") for t in optuna.load_study(
+                    study_name="multinode", storage=study_url).get_trials(states=[optuna.trial.TrialState.RUNNING])}
+                if training and rows[-1]["trial_id"] in running:
+                    victim = alive[pid]
+                    break
         assert victim, (f"no trial actor training past rung 1 on a worker node: actors {alive}; "
                         f"raylets {nodes.raylets()}; processes {_processes(nodes)}\n" + run.tail())
         raylet = nodes.raylet(victim)
