@@ -4,8 +4,8 @@ The controller uses it as::
 
     tune.with_parameters(run_trial, job=job.model_dump())
 
-and imports nothing else from `trial_worker` (`evaluate_base`, `prepare_assets` are
-re-exported here). Importing this module loads neither torch nor Ray.
+and imports nothing else from `trial_worker`: what `sweep` calls (base evaluation, assets, input checks, the
+trial plan, production) is imported here by name. Importing this module loads neither torch nor Ray.
 """
 
 from __future__ import annotations
