@@ -96,7 +96,7 @@ class ResourcesConfig(Strict):
     packing: OnOffAuto = Field(
         "auto", description="on: the trials on a GPU (or the CPU) train together in one warm process on one shared base, "
         "each with its own adapter, optimizer, schedule, batch and data order (trial_worker.pack); off: one trial per "
-        "process; auto: packed on GPUs where a pack trains every setting as written, else one trial per process (trial_worker/pack/tune.py: AUTO_PACKS)")
+        "process; auto: packed on GPUs where a pack trains every setting as written, else one trial per process (trial_worker/pack: trials_pack)")
 
 
 class WandbConfig(Strict):
@@ -311,16 +311,12 @@ def check_rules(spec: SweepSpec) -> list[Problem]:
     if cap is not None and 0 < share < 1 and cap > share:
         problems.append(Problem("training.gpu_memory_fraction", f"trials share a GPU (resources.gpus_per_trial: {share:g}), so each may "
                                 f"cap its memory at {share:g} at most (leave it unset for exactly that)", cap))
-    if spec.resources.packing == "on":
-        from trial_worker.entry import unpackable
+    from trial_worker.entry import PackingRefused, trials_pack
 
-        for field, value, why in unpackable(job.model_dump(mode="json"), spec.search_params()):
-            problems.append(Problem(field, f"resources.packing is on, and {why}: packed trials would not train this "
-                                    "setting as written; change it, or set resources.packing: off", value))
-        if spec.resources.gpus_per_trial > 1:
-            problems.append(Problem("resources.gpus_per_trial", "resources.packing is on: a pack trains on one GPU, so a "
-                                    "trial needs at most 1; set resources.packing: off for trials on several GPUs",
-                                    spec.resources.gpus_per_trial))
+    try:  # the plan's own packing decision, without the cluster's GPUs
+        trials_pack(spec.resources.model_dump(), job.model_dump(mode="json"), spec.search_params())
+    except PackingRefused as e:
+        problems += [Problem(field, why, value) for field, value, why in e.problems]
     q = job.model.quantization
     if job.training.bf16 and q.load_in_4bit and q.bnb_4bit_compute_dtype == "float16":
         problems.append(Problem("model.quantization.bnb_4bit_compute_dtype", "training.bf16 is true: use bfloat16 compute (or fp16 training)", "float16"))

@@ -210,19 +210,6 @@ def test_reports_count_a_trials_set_up_from_its_start_to_its_first_pack_step(eng
     assert 50 < reports[0]["setup_s"] == reports[1]["setup_s"] < 50 + reports[0]["wall_s"]
 
 
-@pytest.mark.parametrize("change", [{"model": {"lora": {"bias": "all"}}}, {"data": {"packing": True}}])
-def test_a_setting_a_pack_would_not_train_as_written_is_refused_by_name(engine, jobs, change):
-    # a search may give one trial such a setting: that trial fails with the reason, the pack holds nothing of it
-    data = jobs["a"].model_dump()
-    if "model" in change:
-        data["model"]["lora"].update(change["model"]["lora"])
-    else:
-        data["data"].update(change["data"])
-    with pytest.raises(ValueError, match="packed trials cannot train (model.lora.bias='all'|data.packing=True).*resources.packing: off"):
-        engine.add("odd", JobConfig.model_validate(data), lambda m, d: None)
-    assert "odd" not in engine.trials
-
-
 def _rows(fmt: str, n: int, rng) -> list[dict]:
     """`n` raw rows of `fmt`, written here (not by the demo's task generator): multi-turn chats with a system
     turn, instructions with and without input, plain text and text with an instruction marker."""

@@ -14,25 +14,71 @@ dispatcher that builds one batch from several trials' micro-batches are separate
 - `server`  the pack server, a Ray actor per GPU that holds the base, the CUDA context and the imports warm and
             runs the engine in a thread; `tune` the Tune trainable that hands a trial's work to a pack server and
             relays its reports and checkpoints.
+
+Whether a sweep's trials pack at all is decided here, once: `trials_pack`, asked by `sweep validate` and by
+the trial plan (the only way a sweep's trials reach a pack; the engine trusts the jobs it is given).
 """
 
 from typing import Any, Optional
 
+from trial_worker.config import searchable_params
+
 # Settings a pack would not train as written (a pack has no sequence packing, no trained biases, no fp16 loss
-# scaling, its own data order): field -> (the setting packs take, why not the others). Checked with
-# `resources.packing: on` (sweep validate) and by `packing: auto`, which then runs one trial per process.
+# scaling, its own data order): field -> (the setting packs take, why not the others).
 _AS_PACKS_TRAIN = {
     "data.packing": (False, "TRL's sequence packing (rows concatenated to max_seq_length) is not how a pack batches rows"),
     "model.lora.bias": ("none", "a pack trains LoRA adapters only, not the base's biases"),
     "training.fp16": (False, "a pack trains in the base's compute dtype without fp16 loss scaling (use bf16)"),
     "training.group_by_length": (False, "a pack draws each trial's rows in its own seeded order, not grouped by length"),
 }
-_SEARCH_NAMES = {"packing": "data.packing", "group_by_length": "training.group_by_length", "fp16": "training.fp16"}
+
+# `packing: auto` packs on GPUs: on the same 10 trials of the reference space (H100, 2026-12-05,
+# benchmarks/results/sweep_makespan.json) a pack trained 2.56M tokens in 150 s (17.0k tokens/s over the sweep's
+# wall time) and one trial per process 2.03M tokens in 250 s without finishing (7.9k tokens/s): 2.2x.
+AUTO_PACKS = True
 
 
-def unpackable(job: dict, search_params: Optional[dict] = None) -> list[tuple[str, Any, str]]:
-    """What packed trials could not train as written: [(field, value, why)], from the job (a `JobConfig` as a
-    dict) and the values a search may give it (`search.params` as a dict); [] when a pack can train every trial."""
+class PackingRefused(ValueError):
+    """`resources.packing: on` with settings packed trials would not train as written. `problems`:
+    [(field, value, what is wrong and what is allowed)], every one at once."""
+
+    def __init__(self, problems: list[tuple[str, Any, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{field}={value!r}: {why}" for field, value, why in problems))
+
+
+def trials_pack(resources: dict, job: dict, search_params: Optional[dict] = None,
+                gpus_in_cluster: Optional[float] = None) -> bool:
+    """Whether the sweep's trials run packed: the one packing decision, asked once per sweep (by `sweep validate`
+    and by the trial plan; the pack engine trusts the jobs it is given).
+
+    `resources`, `job`: the spec's `resources` and job as plain data (`JobConfig.model_dump(mode="json")`);
+    `search_params`: `search.params` as plain data, the values trials may take; `gpus_in_cluster`: the cluster's
+    GPUs, None where not known (`sweep validate`: `auto` then answers as on a cluster with GPUs). `on` packs, and
+    raises `PackingRefused` for any setting a pack would not train as written; `off` does not; `auto` (with
+    `AUTO_PACKS`) packs where there are GPUs, a trial fits one GPU, the job does not ask to run exactly as written,
+    and a pack trains every trial's settings as written."""
+    mode = resources.get("packing", "auto")
+    if mode == "off":
+        return False
+    problems = _not_as_written(job, search_params)
+    if mode == "on":
+        gpus = resources.get("gpus_per_trial", 1)
+        refused = [(field, value, f"resources.packing is on, and {why}: packed trials would not train this setting as "
+                    "written; change it, or set resources.packing: off") for field, value, why in problems]
+        if gpus > 1:
+            refused.append(("resources.gpus_per_trial", gpus, "resources.packing is on: a pack trains on one GPU, so a "
+                            "trial needs at most 1; set resources.packing: off for trials on several GPUs"))
+        if refused:
+            raise PackingRefused(refused)
+        return True
+    return (AUTO_PACKS and (gpus_in_cluster is None or gpus_in_cluster > 0) and 0 < resources["gpus_per_trial"] <= 1
+            and job["training"].get("execution", "auto") != "as_written" and not problems)
+
+
+def _not_as_written(job: dict, search_params: Optional[dict]) -> list[tuple[str, Any, str]]:
+    """[(field, value, why)] for each setting of the job, or value a search may give it, that packs would not
+    train as written."""
     out = []
     for field, (ok, why) in _AS_PACKS_TRAIN.items():
         node: Any = job
@@ -40,10 +86,13 @@ def unpackable(job: dict, search_params: Optional[dict] = None) -> list[tuple[st
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None and node != ok:
             out.append((field, node, why))
+    where = searchable_params()
     for name, p in (search_params or {}).items():
-        if name not in _SEARCH_NAMES:
+        section, field = where.get(name, ("", ""))
+        rule = _AS_PACKS_TRAIN.get(f"model.lora.{field}" if section == "lora" else f"{section}.{field}")
+        if rule is None:
             continue
-        ok, why = _AS_PACKS_TRAIN[_SEARCH_NAMES[name]]
+        ok, why = rule
         bad = [v for v in (p.get("values", []) if isinstance(p, dict) else []) if v != ok]
         if bad:
             out.append((f"search.params.{name}", bad[0], why))

@@ -338,17 +338,14 @@ class PackEngine:
     def add(self, trial_id: str, job: JobConfig, report: Report, resume_from: Optional[str] = None,
             started_at: Optional[float] = None) -> PackedTrial:
         """Join a trial (a fresh LoRA from its seed, or its checkpoint `resume_from`); it trains from the next step.
-        `started_at` (`time.time()`, default now): when the trial started, for its reports' `setup_s`."""
+        `started_at` (`time.time()`, default now): when the trial started, for its reports' `setup_s`.
+        The job is trusted to be one a pack trains as written: the sweep's trial plan decides that, once
+        (`trial_worker.pack.trials_pack`); a direct user asks it the same."""
         import torch
         from transformers import Trainer, get_scheduler
 
         from trial_worker.formats import sft_config
-        from trial_worker.pack import unpackable
 
-        problems = unpackable(job.model_dump(mode="json"))
-        if problems:
-            field, value, why = problems[0]
-            raise ValueError(f"packed trials cannot train {field}={value!r}: {why}; set resources.packing: off")
         if pack_key(job) != self.key:
             raise ValueError(f"trial {trial_id} does not share this pack's base model, data and precision")
         if trial_id in self.trials:

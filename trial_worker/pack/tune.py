@@ -1,7 +1,7 @@
-"""Tune's side of packed trials: the choice of mode, the pack servers, and the trainable that relays a trial.
+"""Tune's side of packed trials: the pack servers, and the trainable that relays a trial.
 
-`trial_plan` is what the controller calls: for `resources.packing: off` (or `auto` where packing does not
-apply) it is today's one trial per process; otherwise it starts one pack server per GPU (one on the CPU when
+`trial_plan` is what the controller calls: where trials do not pack (`trial_worker.pack.trials_pack`, the one
+packing decision) it is one trial per process; otherwise it starts one pack server per GPU (one on the CPU when
 there is none) and gives Tune `run_packed_trial`, a trainable that needs almost no resources of its own: it
 hands the trial's job to a pack, relays each rung report with its checkpoint to `tune.report`, and leaves the
 pack when Tune stops it. Every trial stays one Tune trial (so one Optuna trial and one W&B run); ASHA is
@@ -28,36 +28,20 @@ class TrialPlan:
     packs: list
 
 
-# `packing: auto` packs on GPUs: on the same 10 trials of the reference space (H100, 2026-12-05,
-# benchmarks/results/sweep_makespan.json) a pack trained 2.56M tokens in 150 s (17.0k tokens/s over the sweep's
-# wall time) and one trial per process 2.03M tokens in 250 s without finishing (7.9k tokens/s): 2.2x.
-AUTO_PACKS = True
-
-
-def packing_applies(resources: dict, job: dict, gpus_in_cluster: float, search_params: Optional[dict] = None) -> bool:
-    """`resources.packing`: on, off, or auto (with `AUTO_PACKS`: on where there are GPUs, a trial fits one GPU,
-    the job does not ask to run exactly as written, and a pack trains every trial's settings as written)."""
-    from trial_worker.pack import unpackable
-
-    mode = resources.get("packing", "auto")
-    if mode in ("on", "off"):
-        return mode == "on"
-    return (AUTO_PACKS and gpus_in_cluster > 0 and 0 < resources["gpus_per_trial"] <= 1
-            and job["training"].get("execution", "auto") != "as_written" and not unpackable(job, search_params))
-
-
 def trial_plan(job: dict, *, resources: dict, run_dir: Optional[str], name: str, search_params: Optional[dict] = None) -> TrialPlan:
-    """The sweep's `TrialPlan` (call after `ray.init`, once per run): packed or one trial per process, per
-    `resources.packing` (`search_params`: the values trials may take, which `packing: auto` checks too). The
-    pack servers are named after the run: a plan asked for again in the same Ray session gets the same ones."""
+    """The sweep's `TrialPlan` (call after `ray.init`, once per run): packed or one trial per process, as
+    `trial_worker.pack.trials_pack` decides from `resources`, the job, `search_params` (the values trials may
+    take) and the cluster's GPUs; the only way a sweep's trials reach a pack. The pack servers are named after
+    the run: a plan asked for again in the same Ray session gets the same ones."""
     import ray
     from ray import tune
 
     from trial_worker.entry import evaluate_base, trainable
+    from trial_worker.pack import trials_pack
 
     cpus, gpus = resources["cpus_per_trial"], resources["gpus_per_trial"]
     in_cluster = ray.cluster_resources().get("GPU", 0)
-    if not packing_applies(resources, job, in_cluster, search_params):
+    if not trials_pack(resources, job, search_params, gpus_in_cluster=in_cluster):
         def solo_base(j) -> dict:
             return ray.get(ray.remote(evaluate_base).options(num_cpus=cpus, num_gpus=gpus).remote(j))
 

@@ -1,0 +1,97 @@
+"""Whether trials pack: one decision (`trial_worker.pack.trials_pack`), asked by `sweep validate` and by the
+trial plan, the only way a sweep's trials reach a pack. A setting a pack would not train as written is refused
+by name before anything runs (`packing: on`), or runs one trial per process (`packing: auto`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trial_worker.pack import PackingRefused, trials_pack
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = {
+    "name": "t", "model": {"name_or_path": "some/model"}, "data": {"path": "some/data"},
+    "budget": {"min": 10, "max": 40, "reduction_factor": 2},
+    "search": {"params": {"learning_rate": {"type": "loguniform", "low": 1.0e-5, "high": 1.0e-3}}},
+}
+# A setting in the job, or values a search may give a trial: (change, the field named, the value named)
+NOT_AS_WRITTEN = [
+    ({"model": {"lora": {"bias": "all"}}}, "model.lora.bias", "= 'all'"),
+    ({"data": {"packing": True}}, "data.packing", "= true"),
+    ({"search": {"params": {"packing": {"type": "choice", "values": [False, True]}}}}, "search.params.packing", "= true"),
+    ({"search": {"params": {"group_by_length": {"type": "choice", "values": [True]}}}}, "search.params.group_by_length", "= true"),
+]
+
+
+def _spec(tmp_path, change: dict, packing: str) -> Path:
+    data = yaml.safe_load(yaml.safe_dump(SPEC))
+    for section, values in change.items():
+        for k, v in values.items():
+            data[section][k] = {**data[section].get(k, {}), **v} if isinstance(v, dict) else v
+    data["resources"] = {"packing": packing}
+    f = tmp_path / f"{packing}.yaml"
+    f.write_text(yaml.safe_dump(data))
+    return f
+
+
+def _validate(f: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sweep.cli", "validate", str(f)], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("change, field, value", NOT_AS_WRITTEN, ids=[c[1] for c in NOT_AS_WRITTEN])
+def test_a_setting_a_pack_would_not_train_as_written_is_refused_by_name(tmp_path, change, field, value):
+    # packing on: `sweep validate` (and so `sweep run`) refuses it, naming the file, the field, the value, the way out
+    r = _validate(_spec(tmp_path, change, "on"))
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert "on.yaml" in out and field in out and value in out and "set resources.packing: off" in out, out
+    assert "Traceback" not in out
+    # packing auto: the spec is fine, and the plan's decision is one trial per process even on a GPU cluster
+    f = _spec(tmp_path, change, "auto")
+    assert _validate(f).returncode == 0
+    from sweep.spec import load_spec
+
+    spec = load_spec(f)
+    assert not trials_pack(spec.resources.model_dump(), spec.job().model_dump(mode="json"), spec.search_params(),
+                           gpus_in_cluster=1)
+
+
+def _decide(packing="auto", gpus_per_trial=1.0, gpus=None, execution="auto", **job) -> bool:
+    return trials_pack({"packing": packing, "gpus_per_trial": gpus_per_trial},
+                       {"training": {"execution": execution}, "data": {"packing": False}, **job}, None, gpus)
+
+
+def test_auto_packs_on_gpus_where_a_trial_fits_one_and_may_run_its_own_way():
+    assert _decide(gpus=8) and _decide(gpus_per_trial=0.5, gpus=1)
+    assert _decide(gpus=None)  # sweep validate: the cluster not known, answered as on GPUs
+    assert not _decide(gpus=0)  # a CPU-only cluster
+    assert not _decide(gpus_per_trial=2, gpus=8)
+    assert not _decide(execution="as_written", gpus=8)
+    assert _decide("on", gpus_per_trial=0, gpus=0) and not _decide("off", gpus=8)
+
+
+def test_on_refuses_every_problem_at_once():
+    with pytest.raises(PackingRefused) as e:
+        _decide("on", gpus_per_trial=2, gpus=8, model={"lora": {"bias": "all"}})
+    assert [p[0] for p in e.value.problems] == ["model.lora.bias", "resources.gpus_per_trial"]
+
+
+def test_the_plan_asks_the_same_decision(monkeypatch):
+    # a search that may give a trial TRL's sequence packing, on a GPU cluster: the plan runs one trial per process
+    ray = pytest.importorskip("ray")
+    from trial_worker.pack.tune import trial_plan
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0, "CPU": 8.0})
+    job = {"training": {"execution": "auto"}, "data": {"packing": False}}
+    resources = {"packing": "auto", "gpus_per_trial": 1, "cpus_per_trial": 1}
+    plan = trial_plan(job, resources=resources, run_dir=None, name="t",
+                      search_params={"packing": {"type": "choice", "values": [False, True]}})
+    assert plan.mode == "solo" and plan.packs == []
+    with pytest.raises(PackingRefused, match="search.params.packing"):
+        trial_plan(job, resources={**resources, "packing": "on"}, run_dir=None, name="t",
+                   search_params={"packing": {"type": "choice", "values": [False, True]}})
