@@ -1,4 +1,4 @@
-"""Private corners of Ray Train and TRL that the worker relies on, each named once here.
+"""Private corners of Ray, TRL, transformers and bitsandbytes that the worker relies on, each named once here.
 
 `trial_worker` never imports `sweep`, so these live apart from `sweep/_compat/`. Covered by
 `tests/compat/test_compat.py` for the versions `pyproject.toml` allows (ray <2.61, trl <1.17).
@@ -28,6 +28,19 @@ def add_logged_tokens(trainer: Any, tokens: int) -> int:
     trainer._total_train_tokens = getattr(trainer, "_total_train_tokens", 0) + int(tokens)
     trainer._metrics["train"]["num_tokens"] = [int(trainer._total_train_tokens)]
     return trainer._total_train_tokens
+
+
+def fused_head_nll(model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
+    """The training loss through TRL's fused LM head (softcap, scale, bias and a trained head handled, no logits
+    materialised): the sum of per-token NLL over `num_items_in_batch` (default: the batch's label tokens), as
+    TRL's own `SFTTrainer.compute_loss` takes it. `trl.trainer.add_fused_lm_head` and its `FusedCausalLMOutput`
+    (`log_probs`, `label_mask`) are exported and documented in their docstrings, but that `SFTTrainer.__init__`
+    puts the head on the model it trains (so `fused_lm_head=True` works on ours) is its own undocumented choice."""
+    import torch
+
+    outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
+    n = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+    return -outputs.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
 
 
 def attn_implementation(config: Any) -> Optional[str]:

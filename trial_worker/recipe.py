@@ -312,10 +312,9 @@ def _lean_trainer_class():
                 if loss is None:
                     loss = token_nll(model, inputs, num_items_in_batch, autocast_dtype=getattr(self, "_sweep_autocast", None))
             else:  # TRL's fused LM head (softcap/scale/bias/trained head handled), eagerly
-                inputs["use_cache"] = False
-                outputs = model(**inputs, fused_lm_head=True)
-                n = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-                loss = -outputs.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
+                from trial_worker._compat import fused_head_nll
+
+                loss = fused_head_nll(model, inputs, num_items_in_batch)
             if real_tokens is not None:
                 tokens = real_tokens
             else:

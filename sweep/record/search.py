@@ -144,7 +144,7 @@ class StudySearch(Searcher):
         self._trials_of: dict[str, optuna.trial.Trial] = {}
         self._told: set[int] = set()
         self._handed_out: set[int] = set()          # storage ids of the trials this process handed to Tune
-        direction = "minimize" if self._mode == "min" else "maximize"
+        direction = "minimize" if self.mode == "min" else "maximize"
         self._study = self.retry("open study", lambda: optuna.create_study(
             study_name=self._study_name, storage=self._storage, sampler=self._sampler, direction=direction,
             load_if_exists=True))

@@ -288,6 +288,28 @@ def test_transformers_and_tune_internals_the_worker_uses(tiny_model):
     assert isinstance(cls, type) and issubclass(cls, Trainable) and callable(getattr(cls, "restore"))
 
 
+def test_trls_fused_head_as_sft_trainer_puts_it_on_the_model(tiny_model):
+    """SFTTrainer puts TRL's fused LM head on the model it trains, and the loss through it is the model's own."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+    from trl.trainer import add_fused_lm_head
+
+    from trial_worker._compat import fused_head_nll
+
+    assert "add_fused_lm_head(" in inspect.getsource(SFTTrainer.__init__)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager").float()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt
+    own = model(input_ids=ids, labels=labels).loss
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer.__init__ does
+    inputs = {"input_ids": ids, "labels": labels}
+    assert torch.allclose(fused_head_nll(model, inputs), own, rtol=1e-4)
+    tokens = int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(fused_head_nll(model, inputs, 2 * tokens), own / 2, rtol=1e-4)
+
+
 @pytest.mark.parametrize("optim_bits", [8, 32])
 def test_bitsandbytes_step_without_sync_is_bitsandbytes_own_step(optim_bits):
     """The worker's bitsandbytes step (no GPU wait per parameter) leaves the same weights and state, bit for bit."""
