@@ -360,7 +360,8 @@ class PackEngine:
         for name, layer in self.layers.items():
             if lora.target_modules != "all-linear" and name.rsplit(".", 1)[-1] not in lora.target_modules:
                 continue
-            adapter = LoRAAdapter(layer.in_features, layer.out_features, lora.r, lora.alpha, lora.dropout, init, self.device)
+            adapter = LoRAAdapter(layer.in_features, layer.out_features, lora.r, lora.alpha, lora.dropout, init,
+                                  self.device, bf16_init=job.model.quantization.load_in_4bit)
             layer.adapters[str(slot)] = adapter
             named[f"{name}.lora_A"], named[f"{name}.lora_B"] = adapter.A, adapter.B
         if not named:

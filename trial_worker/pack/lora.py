@@ -66,17 +66,28 @@ class Routing:
 
 
 class LoRAAdapter(nn.Module):
-    """One trial's A/B pair on one projection (PEFT's init: A Kaiming-uniform, B zero), kept in fp32."""
+    """One trial's A/B pair on one projection (PEFT's init: A Kaiming-uniform, B zero), kept in fp32.
+
+    Drawn as the solo worker's adapter is, number for number: `generator` is seeded with the trial's seed, as
+    the solo worker seeds the global RNG before PEFT builds its adapters (`recipe.QLoRATrial._setup_process`),
+    and the adapters of the trial's layers are made in the model's module order, as PEFT makes them. PEFT's
+    `nn.Linear` lora_A [r, in] and lora_B [out, r] first draw their default init (Kaiming-uniform, a=sqrt(5):
+    bound 1/sqrt(fan in)), then lora_A is drawn again and lora_B zeroed; then TRL's SFTTrainer casts the adapters
+    of a quantized (`bf16_init`) model to bf16, and the recipe back to fp32: A keeps bf16's rounding.
+    """
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
-                 generator: torch.Generator, device):
+                 generator: torch.Generator, device, *, bf16_init: bool):
         super().__init__()
         self.A = nn.Parameter(torch.empty(r, in_features, dtype=torch.float32, device="cpu"))
         self.B = nn.Parameter(torch.zeros(out_features, r, dtype=torch.float32, device="cpu"))
-        # nn.init.kaiming_uniform_(a=sqrt(5)) as PEFT does, drawn from the trial's own generator on the CPU
         bound = 1.0 / math.sqrt(in_features)
         with torch.no_grad():
-            self.A.uniform_(-bound, bound, generator=generator)
+            self.A.uniform_(-bound, bound, generator=generator)  # lora_A's nn.Linear default init (redrawn below)
+            torch.empty(out_features, r).uniform_(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r), generator=generator)
+            self.A.uniform_(-bound, bound, generator=generator)  # PEFT's kaiming_uniform_(a=sqrt(5))
+            if bf16_init:
+                self.A.copy_(self.A.to(torch.bfloat16))
         self.to(device)
         self.r = r
         self.scaling = alpha / r
