@@ -223,7 +223,10 @@ def run_mode(work: Path, spec: Path, name: str, max_s: float | None = None) -> d
     unfinished sweep: `cut_at_s` says so, and its makespan is a lower bound)."""
     import optuna
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    marks_file = work / f"{name}.marks.jsonl"  # the moments the controller, packs and trials mark (trial_worker.marks)
+    marks_file.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               SWEEP_TIMELINE=str(marks_file))
     sampler = Sampler()
     sampler.start()
     t0 = time.time()
@@ -279,6 +282,7 @@ def run_mode(work: Path, spec: Path, name: str, max_s: float | None = None) -> d
         "trials_phase_s": round(t1 - start, 1),
         "before_first_trial_s": round(start - t0, 1),
         "timeline": timeline,
+        "marks": _marks(marks_file, t0),
         "time_to_first_training_step_s": round(first_step - t0, 1) if first_step else None,
         "training_tokens": round(tokens),
         "training_tokens_per_s_over_makespan": round(tokens / makespan),
@@ -302,6 +306,23 @@ def run_mode(work: Path, spec: Path, name: str, max_s: float | None = None) -> d
         "rungs_reached": [[s for s, _ in _rungs(t)] for t in trials],
         **({"cut_at_s": max_s, "finished": False} if was_cut else {"finished": True}),
     }
+
+
+def _marks(path: Path, t0: float) -> list:
+    """[(s after the start, process, moment)]: the first 60 moments marked (the start-up), process ids as c/p/t
+    + a number (controller, pack, trial) in order of first appearance."""
+    try:
+        from trial_worker.marks import read
+    except ImportError:  # an older tree (a same-call baseline) marks nothing
+        return []
+    names: dict[int, str] = {}
+    out = []
+    for s, pid, event in read(str(path), t0)[:60]:
+        if pid not in names:
+            kind = event.split(":")[0][:1]
+            names[pid] = f"{kind}{sum(n.startswith(kind) for n in names.values())}"
+        out.append([s, names[pid], event])
+    return out
 
 
 def compare(result: dict) -> None:

@@ -53,7 +53,9 @@ def run_sweep(
     import optuna
 
     from sweep.record import ControllerLease, open_storage
+    from trial_worker.entry import mark
 
+    mark("controller: run_sweep")
     console = console or terminal_console()
     spec_path = Path(spec_path)
     study_name = study_name or spec.name
@@ -137,14 +139,19 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
     record_controller(study, again)
 
     from trial_worker.entry import prepare_assets
+    from trial_worker.entry import mark
 
+    mark("controller: study recorded")
     prepare_assets(job)
+    mark("controller: assets ready")
     ray = _start_ray(address, run_dir, console)
+    mark("controller: ray up")
     stops.install()  # again: `ray.init` set a SIGTERM handler of its own
     try:
         # Packed trials or one per process (`trial_worker.pack.tune.trial_plan`), chosen once: the plan holds the
         # pack servers' handles (Ray ends an actor whose owner holds none) for the whole fit.
         plan = _trial_plan(spec, job, run_dir)
+        mark(f"controller: plan {plan.mode}")
         searcher = _searcher(spec, study_name, rstorage, resumed=resume)
         base = _evaluate_base_once(study, rstorage, job, plan, console, stops, on_gpu=_on_gpu(ray, spec),
                                    retry=searcher.retry)
@@ -168,6 +175,7 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
                       f"{res.cpus_per_trial:g} CPU / {res.gpus_per_trial:g} GPU per trial")
 
         state["fit"] = True
+        mark("controller: fit")
         with _trials_start_together(plan.mode, res.max_concurrent_trials, n_trials):
             results = _fit(ray, tuner, progress, run_dir=run_dir, again=again, stops=stops)
         if base is not None:

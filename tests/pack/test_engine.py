@@ -193,6 +193,27 @@ def test_the_pack_scores_validation_as_the_solo_worker_does(engine, jobs):
     assert math.isclose(packed["val_loss"], alone["val_loss"], rel_tol=1e-5)
 
 
+def test_the_base_evaluation_runs_beside_the_first_trials_steps(engine, jobs, solo):
+    # queued before the first trial joins (as the controller asks it), it takes a validation group per pack step:
+    # the trial trains from the first step on, with its own numbers, and the base's score is the whole-split one
+    from trial_worker.pack.batch import pack_rows
+
+    whole = engine.evaluate(None)
+    groups, engine.val_groups = engine.val_groups, pack_rows(engine.val_seqs, 96)  # several evaluation forwards
+    seen: dict = {}
+    try:
+        assert len(engine.val_groups) >= 3
+        engine.queue_evaluation(None, lambda metrics, error: seen.update(
+            metrics=metrics, error=error, trial_steps=engine.trials["a"].step, pack_steps=engine.steps))
+        out = drive(engine, jobs, ids=["a"])
+    finally:
+        engine.val_groups = groups
+    assert seen["error"] is None and seen["metrics"]["tokens"] == whole["tokens"]
+    assert math.isclose(seen["metrics"]["val_loss"], whole["val_loss"], rel_tol=1e-5)
+    assert seen["pack_steps"] >= 3 and seen["trial_steps"] >= 2  # it trained while the base was scored
+    assert close(out["a"]["loss"], solo["a"]["loss"]) and close(out["a"]["val"], solo["a"]["val"])
+
+
 def test_reports_count_a_trials_set_up_from_its_start_to_its_first_pack_step(engine, jobs):
     import time
 

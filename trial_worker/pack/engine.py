@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional
 from trial_worker.checkpoint import write_manifest
 from trial_worker.config import JobConfig
 from trial_worker.lifecycle import check_finite, checkpoint_dir, counters, read_state, rung_report, write_state
+from trial_worker.marks import mark
 from trial_worker.pack.batch import Seq, build, pack_rows, tokenize
 
 Report = Callable[[dict, str], None]
@@ -224,6 +225,18 @@ class PackedTrial:
         return torch.randperm(len(self.engine.train_seqs), generator=g).tolist()
 
 
+class Evaluation:
+    """An evaluation that is not a trial's rung: the untrained base's (slot None) for the controller, or a slot's
+    on request. It runs as the rung evaluations do, a validation group per pack step batched with theirs, so
+    the trials train while it runs; `done(metrics, error)` is called once at its end."""
+
+    def __init__(self, slot: Optional[int], done: Callable[[Optional[dict], Optional[BaseException]], None]):
+        self.slot, self.done = slot, done
+        self.eval_pos = 0
+        self.eval_total: Any = None
+        self.eval_n = 0
+
+
 class PackEngine:
     """The base model of a pack and the trials training on it (`add`, `remove`, `step`, `evaluate`)."""
 
@@ -231,12 +244,12 @@ class PackEngine:
                  max_trials: Optional[int] = None, gradient_checkpointing: Optional[bool] = None):
         import torch
 
-        from trial_worker.data import load_splits
         from trial_worker.model import freeze_base, load_base, load_tokenizer, use_cpu
         from trial_worker.pack.lora import Routing, install
         from trial_worker.recipe import quiet_libraries
 
         quiet_libraries()
+        mark("engine: imports")
         self.key = pack_key(job)
         self.job = job
         self.cpu = use_cpu(job.training)
@@ -244,8 +257,15 @@ class PackEngine:
             torch.set_num_threads(job.training.torch_threads)
         self.device = torch.device("cpu") if self.cpu else torch.device("cuda", torch.cuda.current_device())
         self.tokenizer = load_tokenizer(job.model)
-        self.model = load_base(job.model, cpu=self.cpu)
-        freeze_base(self.model)
+        mark("engine: tokenizer")
+        # The data is read and tokenized in a thread while the base loads and quantizes (they share nothing;
+        # the tokenizer works outside the GIL): the pack's first step comes that much sooner.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-data") as pool:
+            data = pool.submit(self._tokenized, job)
+            self.model = load_base(job.model, cpu=self.cpu)
+            freeze_base(self.model)
+            mark("engine: base model loaded")
+            self.train_seqs, self.val_seqs = data.result()
         from trial_worker.graphs import lm_head_not_plain
 
         why = lm_head_not_plain(self.model)
@@ -260,13 +280,6 @@ class PackEngine:
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
-        train_rows, val_rows = load_splits(job.data, tokenizer=self.tokenizer)
-        L = job.data.max_seq_length
-        self.train_seqs, self.val_seqs = tokenize(train_rows, self.tokenizer, L), tokenize(val_rows, self.tokenizer, L)
-        for name, before, seqs in (("train", len(train_rows), self.train_seqs), ("validation", len(val_rows), self.val_seqs)):
-            if not seqs:
-                raise ValueError(f"none of the {before} {name} rows has a response token within max_seq_length={L}; "
-                                 "raise data.max_seq_length")
         self.val_groups = pack_rows(self.val_seqs, EVAL_TOKENS)  # validation sequences, a forward's worth each
         from trial_worker.graphs import runs_varlen
 
@@ -283,10 +296,25 @@ class PackEngine:
         # GPU: the step's token budget and the measured activation bytes per token it comes from
         self.step_tokens: Optional[int] = None if self.cpu else FIRST_STEP_TOKENS
         self.token_bytes: Optional[float] = None
-        self.evaluating: list[PackedTrial] = []  # trials in a rung evaluation, in the order they reached it
+        # trials in a rung evaluation (and other evaluations), in the order they reached it
+        self.evaluating: list[PackedTrial | Evaluation] = []
         self.eval_groups = EVAL_GROUPS
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-checkpoints")
         self.saves: list[tuple[PackedTrial, Future, dict, Path]] = []  # checkpoint writes in flight
+
+    def _tokenized(self, job: JobConfig) -> tuple[list[Seq], list[Seq]]:
+        """(train, validation) sequences of the job's data, each keeping a response token within max_seq_length."""
+        from trial_worker.data import load_splits
+
+        train_rows, val_rows = load_splits(job.data, tokenizer=self.tokenizer)
+        L = job.data.max_seq_length
+        train, val = tokenize(train_rows, self.tokenizer, L), tokenize(val_rows, self.tokenizer, L)
+        for name, before, seqs in (("train", len(train_rows), train), ("validation", len(val_rows), val)):
+            if not seqs:
+                raise ValueError(f"none of the {before} {name} rows has a response token within max_seq_length={L}; "
+                                 "raise data.max_seq_length")
+        mark(f"engine: data tokenized ({len(train)} train, {len(val)} validation rows)")
+        return train, val
 
     # --------------------------------------------------------------- membership
     def running(self) -> list[PackedTrial]:
@@ -506,6 +534,8 @@ class PackEngine:
             self._budget()
         dt = time.perf_counter() - t0
         self.steps += 1
+        if self.steps <= 3:
+            mark(f"engine: training step {self.steps} done ({len(trials)} trials, {sum(tokens.values())} tokens)")
         for i, (t, c) in enumerate(zip(trials, chunks)):
             t.loss_acc += values[i]
             t.cursor += len(c)
@@ -559,7 +589,7 @@ class PackEngine:
             self.max_trials = len(trials) - 1  # what fits, learnt the hard way
             newest.state = "waiting"
 
-    def remove_evaluation(self, trial: PackedTrial) -> None:
+    def remove_evaluation(self, trial: "PackedTrial | Evaluation") -> None:
         self.evaluating = [t for t in self.evaluating if t is not trial]
 
     # --------------------------------------------------------------- rungs: evaluation, checkpoint, report
@@ -583,9 +613,13 @@ class PackEngine:
             else:
                 from trial_worker.recipe import TrialOOM
 
-                self.remove_evaluation(now[0])
-                self._fail(now[0], functools.partial(_raise, TrialOOM(f"oom: out of memory in its rung evaluation "
-                                                                      f"alone ({EVAL_TOKENS} tokens): {e}")))
+                alone = now[0]
+                self.remove_evaluation(alone)
+                oom = TrialOOM(f"oom: out of memory in its evaluation alone ({EVAL_TOKENS} tokens): {e}")
+                if isinstance(alone, Evaluation):
+                    alone.done(None, oom)
+                else:
+                    self._fail(alone, functools.partial(_raise, oom))
             return
         finally:
             self.routing.set([], None)
@@ -598,8 +632,11 @@ class PackEngine:
                 self.remove_evaluation(t)
                 total = float(t.eval_total)  # one sync per trial's evaluation
                 val = total / t.eval_n
-                self._fail(t, functools.partial(self._rung, t, {"val_loss": val, "ppl": math.exp(min(val, 700.0)),
-                                                                "tokens": t.eval_n}))
+                metrics = {"val_loss": val, "ppl": math.exp(min(val, 700.0)), "tokens": t.eval_n}
+                if isinstance(t, Evaluation):
+                    t.done(metrics, None)
+                else:
+                    self._fail(t, functools.partial(self._rung, t, metrics))
 
     def _rung(self, t: PackedTrial, val: dict) -> None:
         """The rung's report; its checkpoint goes to the writer thread, and the report out once it is written."""
@@ -635,21 +672,22 @@ class PackEngine:
             self._fail(t, report)
 
     # --------------------------------------------------------------- evaluation
+    def queue_evaluation(self, slot: Optional[int], done: Callable[[Optional[dict], Optional[BaseException]], None]) -> None:
+        """Evaluate `slot`'s adapter (None: the base) on the validation split beside the pack's training
+        (`Evaluation`); `done({"val_loss", "ppl", "tokens"}, None)` or `done(None, error)` at its end."""
+        mark(f"engine: evaluation of {'the base' if slot is None else f'slot {slot}'} queued")
+        self.evaluating.append(Evaluation(slot, done))
+
     def evaluate(self, slot: Optional[int]) -> dict[str, float]:
         """{"val_loss", "ppl", "tokens"}: token-mean loss over the validation split with `slot`'s adapter (None:
-        the base), all at once."""
-        import torch
-
-        total, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        with torch.no_grad():
-            for seqs in self.val_groups:
-                sums, _ = self._losses([(slot, seqs)])
-                total += sums.double().sum()
-                n += sum(s.n_targets for s in seqs)
-        total = float(total)  # one sync for the whole split
-        self.routing.set([], None)
-        val = total / n
-        return {"val_loss": val, "ppl": math.exp(min(val, 700.0)), "tokens": n}
+        the base), now, on the caller's thread (with the pack idle: tests, benchmarks)."""
+        box: dict = {}
+        self.queue_evaluation(slot, lambda metrics, error: box.update(metrics=metrics, error=error))
+        while not box:
+            self._evaluate_some()
+        if box["error"] is not None:
+            raise box["error"]
+        return box["metrics"]
 
 
 def _raise(error: BaseException) -> None:

@@ -21,6 +21,8 @@ import traceback
 from collections import deque
 from typing import Any, Optional
 
+from trial_worker.marks import mark
+
 STALE_S = 900.0  # a trial that has not polled for this long lost its Tune actor: it is dropped from the pack
 
 
@@ -28,6 +30,8 @@ class PackServer:
     """The pack of one GPU (or of the CPU): admission, the training loop thread, and each trial's event queue."""
 
     def __init__(self, name: str, max_trials: Optional[int] = None):
+        mark("pack: process started", _process_start())
+        mark("pack: actor init")
         self.name = name
         self.max_trials = max_trials
         # A pack's steps change size as trials come and go: expandable segments keep the allocator from
@@ -61,6 +65,7 @@ class PackServer:
         `job`: the trial's `JobConfig` as the trial validated it (or its data, validated here once);
         `started_at` (`time.time()`): when Tune started the trial, for its reports' `setup_s`."""
         job = _job(job)
+        mark(f"pack: join {trial_id}")
         with self.lock:
             self.events[trial_id] = []
             self.seen[trial_id] = time.monotonic()
@@ -90,7 +95,9 @@ class PackServer:
         done = threading.Event()
         box: dict = {}
         self._command("evaluate_base", (_job(job), box, done))
-        done.wait()
+        while not done.wait(1.0):
+            if self.error:  # the loop thread broke: the evaluation went with it
+                raise RuntimeError(f"the pack failed during the base evaluation: {self.error}")
         if "error" in box:
             raise RuntimeError(box["error"])
         return box["result"]
@@ -111,11 +118,13 @@ class PackServer:
         """The engine for `job`'s base/data: the warm one, or a new one when the pack is empty and they differ."""
         from trial_worker.pack.engine import PackEngine, pack_key
 
-        if self.engine is None or (pack_key(job) != self.engine.key and not self.engine.trials):
+        if self.engine is None or (pack_key(job) != self.engine.key and not self.engine.trials
+                                   and not self.engine.evaluating):
             self.engine = None
             import gc
 
             gc.collect()
+            mark("pack: engine build")
             self.engine = PackEngine(job, output_dir=self.output_dir, max_trials=self.max_trials)
         return self.engine
 
@@ -136,32 +145,50 @@ class PackServer:
                 self.lock.notify_all()
 
     def _apply_commands(self) -> None:
-        with self.lock:
-            commands, self.commands = list(self.commands), deque()
-        for op, args in commands:
-            if op == "join":
-                trial_id = args[0]
-                self.queue = [q for q in self.queue if q[0] != trial_id] + [args]
-                if self.engine is not None:
-                    self.engine.remove(trial_id)  # a retry of a trial the pack still held
-            elif op == "leave":
-                self._apply_leave(args)
-            elif op == "proceed":
-                t = self.engine.trials.get(args) if self.engine else None
-                if t is not None and t.state == "parked":
-                    t.state = "running"
-            elif op == "evaluate_base":
-                job, box, done = args
-                try:
-                    box["result"] = self._engine_for(job).evaluate(None)
-                except Exception as e:  # noqa: BLE001 - handed back to the caller
-                    box["error"] = f"{type(e).__name__}: {e}"
-                done.set()
+        """Every command sent so far, those that came while one ran too (the first builds the engine, for
+        seconds: the trials that joined meanwhile are admitted before the next step, not one step later)."""
+        while True:
+            with self.lock:
+                commands, self.commands = list(self.commands), deque()
+            if not commands:
+                break
+            for op, args in commands:
+                self._apply(op, args)
         now = time.monotonic()
         with self.lock:
             stale = [tid for tid, t in self.seen.items() if now - t > STALE_S]
         for tid in stale:
             self._apply_leave(tid)
+
+    def _apply(self, op: str, args) -> None:
+        """One command from `join`, `leave`, `proceed` or `evaluate_base`, on the loop thread."""
+        if op == "join":
+            trial_id = args[0]
+            self.queue = [q for q in self.queue if q[0] != trial_id] + [args]
+            if self.engine is not None:
+                self.engine.remove(trial_id)  # a retry of a trial the pack still held
+        elif op == "leave":
+            self._apply_leave(args)
+        elif op == "proceed":
+            t = self.engine.trials.get(args) if self.engine else None
+            if t is not None and t.state == "parked":
+                t.state = "running"
+        elif op == "evaluate_base":
+            # Queued beside the trials' rung evaluations: the trials admitted next train while it runs.
+            job, box, done = args
+
+            def finished(metrics, error, box=box, done=done) -> None:
+                mark("pack: base evaluation done")
+                if error is None:
+                    box["result"] = metrics
+                else:
+                    box["error"] = f"{type(error).__name__}: {error}"
+                done.set()
+
+            try:
+                self._engine_for(job).queue_evaluation(None, finished)
+            except Exception as e:  # noqa: BLE001 - handed back to the caller
+                finished(None, e)
 
     def _apply_leave(self, trial_id: str) -> None:
         self.queue = [q for q in self.queue if q[0] != trial_id]
@@ -183,6 +210,7 @@ class PackServer:
                 if pack_key(job) != e.key or not e.fits(job):
                     return
                 self.queue.pop(0)
+                mark(f"pack: admit {trial_id}")
                 e.add(trial_id, job, lambda m, d, tid=trial_id: self._emit(tid, {"kind": "report", "metrics": m,
                                                                                "checkpoint": d, "pack": self.name}),
                       resume_from=resume_from, started_at=started_at)
@@ -204,6 +232,15 @@ class PackServer:
         for t in [t for t in e.trials.values() if t.state == "done"]:
             e.remove(t.id)
             self._emit(t.id, {"kind": "done"})
+
+
+def _process_start() -> Optional[float]:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a mark without its start time
+        return None
 
 
 def _error_event(error: BaseException) -> dict:

@@ -96,6 +96,9 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
     import trial_worker.entry as entry
 
     started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
+    from trial_worker.marks import mark
+
+    mark("trial: started")
     entry.remove_temp_folders()  # what killed workers and packs on this node left behind
     trial = entry.trial_job(config, job, cpus=pack_cpus)
     trial_id = tune.get_context().get_trial_id()
