@@ -76,7 +76,9 @@ def build_workspace(study, *, entity: str, project: str, params: Optional[Sequen
 
 def workspace_json(workspace) -> str:
     """The workspace as the JSON W&B stores (no network)."""
-    return json.dumps(workspace._to_model().model_dump(by_alias=True, exclude_none=True), indent=2)
+    from dashboards._compat import workspace_model
+
+    return json.dumps(workspace_model(workspace).model_dump(by_alias=True, exclude_none=True), indent=2)
 
 
 def publish(workspace) -> str:

@@ -1,4 +1,4 @@
-"""Private corners of Ray, TRL, transformers and bitsandbytes that the worker relies on, each named once here.
+"""Private corners of Ray, TRL, transformers, bitsandbytes and torch that the worker relies on, each named once here.
 
 `trial_worker` never imports `sweep`, so these live apart from `sweep/_compat/`. Covered by
 `tests/compat/test_compat.py` for the versions `pyproject.toml` allows (ray <2.61, trl <1.17).
@@ -101,3 +101,36 @@ def _bnb_step_without_sync(self, closure=None):
                     self.init_state(group, p, gindex, pindex)
                 self.update_step(group, p, gindex, pindex)
     return loss
+
+
+# ---------------------------------------------------------------- torch's private multi-tensor and grouped ops
+
+
+def foreach_norm(tensors: Any) -> Any:
+    """The 2-norm of each tensor, in one launch per dtype/device group (`torch._foreach_norm`, what
+    `clip_grad_norm_` uses): the pack's finite-adapter check after every optimizer step without a loop."""
+    import torch
+
+    return torch._foreach_norm(tensors)
+
+
+def foreach_mul(tensors: Any, scalar: Any) -> Any:
+    """Each tensor times `scalar` (a number or a 0-d tensor), in one launch (`torch._foreach_mul`)."""
+    import torch
+
+    return torch._foreach_mul(tensors, scalar)
+
+
+def has_grouped_mm() -> bool:
+    """Whether this torch has `torch._grouped_mm` (2.8+)."""
+    import torch
+
+    return hasattr(torch, "_grouped_mm")
+
+
+def grouped_mm(x: Any, w: Any, offsets: Any) -> Any:
+    """Row group g of `x` [tokens, k] (rows offsets[g-1]:offsets[g], int32 ends) times `w[g]` [k, n]
+    (`torch._grouped_mm`, the kernel MoE layers use; torch 2.13 also names it `nn.functional.grouped_mm`)."""
+    import torch
+
+    return torch._grouped_mm(x, w, offsets)

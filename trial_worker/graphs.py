@@ -186,6 +186,8 @@ def varlen_inputs(batch: dict, model) -> dict:
 def _graph_grads():
     import torch
 
+    from trial_worker._compat import foreach_mul
+
     class GraphGrads(torch.autograd.Function):
         """The replayed loss, whose backward hands the graph's parameter gradients to autograd.
 
@@ -201,7 +203,7 @@ def _graph_grads():
 
         @staticmethod
         def backward(ctx, g):
-            return (None, None, *torch._foreach_mul(ctx.grads, g))
+            return (None, None, *foreach_mul(ctx.grads, g))
 
     return GraphGrads
 

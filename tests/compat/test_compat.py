@@ -344,3 +344,33 @@ def test_bitsandbytes_step_without_sync_is_bitsandbytes_own_step(optim_bits):
                 assert repr(value) == repr(other), name
     paged = bnb.optim.PagedAdamW([torch.nn.Parameter(torch.zeros(8))], lr=1e-3)
     assert type(lean_bnb_step(paged)) is bnb.optim.PagedAdamW  # paged state needs bitsandbytes' syncs
+
+
+def test_torchs_multi_tensor_and_grouped_ops_the_pack_uses():
+    """torch's private `_foreach_norm`, `_foreach_mul` and `_grouped_mm` compute what their names say."""
+    import torch
+
+    from trial_worker._compat import foreach_mul, foreach_norm, grouped_mm, has_grouped_mm
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(s, generator=g) for s in ((3, 5), (7,), (2, 2, 2))]
+    assert all(torch.allclose(n, t.norm()) for n, t in zip(foreach_norm(ts), ts))
+    assert all(torch.equal(m, t * 2.5) for m, t in zip(foreach_mul(ts, torch.tensor(2.5)), ts))
+    assert has_grouped_mm()
+    x, w = torch.randn(10, 16, generator=g).bfloat16(), torch.randn(3, 16, 8, generator=g).bfloat16()
+    ends = [4, 4, 10]  # an empty group too (a trial with no rows in a step)
+    out = grouped_mm(x, w, torch.tensor(ends, dtype=torch.int32))
+    for i, (a, b) in enumerate(zip([0, *ends[:-1]], ends)):
+        assert torch.allclose(out[a:b].float(), (x[a:b] @ w[i]).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_wandb_workspaces_model_is_what_the_dashboard_json_writes():
+    """wandb-workspaces' private `_to_model` gives the pydantic model its `save` sends, with the study's group."""
+    pytest.importorskip("wandb_workspaces")
+    from dashboards._compat import workspace_model
+    from dashboards.wandb_workspace import build_workspace
+
+    study = optuna.create_study(study_name="study-x")
+    w = build_workspace(study, entity="e", project="p", params=["learning_rate"])
+    model = workspace_model(w)
+    assert hasattr(model, "model_dump") and "study-x" in str(model.model_dump(by_alias=True, exclude_none=True))

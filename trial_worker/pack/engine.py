@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from trial_worker._compat import foreach_norm
 from trial_worker.checkpoint import write_manifest
 from trial_worker.config import JobConfig
 from trial_worker.lifecycle import check_finite, checkpoint_dir, counters, read_state, rung_report, write_state
@@ -175,7 +176,7 @@ class PackedTrial:
         self.optimizer.zero_grad(set_to_none=True)
         # Checked with the next step's losses (no sync of its own): an adapter gone non-finite fails its trial
         # before its rows are mixed with anyone's.
-        self.params_ok = torch.stack(torch._foreach_norm(self.params)).sum().isfinite()
+        self.params_ok = torch.stack(foreach_norm(self.params)).sum().isfinite()
         self.step += 1
         self.history.append((self.step, self.loss_acc))
         self.since_rung.append(self.loss_acc)

@@ -31,6 +31,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from trial_worker._compat import grouped_mm, has_grouped_mm
+
 # "auto": grouped where `grouped_ok`, else segments; "segments" / "grouped" force one (tests, benchmarks).
 MODE = "auto"
 
@@ -98,7 +100,7 @@ def grouped_ok(x: torch.Tensor, in_features: int, out_features: int, ranks) -> b
     """Whether `torch._grouped_mm` runs this layer: CUDA, a 16-bit dtype, 16-byte aligned widths (8 elements)."""
     if MODE != "auto":
         return MODE == "grouped"
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm")
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and has_grouped_mm()
             and in_features % 8 == 0 and out_features % 8 == 0 and all(r % 8 == 0 for r in ranks))
 
 
@@ -167,8 +169,8 @@ class MultiLoRALinear(nn.Module):
                 Bs.append(a.B * a.scaling if a.scaling != 1.0 else a.B)
         A = torch.stack(As).to(dtype)  # [groups, r, in]
         B = torch.stack(Bs).to(dtype)  # [groups, out, r]
-        h = torch._grouped_mm(x2.contiguous(), A.transpose(1, 2), offsets)
-        return torch._grouped_mm(h, B.transpose(1, 2), offsets)
+        h = grouped_mm(x2.contiguous(), A.transpose(1, 2), offsets)
+        return grouped_mm(h, B.transpose(1, 2), offsets)
 
     def _zero(self, rows: int, cols: int, device) -> torch.Tensor:
         key = (rows, cols, str(device))
