@@ -6,7 +6,7 @@
 What runs is `sweep.controller.run_sweep` itself (the spec, the PostgreSQL study, StudySearch with the spec's TPE
 sampler, ASHA (`sweep.schedule.StudyASHA`) on the budget ladder, Tune with `max_concurrent_trials`, reuse of actors, rung checkpoints,
 the progress callback), on the reference search space (search_spaces/llama32_1b.yaml: its params, sampler and
-budget ladder 30 -> 60 -> 120 steps). Only the trial is simulated: `trial_worker.entry.trainable` and
+budget ladder 30 -> 60 -> 120 steps). Only the trial is simulated: `trial_worker.attempt.trainable` and
 `evaluate_base` (what the controller's one-trial-per-process plan runs) are replaced, for this process, by a function that sleeps `--step-s` per optimizer step and reports a
 synthetic learning curve with a small checkpoint at each rung, as the real worker does. No model is loaded.
 
@@ -50,7 +50,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "controller_scale.json"
 
 # ----------------------------------------------------------------------------------------------- the simulated trial
 def simulated_trainable(step_s: float, rungs: list[int]):
-    """A stand-in for `trial_worker.entry.trainable(job, run_dir)`: the Tune function trainable of a
+    """A stand-in for `trial_worker.attempt.trainable(job, run_dir)`: the Tune function trainable of a
     simulated trial."""
 
     def trainable(job: dict, run_dir: str | None = None, function=None):
@@ -196,7 +196,7 @@ def run_point(n_trials: int, gpus: int, step_s: float, pg, work: Path, max_wall_
     import yaml
     from rich.console import Console
 
-    import trial_worker.entry as entry
+    import trial_worker.attempt as attempt
     from sweep.controller import run_sweep
     from sweep.spec import load_spec
 
@@ -212,9 +212,10 @@ def run_point(n_trials: int, gpus: int, step_s: float, pg, work: Path, max_wall_
     spec = load_spec(spec_path)
     url = pg.create_database(name)
 
-    # The controller's trial plan (one trial per process) takes both from the entry point when it is made.
-    entry.trainable = simulated_trainable(step_s, rungs)
-    entry.evaluate_base = simulated_base
+    # The controller's trial plan (one trial per process, trial_worker.pack.tune) takes both from
+    # trial_worker.attempt when it is made.
+    attempt.trainable = simulated_trainable(step_s, rungs)
+    attempt.evaluate_base = simulated_base
     global TIMINGS
     TIMINGS = timings = Timings()
 

@@ -448,7 +448,7 @@ def _trial_plan(spec: SweepSpec, job, run_dir: RunDir):
     from trial_worker.entry import trial_plan
 
     # The worker keeps a trial's deterministic failure in the run folder as a local path; on a URI run folder it
-    # keeps it in the trial's own folder instead (run_dir None: `trial_worker.entry.fatal_path`).
+    # keeps it in the trial's own folder instead (run_dir None: `trial_worker.attempt.fatal_path`).
     if isinstance(run_dir, Path):
         folder, name = str(run_dir), run_dir.name
     else:

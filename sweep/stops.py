@@ -13,7 +13,7 @@ from typing import Optional
 
 from sweep.spec import SweepSpec
 
-DISK_FULL_MARK = "disk full: "  # how `trial_worker.entry.DiskFull` starts its reason
+DISK_FULL_MARK = "disk full: "  # how `trial_worker.attempt.DiskFull` starts its reason
 
 
 class DiskFullStop(RuntimeError):

@@ -28,7 +28,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from trial_worker.entry import TEMP_KINDS
+from trial_worker.attempt import TEMP_KINDS
 
 from sweep_helpers import kill_processes_with_env, small_spec, sweep_cli, sweep_env
 

@@ -37,7 +37,7 @@ class PackServer:
         # A pack's steps change size as trials come and go: expandable segments keep the allocator from
         # fragmenting the card (set before this process's first CUDA allocation).
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        from trial_worker.entry import temp_folder
+        from trial_worker.attempt import temp_folder
 
         self.output_dir = temp_folder(f"sweep-{name}")  # named for this process: removed by any sweep once it is gone
         self.engine: Optional[Any] = None  # the PackEngine, built by the first trial (or base evaluation)

@@ -36,7 +36,7 @@ def trial_plan(job: dict, *, resources: dict, run_dir: Optional[str], name: str,
     import ray
     from ray import tune
 
-    from trial_worker.entry import evaluate_base, trainable
+    from trial_worker.attempt import evaluate_base, trainable
     from trial_worker.pack import trials_pack
 
     cpus, gpus = resources["cpus_per_trial"], resources["gpus_per_trial"]
@@ -88,23 +88,22 @@ def _choose_pack(names: list[str]):
 def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] = None,
                      packs: tuple = (), pack_cpus: float = 1.0) -> None:
     """Tune function trainable of a packed trial: the same reports, checkpoints, retries and fatal-failure rule
-    as `entry.run_trial`, with the training done by a pack server."""
+    as `attempt.run_trial`, with the training done by a pack server."""
     import time
 
     from ray import tune
 
-    import trial_worker.entry as entry
-
-    started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
+    from trial_worker.attempt import attempt, remove_temp_folders, trial_job
     from trial_worker.marks import mark
 
+    started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
     mark("trial: started")
-    entry.remove_temp_folders()  # what killed workers and packs on this node left behind
-    trial = entry.trial_job(config, job, cpus=pack_cpus)
+    remove_temp_folders()  # what killed workers and packs on this node left behind
+    trial = trial_job(config, job, cpus=pack_cpus)
     trial_id = tune.get_context().get_trial_id()
     pack, info = _choose_pack(list(packs))
     # A full disk, in the pack's checkpoint save or in Tune's copy, stops the sweep as in a solo trial.
-    with entry.attempt(run_dir, os.path.join(info["output_dir"], trial_id)) as a:
+    with attempt(run_dir, os.path.join(info["output_dir"], trial_id)) as a:
         _relay(pack, info["name"], trial_id, trial, a, started_at)
 
 
