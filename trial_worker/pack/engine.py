@@ -245,7 +245,7 @@ class PackEngine:
                  max_trials: Optional[int] = None, gradient_checkpointing: Optional[bool] = None):
         import torch
 
-        from trial_worker.model import freeze_base, load_base, load_tokenizer, use_cpu
+        from trial_worker.model import freeze_base, load_base, use_cpu
         from trial_worker.pack.lora import Routing, install
         from trial_worker.recipe import quiet_libraries
 
@@ -256,17 +256,17 @@ class PackEngine:
         self.cpu = use_cpu(job.training)
         if job.training.torch_threads:
             torch.set_num_threads(job.training.torch_threads)
-        self.device = torch.device("cpu") if self.cpu else torch.device("cuda", torch.cuda.current_device())
-        self.tokenizer = load_tokenizer(job.model)
-        mark("engine: tokenizer")
-        # The data is read and tokenized in a thread while the base loads and quantizes (they share nothing;
-        # the tokenizer works outside the GIL): the pack's first step comes that much sooner.
+        # The tokenizer and the data (read, chat template, tokens) in a thread while CUDA starts and the base
+        # loads and quantizes: they share nothing, and the tokenizer works outside the GIL. H100, 2026-12-06
+        # (benchmarks/results/sweep_first_step.json): CUDA + tokenizer 4.7 s, the base 4.5 s, the data 7 s.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-data") as pool:
             data = pool.submit(self._tokenized, job)
+            self.device = torch.device("cpu") if self.cpu else torch.device("cuda", torch.cuda.current_device())
+            mark("engine: device ready")
             self.model = load_base(job.model, cpu=self.cpu)
             freeze_base(self.model)
             mark("engine: base model loaded")
-            self.train_seqs, self.val_seqs = data.result()
+            self.tokenizer, self.train_seqs, self.val_seqs = data.result()
         from trial_worker.graphs import lm_head_not_plain
 
         why = lm_head_not_plain(self.model)
@@ -303,19 +303,24 @@ class PackEngine:
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-checkpoints")
         self.saves: list[tuple[PackedTrial, Future, dict, Path]] = []  # checkpoint writes in flight
 
-    def _tokenized(self, job: JobConfig) -> tuple[list[Seq], list[Seq]]:
-        """(train, validation) sequences of the job's data, each keeping a response token within max_seq_length."""
+    @staticmethod
+    def _tokenized(job: JobConfig) -> tuple[Any, list[Seq], list[Seq]]:
+        """(the job's tokenizer, train and validation sequences of its data, each keeping a response token within
+        max_seq_length)."""
         from trial_worker.data import load_splits
+        from trial_worker.model import load_tokenizer
 
-        train_rows, val_rows = load_splits(job.data, tokenizer=self.tokenizer)
+        tokenizer = load_tokenizer(job.model)
+        mark("engine: tokenizer")
+        train_rows, val_rows = load_splits(job.data, tokenizer=tokenizer)
         L = job.data.max_seq_length
-        train, val = tokenize(train_rows, self.tokenizer, L), tokenize(val_rows, self.tokenizer, L)
+        train, val = tokenize(train_rows, tokenizer, L), tokenize(val_rows, tokenizer, L)
         for name, before, seqs in (("train", len(train_rows), train), ("validation", len(val_rows), val)):
             if not seqs:
                 raise ValueError(f"none of the {before} {name} rows has a response token within max_seq_length={L}; "
                                  "raise data.max_seq_length")
         mark(f"engine: data tokenized ({len(train)} train, {len(val)} validation rows)")
-        return train, val
+        return tokenizer, train, val
 
     # --------------------------------------------------------------- membership
     def running(self) -> list[PackedTrial]:
