@@ -102,9 +102,6 @@ class PackedTrial:
         self.offset = {"wall_s": 0.0, "train_s": 0.0, "tokens": 0.0}
         self.micro_rows = job.training.per_device_train_batch_size  # of the last micro-batch (reports)
         self.accumulation = job.training.gradient_accumulation_steps  # micro-batches of the last window (reports)
-        self.eval_pos = 0  # validation groups done of the rung evaluation in progress
-        self.eval_total: Any = None
-        self.eval_n = 0
         self.params_ok = None  # a device flag: the adapter is finite after its last optimizer step
         # running | evaluating (a rung) | saving (its rung checkpoint) | parked (reported a rung, waits to be told
         # to go on) | waiting (for room) | done | failed
@@ -227,15 +224,16 @@ class PackedTrial:
 
 
 class Evaluation:
-    """An evaluation that is not a trial's rung: the untrained base's (slot None) for the controller, or a slot's
-    on request. It runs as the rung evaluations do, a validation group per pack step batched with theirs, so
-    the trials train while it runs; `done(metrics, error)` is called once at its end."""
+    """One evaluation of `slot`'s adapter (None: the untrained base) on the validation split, run a validation
+    group per pack step, batched with the others in progress, while the trials train: a trial's rung (`owner`
+    is that trial), or one asked for (the base's, for the controller). `done(metrics, error)` once at its end."""
 
-    def __init__(self, slot: Optional[int], done: Callable[[Optional[dict], Optional[BaseException]], None]):
-        self.slot, self.done = slot, done
-        self.eval_pos = 0
-        self.eval_total: Any = None
-        self.eval_n = 0
+    def __init__(self, slot: Optional[int], done: Callable[[Optional[dict], Optional[BaseException]], None],
+                 owner: Optional[PackedTrial] = None):
+        self.slot, self.done, self.owner = slot, done, owner
+        self.pos = 0  # validation groups done
+        self.total: Any = None  # the loss sum so far, on the device
+        self.n = 0  # target tokens so far
 
 
 class PackEngine:
@@ -297,8 +295,7 @@ class PackEngine:
         # GPU: the step's token budget and the measured activation bytes per token it comes from
         self.step_tokens: Optional[int] = None if self.cpu else FIRST_STEP_TOKENS
         self.token_bytes: Optional[float] = None
-        # trials in a rung evaluation (and other evaluations), in the order they reached it
-        self.evaluating: list[PackedTrial | Evaluation] = []
+        self.evaluating: list[Evaluation] = []  # in progress, in the order they were asked for
         self.eval_groups = EVAL_GROUPS
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-checkpoints")
         self.saves: list[tuple[PackedTrial, Future, dict, Path]] = []  # checkpoint writes in flight
@@ -554,8 +551,7 @@ class PackEngine:
                 t.optimizer_step()
                 if t.step in t.rung_steps:
                     t.state = "evaluating"
-                    t.eval_pos, t.eval_total, t.eval_n = 0, None, 0
-                    self.evaluating.append(t)
+                    self.evaluating.append(Evaluation(t.slot, functools.partial(self._rung_evaluated, t), owner=t))
 
     def _fail(self, trial: PackedTrial, action: Callable[[], None]) -> None:
         """Run `action`; an exception fails that trial only (it leaves the pack, the error kept for its owner)."""
@@ -595,8 +591,8 @@ class PackEngine:
             self.max_trials = len(trials) - 1  # what fits, learnt the hard way
             newest.state = "waiting"
 
-    def remove_evaluation(self, trial: "PackedTrial | Evaluation") -> None:
-        self.evaluating = [t for t in self.evaluating if t is not trial]
+    def remove_evaluation(self, trial: PackedTrial) -> None:
+        self.evaluating = [e for e in self.evaluating if e.owner is not trial]
 
     # --------------------------------------------------------------- rungs: evaluation, checkpoint, report
     def _evaluate_some(self) -> None:
@@ -606,7 +602,7 @@ class PackEngine:
         import torch
 
         now = self.evaluating[:self.eval_groups]
-        parts = [(t.slot, self.val_groups[t.eval_pos]) for t in now]
+        parts = [(e.slot, self.val_groups[e.pos]) for e in now]
         try:
             with torch.no_grad():
                 sums, _ = self._losses(parts)
@@ -619,30 +615,27 @@ class PackEngine:
             else:
                 from trial_worker.recipe import TrialOOM
 
-                alone = now[0]
-                self.remove_evaluation(alone)
-                oom = TrialOOM(f"oom: out of memory in its evaluation alone ({EVAL_TOKENS} tokens): {e}")
-                if isinstance(alone, Evaluation):
-                    alone.done(None, oom)
-                else:
-                    self._fail(alone, functools.partial(_raise, oom))
+                self.evaluating.remove(now[0])
+                now[0].done(None, TrialOOM(f"oom: out of memory in its evaluation alone ({EVAL_TOKENS} tokens): {e}"))
             return
         finally:
             self.routing.set([], None)
-        for i, t in enumerate(now):
+        for i, ev in enumerate(now):
             part = sums[i].double()
-            t.eval_total = part if t.eval_total is None else t.eval_total + part
-            t.eval_n += sum(q.n_targets for q in parts[i][1])
-            t.eval_pos += 1
-            if t.eval_pos == len(self.val_groups):
-                self.remove_evaluation(t)
-                total = float(t.eval_total)  # one sync per trial's evaluation
-                val = total / t.eval_n
-                metrics = {"val_loss": val, "ppl": math.exp(min(val, 700.0)), "tokens": t.eval_n}
-                if isinstance(t, Evaluation):
-                    t.done(metrics, None)
-                else:
-                    self._fail(t, functools.partial(self._rung, t, metrics))
+            ev.total = part if ev.total is None else ev.total + part
+            ev.n += sum(q.n_targets for q in parts[i][1])
+            ev.pos += 1
+            if ev.pos == len(self.val_groups):
+                self.evaluating.remove(ev)
+                val = float(ev.total) / ev.n  # one sync per evaluation
+                ev.done({"val_loss": val, "ppl": math.exp(min(val, 700.0)), "tokens": ev.n}, None)
+
+    def _rung_evaluated(self, t: PackedTrial, metrics: Optional[dict], error: Optional[BaseException]) -> None:
+        """A trial's rung evaluation ended: on to its rung report and checkpoint, or the error fails the trial."""
+        if error is not None:
+            self._fail(t, functools.partial(_raise, error))
+        elif metrics is not None:
+            self._fail(t, functools.partial(self._rung, t, metrics))
 
     def _rung(self, t: PackedTrial, val: dict) -> None:
         """The rung's report; its checkpoint goes to the writer thread, and the report out once it is written."""

@@ -35,6 +35,7 @@ from trial_worker._compat import grouped_mm, has_grouped_mm
 
 # "auto": grouped where `grouped_ok`, else segments; "segments" / "grouped" force one (tests, benchmarks).
 MODE = "auto"
+GROUPED_MM = has_grouped_mm()  # asked once, not per layer per forward
 
 
 @dataclass
@@ -100,7 +101,7 @@ def grouped_ok(x: torch.Tensor, in_features: int, out_features: int, ranks) -> b
     """Whether `torch._grouped_mm` runs this layer: CUDA, a 16-bit dtype, 16-byte aligned widths (8 elements)."""
     if MODE != "auto":
         return MODE == "grouped"
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and has_grouped_mm()
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and GROUPED_MM
             and in_features % 8 == 0 and out_features % 8 == 0 and all(r % 8 == 0 for r in ranks))
 
 

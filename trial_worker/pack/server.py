@@ -30,7 +30,9 @@ class PackServer:
     """The pack of one GPU (or of the CPU): admission, the training loop thread, and each trial's event queue."""
 
     def __init__(self, name: str, max_trials: Optional[int] = None):
-        mark("pack: process started", _process_start())
+        started = _process_start()
+        if started is not None:  # else no mark: "now" would be a wrong start
+            mark("pack: process started", started)
         mark("pack: actor init")
         self.name = name
         self.max_trials = max_trials
