@@ -283,6 +283,7 @@ def run_mode(work: Path, spec: Path, name: str, max_s: float | None = None) -> d
         "before_first_trial_s": round(start - t0, 1),
         "timeline": timeline,
         "marks": _marks(marks_file, t0),
+        **_pack_trace(marks_file, t0),
         "time_to_first_training_step_s": round(first_step - t0, 1) if first_step else None,
         "training_tokens": round(tokens),
         "training_tokens_per_s_over_makespan": round(tokens / makespan),
@@ -317,12 +318,42 @@ def _marks(path: Path, t0: float) -> list:
         return []
     names: dict[int, str] = {}
     out = []
-    for s, pid, event in read(str(path), t0)[:60]:
+    for s, pid, event in [m for m in read(str(path), t0) if not m[2].startswith("pack step ")][:60]:
         if pid not in names:
             kind = event.split(":")[0][:1]
             names[pid] = f"{kind}{sum(n.startswith(kind) for n in names.values())}"
         out.append([s, names[pid], event])
     return out
+
+
+def _pack_trace(path: Path, t0: float) -> dict:
+    """The packs' steps (`pack step` moments): `pack_steps` [[s after the start, trials training, tokens, validation
+    groups, host s of the step]], and `pack_trace`: where the packs' time went, by how many trials trained."""
+    try:
+        from trial_worker.marks import read
+    except ImportError:
+        return {}
+    steps = []
+    for s, _pid, event in read(str(path), t0):
+        if event.startswith("pack step "):
+            f = dict(kv.split("=") for kv in event[len("pack step "):].split())
+            steps.append([s, int(f["k"]), int(f["tok"]), int(f["ev"]), float(f["s"].rstrip("s"))])
+    if not steps:
+        return {}
+    by_k: dict[str, list[float]] = {}
+    for _, k, tok, ev, took in steps:
+        key = "0 (evaluations, checkpoints)" if k == 0 else "1" if k == 1 else "2-3" if k < 4 else "4-7" if k < 8 else "8-15" \
+            if k < 16 else "16+"
+        b = by_k.setdefault(key, [0, 0.0, 0, 0])
+        b[0], b[1], b[2], b[3] = b[0] + 1, b[1] + took, b[2] + tok, b[3] + ev
+    span = steps[-1][0] - (steps[0][0] - steps[0][4])
+    busy = sum(x[4] for x in steps)
+    return {"pack_steps": steps, "pack_trace": {
+        "first_step_end_s": steps[0][0], "last_step_end_s": steps[-1][0], "steps": len(steps),
+        "in_steps_s": round(busy, 1), "between_steps_s": round(span - busy, 1),
+        "by_trials_training": {k: {"steps": v[0], "s": round(v[1], 1), "tokens": v[2],
+                                   "tokens_per_s": round(v[2] / v[1]) if v[1] else None, "validation_groups": v[3]}
+                               for k, v in sorted(by_k.items())}}}
 
 
 def compare(result: dict) -> None:
@@ -348,7 +379,8 @@ def compare(result: dict) -> None:
 
 
 def _summary(figures: dict) -> dict:
-    return {k: v for k, v in figures.items() if k not in ("params", "alone_segments", "rungs_reached", "versions", "timeline")}
+    return {k: v for k, v in figures.items() if k not in ("params", "alone_segments", "rungs_reached", "versions", "timeline",
+                                                                  "pack_steps")}
 
 
 def main() -> None:

@@ -14,6 +14,11 @@ from typing import Optional
 ENV = "SWEEP_TIMELINE"
 
 
+def enabled() -> bool:
+    """Whether moments are recorded (`SWEEP_TIMELINE` set): callers skip building a mark's text otherwise."""
+    return bool(os.environ.get(ENV))
+
+
 def mark(event: str, t: Optional[float] = None) -> None:
     """Record that `event` happened (at `t`, `time.time()`; default now) in this process."""
     path = os.environ.get(ENV)

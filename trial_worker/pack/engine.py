@@ -45,7 +45,7 @@ from trial_worker._compat import foreach_norm
 from trial_worker.checkpoint import write_manifest
 from trial_worker.config import JobConfig
 from trial_worker.lifecycle import check_finite, checkpoint_dir, counters, read_state, rung_report, write_state
-from trial_worker.marks import mark
+from trial_worker.marks import enabled as marking, mark
 from trial_worker.pack.batch import Seq, build, pack_rows, tokenize
 
 Report = Callable[[dict, str], None]
@@ -466,11 +466,16 @@ class PackEngine:
         trials = self.running()
         if not (trials or self.evaluating or self.saves):
             return False
+        t0 = time.perf_counter()
+        evaluations = min(len(self.evaluating), self.eval_groups)
         if trials:
             self._train(trials)
         if self.evaluating:
             self._evaluate_some()
-        elif not trials:  # only checkpoints in flight: wait a little for one
+        if marking():  # the benchmark's trace of the pack: who trained, how many tokens, the step's host time
+            tokens = sum(len(q.ids) for t in trials for q in t.chunk)
+            mark(f"pack step k={len(trials)} tok={tokens} ev={evaluations} s={time.perf_counter() - t0:.4f}")
+        if not trials and not evaluations:  # only checkpoints in flight: wait a little for one
             wait([f for _, f, _, _ in self.saves], timeout=0.05, return_when=FIRST_COMPLETED)
             self._finish_saves()
         return True
