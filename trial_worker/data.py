@@ -25,6 +25,7 @@ empty prompt, so the loss covers the whole text (plain language modelling).
 
 from __future__ import annotations
 
+import bisect
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -122,7 +123,8 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         if m["role"] != "assistant":
             continue
         start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-        upto = _render(tokenizer, messages[: i + 1]).rstrip()
+        # up to and including the turn: the whole rendering when it is the last turn (one render fewer a row)
+        upto = (text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1])).rstrip()
         if not text.startswith(upto) or start > len(upto):
             raise DataFormatError(
                 f"the chat template does not render assistant turn {i} as a prefix of the whole conversation, so its "
@@ -133,17 +135,33 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return text, spans
 
 
+def _span_mask(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose first character lies in one of `spans` (sorted, disjoint), else 0."""
+    starts = [s for s, _ in spans]
+    mask = []
+    for a, _ in offsets:
+        i = bisect.bisect_right(starts, a) - 1
+        mask.append(int(i >= 0 and a < spans[i][1]))
+    return mask
+
+
 def tokenize_chat(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
     """{"input_ids", "completion_mask"}: the conversation's tokens, 1 on every assistant turn's tokens."""
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return _tokenize_conversations(tokenizer, [messages])[0]
+
+
+def _tokenize_conversations(tokenizer, conversations: list[list[dict]]) -> list[dict[str, list[int]]]:
+    """`tokenize_chat` of each conversation, the texts encoded in one call (the tokenizer's own threads)."""
+    rendered = [assistant_spans(tokenizer, m) for m in conversations]
+    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     # A token belongs to the turn its first character is in (a BPE piece straddling a boundary is rare).
-    mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
-    return {"input_ids": list(enc["input_ids"]), "completion_mask": mask}
+    return [{"input_ids": list(ids), "completion_mask": _span_mask(offsets, spans)}
+            for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered)]
 
 
-def _tokenize_row(row: dict[str, Any], tokenizer) -> dict[str, list[int]]:
-    return tokenize_chat(tokenizer, list(row["prompt"]) + list(row["completion"]))
+def _tokenize_rows(rows: dict[str, list], tokenizer) -> dict[str, list]:
+    out = _tokenize_conversations(tokenizer, [list(p) + list(c) for p, c in zip(rows["prompt"], rows["completion"])])
+    return {"input_ids": [o["input_ids"] for o in out], "completion_mask": [o["completion_mask"] for o in out]}
 
 
 def tokenize_chats(ds, tokenizer):
@@ -154,7 +172,8 @@ def tokenize_chats(ds, tokenizer):
     """
     if len(ds) == 0 or not isinstance(ds[0]["prompt"], list):
         return ds  # text rows: TRL tokenizes prompt + completion itself
-    return ds.map(_tokenize_row, fn_kwargs={"tokenizer": tokenizer}, keep_in_memory=True, desc=None)
+    return ds.map(_tokenize_rows, fn_kwargs={"tokenizer": tokenizer}, batched=True, batch_size=512,
+                  keep_in_memory=True, desc=None)
 
 
 # The field of each format, and (chat formats) the speaker/text keys of its turns.

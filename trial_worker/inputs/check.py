@@ -477,9 +477,10 @@ class FolderTokenizer:
     def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
 
-    def __call__(self, text: str, add_special_tokens: bool = False, return_offsets_mapping: bool = True) -> dict:
-        enc = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return {"input_ids": enc.ids, "offset_mapping": enc.offsets}
+    def __call__(self, texts: list[str], add_special_tokens: bool = False, return_offsets_mapping: bool = True) -> dict:
+        """As a transformers tokenizer called on a list of texts (`data.tokenize_chat` calls it so)."""
+        encs = self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return {"input_ids": [e.ids for e in encs], "offset_mapping": [e.offsets for e in encs]}
 
 
 def check_lengths(job: JobConfig, used: dict) -> Findings:
