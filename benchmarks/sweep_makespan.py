@@ -310,15 +310,22 @@ def run_mode(work: Path, spec: Path, name: str, max_s: float | None = None) -> d
 
 
 def _marks(path: Path, t0: float) -> list:
-    """[(s after the start, process, moment)]: the first 60 moments marked (the start-up), process ids as c/p/t
-    + a number (controller, pack, trial) in order of first appearance."""
+    """[(s after the start, process, moment)]: every moment marked but the pack steps (`_pack_trace`) and the
+    trials' joins and admissions after the first 8 (the start-up), process ids as c/p/t + a number (controller,
+    pack, trial) in order of first appearance."""
     try:
         from trial_worker.marks import read
     except ImportError:  # an older tree (a same-call baseline) marks nothing
         return []
     names: dict[int, str] = {}
     out = []
-    for s, pid, event in [m for m in read(str(path), t0) if not m[2].startswith("pack step ")][:60]:
+    seen: dict[str, int] = {}
+    for s, pid, event in read(str(path), t0):
+        what = event.split(" ")[1] if event.startswith("pack: ") else event
+        if event.startswith("pack step ") or (what in ("join", "admit", "trial: started")
+                                              and seen.setdefault(what, 0) >= 8):
+            continue
+        seen[what] = seen.get(what, 0) + 1
         if pid not in names:
             kind = event.split(":")[0][:1]
             names[pid] = f"{kind}{sum(n.startswith(kind) for n in names.values())}"

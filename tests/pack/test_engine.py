@@ -8,6 +8,7 @@ batch sizes, accumulation, LoRA ranks and dropout.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -297,3 +298,25 @@ def test_packed_equals_alone_on_a_gpu_in_bf16(jobs, tmp_path):
     for i in gpu:
         assert all(math.isclose(x, y, rel_tol=0.01) for x, y in zip(packed[i]["val"], alone[i]["val"])), i
         assert len(packed[i]["val"]) == len(alone[i]["val"]) == 2
+
+
+def test_data_made_in_its_own_process_is_the_threads_and_its_errors_reach_the_pack(jobs, tmp_path):
+    """The pack's data process (a GPU pack's default) gives the very sequences and pad id the in-process path
+    gives, and a data error (no row keeps a response token) is raised in the pack with its message."""
+    from trial_worker.pack.data import start
+    from trial_worker.pack.engine import PackEngine
+
+    job = jobs["b"]
+    before = set(Path(__import__("tempfile").gettempdir()).glob("sweep-pack-data-*"))
+    pad, train, val = start(job, own_process=True)()
+    assert (pad, train, val) == start(job, own_process=False)()
+    assert len(train) > 100 and all(s.n_targets for s in train + val)
+    engine = PackEngine(job, output_dir=str(tmp_path / "out"), data_process=True)
+    assert engine.train_seqs == train and engine.pad_id == pad
+
+    data = job.model_dump()
+    data["data"]["max_seq_length"] = 4  # every prompt is longer
+    short = JobConfig.model_validate(data)
+    with pytest.raises(ValueError, match="none of the .* train rows has a response token within max_seq_length=4"):
+        start(short, own_process=True)()
+    assert set(Path(__import__("tempfile").gettempdir()).glob("sweep-pack-data-*")) <= before  # nothing left

@@ -46,7 +46,7 @@ from trial_worker.checkpoint import write_manifest
 from trial_worker.config import JobConfig
 from trial_worker.lifecycle import check_finite, checkpoint_dir, counters, read_state, rung_report, write_state
 from trial_worker.marks import enabled as marking, mark
-from trial_worker.pack.batch import Seq, build, pack_rows, tokenize
+from trial_worker.pack.batch import Seq, build, pack_rows
 
 Report = Callable[[dict, str], None]
 ADAPTER_FILE = "adapter.safetensors"
@@ -239,11 +239,18 @@ class Evaluation:
 class PackEngine:
     """The base model of a pack and the trials training on it (`add`, `remove`, `step`, `evaluate`)."""
 
-    def __init__(self, job: JobConfig, *, output_dir: str,
-                 max_trials: Optional[int] = None, gradient_checkpointing: Optional[bool] = None):
+    def __init__(self, job: JobConfig, *, output_dir: str, max_trials: Optional[int] = None,
+                 gradient_checkpointing: Optional[bool] = None, data_process: Optional[bool] = None):
+        from trial_worker.model import use_cpu
+        from trial_worker.pack.data import start
+
+        self.cpu = use_cpu(job.training)
+        # The data (tokenizer, rows, chat template, tokens) is made beside the imports, CUDA's start and the
+        # base's load: in a process of its own on a GPU (`data_process`, default: not on the CPU; pack.data).
+        data = start(job, own_process=not self.cpu if data_process is None else data_process)
         import torch
 
-        from trial_worker.model import freeze_base, load_base, use_cpu
+        from trial_worker.model import freeze_base, load_base
         from trial_worker.pack.lora import Routing, install
         from trial_worker.recipe import quiet_libraries
 
@@ -251,20 +258,15 @@ class PackEngine:
         mark("engine: imports")
         self.key = pack_key(job)
         self.job = job
-        self.cpu = use_cpu(job.training)
         if job.training.torch_threads:
             torch.set_num_threads(job.training.torch_threads)
-        # The tokenizer and the data (read, chat template, tokens) in a thread while CUDA starts and the base
-        # loads and quantizes: they share nothing, and the tokenizer works outside the GIL. H100, 2026-12-06
-        # (benchmarks/results/sweep_first_step.json): CUDA + tokenizer 4.7 s, the base 4.5 s, the data 7 s.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-data") as pool:
-            data = pool.submit(self._tokenized, job)
-            self.device = torch.device("cpu") if self.cpu else torch.device("cuda", torch.cuda.current_device())
-            mark("engine: device ready")
-            self.model = load_base(job.model, cpu=self.cpu)
-            freeze_base(self.model)
-            mark("engine: base model loaded")
-            self.tokenizer, self.train_seqs, self.val_seqs = data.result()
+        self.device = torch.device("cpu") if self.cpu else torch.device("cuda", torch.cuda.current_device())
+        mark("engine: device ready")
+        self.model = load_base(job.model, cpu=self.cpu)
+        freeze_base(self.model)
+        mark("engine: base model loaded")
+        self.pad_id, self.train_seqs, self.val_seqs = data()
+        mark("engine: data ready")
         from trial_worker.graphs import lm_head_not_plain
 
         why = lm_head_not_plain(self.model)
@@ -284,7 +286,6 @@ class PackEngine:
 
         # Padding-free batches where the varlen kernel keeps sequences apart; else one row per trial (pack.batch).
         self.flat = not self.cpu and runs_varlen(self.model)
-        self.pad_id = self.tokenizer.pad_token_id
         self.output_dir = Path(output_dir)
         self.max_trials = max_trials or (CPU_MAX_TRIALS if self.cpu else 64)
         self.trials: dict[str, PackedTrial] = {}
@@ -299,25 +300,6 @@ class PackEngine:
         self.eval_groups = EVAL_GROUPS
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-checkpoints")
         self.saves: list[tuple[PackedTrial, Future, dict, Path]] = []  # checkpoint writes in flight
-
-    @staticmethod
-    def _tokenized(job: JobConfig) -> tuple[Any, list[Seq], list[Seq]]:
-        """(the job's tokenizer, train and validation sequences of its data, each keeping a response token within
-        max_seq_length)."""
-        from trial_worker.data import load_splits
-        from trial_worker.model import load_tokenizer
-
-        tokenizer = load_tokenizer(job.model)
-        mark("engine: tokenizer")
-        train_rows, val_rows = load_splits(job.data, tokenizer=tokenizer)
-        L = job.data.max_seq_length
-        train, val = tokenize(train_rows, tokenizer, L), tokenize(val_rows, tokenizer, L)
-        for name, before, seqs in (("train", len(train_rows), train), ("validation", len(val_rows), val)):
-            if not seqs:
-                raise ValueError(f"none of the {before} {name} rows has a response token within max_seq_length={L}; "
-                                 "raise data.max_seq_length")
-        mark(f"engine: data tokenized ({len(train)} train, {len(val)} validation rows)")
-        return tokenizer, train, val
 
     # --------------------------------------------------------------- membership
     def running(self) -> list[PackedTrial]:
