@@ -320,3 +320,34 @@ def test_data_made_in_its_own_process_is_the_threads_and_its_errors_reach_the_pa
     with pytest.raises(ValueError, match="none of the .* train rows has a response token within max_seq_length=4"):
         start(short, own_process=True)()
     assert set(Path(__import__("tempfile").gettempdir()).glob("sweep-pack-data-*")) <= before  # nothing left
+
+
+def test_a_trial_that_leaves_frees_its_adapters_and_optimizer_state_at_once(jobs, tmp_path):
+    """`remove` frees a trial's adapters, gradients and optimizer state by their reference counts, with no
+    garbage-collector pass (which the pack no longer runs per leaving trial): nothing of it outlives the call."""
+    import gc
+    import weakref
+
+    from trial_worker.pack.engine import PackEngine
+
+    data = jobs["b"].model_dump()
+    data["training"].update(optim="adamw_8bit", lr_scheduler_type="cosine")
+    job = JobConfig.model_validate(data)
+    engine = PackEngine(job, output_dir=str(tmp_path / "out"))
+    trial = engine.add("x", job, lambda m, d: None)
+    engine.add("y", jobs["a"], lambda m, d: None)
+    for _ in range(4):
+        engine.step()
+    assert trial.step >= 1 and trial.optimizer.state
+    tensors = list(trial.params) + [v for s in trial.optimizer.state.values() for v in s.values()
+                                    if isinstance(v, torch.Tensor)]
+    refs = [weakref.ref(t) for t in tensors] + [weakref.ref(trial.optimizer), weakref.ref(trial.scheduler)]
+    del tensors, trial
+    gc.disable()
+    try:
+        engine.remove("x")
+        alive = [r for r in refs if r() is not None]
+    finally:
+        gc.enable()
+    assert not alive, f"{len(alive)} of {len(refs)} objects of the removed trial still alive"
+    assert list(engine.trials) == ["y"] and engine.trials["y"].params  # the other trial keeps its own
