@@ -178,6 +178,7 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
         mark("controller: fit")
         with _trials_start_together(plan.mode, res.max_concurrent_trials, n_trials):
             results = _fit(ray, tuner, progress, run_dir=run_dir, again=again, stops=stops)
+        mark("controller: fit done")
         if base is not None:
             base.join()  # the leaderboard and export show the base beside the trials
         errors = sum(1 for r in results if r.error is not None)
@@ -204,6 +205,7 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
         ray.shutdown()
         if ours:
             end_processes(ours, grace_s=2.0)
+        mark("controller: ray down")
         _remove_temp_folders()
 
     return _summary(study, study_name, storage_url, errors=errors, rows=rows)
