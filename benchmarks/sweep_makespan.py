@@ -353,11 +353,20 @@ def _pack_trace(path: Path, t0: float) -> dict:
             if k < 16 else "16+"
         b = by_k.setdefault(key, [0, 0.0, 0, 0])
         b[0], b[1], b[2], b[3] = b[0] + 1, b[1] + took, b[2] + tok, b[3] + ev
+    # Trials parked at a rung: from their rung's report to Tune's word to go on (`proceed`) or stop (`leave`)
+    reported: dict[str, float] = {}
+    parked = 0.0
+    for s, _pid, event in read(str(path), t0):
+        if event.startswith("engine: rung reported "):
+            reported[event.split()[3]] = s
+        elif event.startswith(("pack: proceed ", "pack: leave ")) and event.split()[2] in reported:
+            parked += s - reported.pop(event.split()[2])
     span = steps[-1][0] - (steps[0][0] - steps[0][4])
     busy = sum(x[4] for x in steps)
     return {"pack_steps": steps, "pack_trace": {
         "first_step_end_s": steps[0][0], "last_step_end_s": steps[-1][0], "steps": len(steps),
         "in_steps_s": round(busy, 1), "between_steps_s": round(span - busy, 1),
+        "trial_s_parked_at_rungs": round(parked, 1),
         "by_trials_training": {k: {"steps": v[0], "s": round(v[1], 1), "tokens": v[2],
                                    "tokens_per_s": round(v[2] / v[1]) if v[1] else None, "validation_groups": v[3]}
                                for k, v in sorted(by_k.items())}}}

@@ -651,6 +651,7 @@ class PackEngine:
             def report(t=t, future=future, metrics=metrics, directory=directory) -> None:
                 future.result()
                 t.state = "done" if t.step >= t.rung_steps[-1] else "parked"
+                mark(f"engine: rung reported {t.id} step {t.step}")
                 t.report(dict(metrics), str(directory))
 
             self._fail(t, report)

@@ -170,8 +170,10 @@ class PackServer:
             if self.engine is not None:
                 self.engine.remove(trial_id)  # a retry of a trial the pack still held
         elif op == "leave":
+            mark(f"pack: leave {args}")
             self._apply_leave(args)
         elif op == "proceed":
+            mark(f"pack: proceed {args}")
             t = self.engine.trials.get(args) if self.engine else None
             if t is not None and t.state == "parked":
                 t.state = "running"
