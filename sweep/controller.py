@@ -190,6 +190,7 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
             errors += searcher.retry("fail unfinished trials", lambda: fail_lost_trials(
                 study_name, rstorage, only=searcher.storage_trial_ids(), reason=UNFINISHED_REASON))
         rows = _leaderboard(searcher, study_name, rstorage, console)
+        mark("controller: leaderboard")
     except (DiskFullStop, SweepStopped):
         raise
     except Exception as e:
@@ -202,7 +203,9 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
         # Ray's dashboard and runtime-env agents can outlive `ray.shutdown()` for many seconds (they wait to notice
         # their raylet is gone): what this controller's local Ray started ends with it.
         ours = own_ray(run_dir) if not address else []
+        mark("controller: ray shutting down")
         ray.shutdown()
+        mark("controller: ray shut down")
         if ours:
             end_processes(ours, grace_s=2.0)
         mark("controller: ray down")
