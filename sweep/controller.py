@@ -20,6 +20,7 @@ from typing import Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from sweep._compat.ray import ray_temp_dir as _ray_temp_dir  # noqa: F401  (the fault tests find Ray's folders by it)
+from sweep._compat.ray import shutdown_local_ray
 from sweep.processes import end_orphans, end_processes, mark_ray_owner, own_ray
 from sweep.resume import UNFINISHED_REASON, ResumeRefused, check_resumable, fail_lost_trials, record_controller
 from sweep.spec import SweepSpec, default_storage, is_uri, public_dict, resolve_paths, run_storage, spec_hash
@@ -202,12 +203,14 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
     finally:
         # Ray's dashboard and runtime-env agents can outlive `ray.shutdown()` for many seconds (they wait to notice
         # their raylet is gone): what this controller's local Ray started ends with it.
+        # Their SIGTERM is blocked (`_start_ray`): killed at once, not after a graceful wait that only runs out.
         ours = own_ray(run_dir) if not address else []
-        mark("controller: ray shutting down")
-        ray.shutdown()
-        mark("controller: ray shut down")
+        if address:
+            ray.shutdown()
+        else:
+            shutdown_local_ray(ray)
         if ours:
-            end_processes(ours, grace_s=2.0)
+            end_processes(ours, grace_s=0.0)
         mark("controller: ray down")
         _remove_temp_folders()
 
