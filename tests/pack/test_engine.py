@@ -351,3 +351,49 @@ def test_a_trial_that_leaves_frees_its_adapters_and_optimizer_state_at_once(jobs
         gc.enable()
     assert not alive, f"{len(alive)} of {len(refs)} objects of the removed trial still alive"
     assert list(engine.trials) == ["y"] and engine.trials["y"].params  # the other trial keeps its own
+
+
+def test_a_data_process_that_dies_is_an_error_of_the_pack_and_one_whose_pack_dies_ends(jobs, tmp_path):
+    """The data process killed (out of memory, a signal) fails the pack's build with its exit status; and a
+    data process whose pack is killed ends too, instead of tokenizing for nobody."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from trial_worker.pack.data import start
+
+    job = jobs["a"]
+    wait = start(job, own_process=True)
+    [child] = [p for p in psutil.Process().children() if "trial_worker.pack.data" in " ".join(p.cmdline())]
+    child.send_signal(signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="the pack's data process exited -9 without a result"):
+        wait()
+
+    # A "pack" (a Python process that starts the data process, then waits) killed: its data process goes with it,
+    # here in the middle of rows that would take it a minute.
+    folder = tmp_path / "long"
+    folder.mkdir()
+    rows = (Path(job.data.path) / "train.jsonl").read_text().splitlines()
+    (folder / "train.jsonl").write_text("\n".join(rows * (100_000 // len(rows) + 1)) + "\n")
+    data = job.model_dump()
+    data["data"]["path"] = str(folder)
+    job = JobConfig.model_validate(data)
+    script = ("import sys, time; from trial_worker.config import JobConfig; from trial_worker.pack.data import start; "
+              "start(JobConfig.model_validate_json(sys.stdin.read()), own_process=True); time.sleep(60)")
+    pack = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, text=True)
+    pack.stdin.write(job.model_dump_json())
+    pack.stdin.close()
+    deadline = time.time() + 30
+    children: list = []
+    while not children and time.time() < deadline:
+        children = psutil.Process(pack.pid).children()
+        time.sleep(0.1)
+    assert children, "the pack did not start its data process"
+    os.kill(pack.pid, signal.SIGKILL)
+    pack.wait()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]

@@ -60,7 +60,7 @@ def start(job: JobConfig, *, own_process: bool) -> Callable[[], Data]:
     # The child finds this package where the parent found it (an editable install, PYTHONPATH, a Ray worker's path).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
     with open(folder / "stderr.txt", "wb") as err:  # a file, not a pipe: progress bars cannot fill it and stall
-        proc = subprocess.Popen([sys.executable, "-m", "trial_worker.pack.data", str(folder)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "trial_worker.pack.data", str(folder), str(os.getpid())], env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)
 
     def wait() -> Data:
@@ -86,7 +86,22 @@ def start(job: JobConfig, *, own_process: bool) -> Callable[[], Data]:
     return wait
 
 
-def _main(folder: str) -> None:
+def _exit_with(parent: int) -> None:
+    """End this process once `parent` (the pack; its pid as the pack gave it, since this process may start after
+    the pack is already gone) is gone: a killed pack leaves no data process behind."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _main(folder: str, parent: int) -> None:
+    _exit_with(parent)
     out = Path(folder)
     job = JobConfig.model_validate_json((out / "job.json").read_text())
     try:
@@ -104,4 +119,4 @@ def _main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1])
+    _main(sys.argv[1], int(sys.argv[2]))
