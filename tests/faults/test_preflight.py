@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sweep_helpers import sweep_cli, sweep_env
@@ -282,6 +282,11 @@ _counter = iter(range(10**9))
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(file=_data_file(), auto=st.booleans())
+# Found by this test (2026-12-06): a field that is a number in one row and a boolean in another passed the check,
+# and Arrow's JSON reader (datasets) refused the file.
+@example(file=("messages", b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+                           b'"input": 0}\n{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
+                           b'"content": "b"}], "input": false}\n'), auto=False)
 def test_fuzzed_data_file_passes_and_loads_or_is_refused_cleanly(data_dir, file, auto):
     from trial_worker.data import load_splits
 
@@ -296,3 +301,30 @@ def test_fuzzed_data_file_passes_and_loads_or_is_refused_cleanly(data_dir, file,
         return
     train, val = load_splits(cfg)  # what a trial does with the file: it must load
     assert len(train) >= 1 and len(val) >= 1
+
+
+def test_a_field_of_two_types_is_refused_naming_the_row_and_the_field(tmp_path):
+    """A field that changes type between rows (a number then a boolean, a string then a number, inside the turns
+    too) is refused before anything starts, with the file and line, the field and both types; the worker's
+    loader (Arrow's JSON reader) could not read the file."""
+    turn = {"role": "assistant", "content": "a"}
+    cases = {
+        "input": ([{"input": 0}, {"input": None}, {"input": False}], "field 'input' is a boolean here and a number"),
+        "content": ([{}, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]}],
+                    "field 'messages[].content' is a number here and a string"),
+    }
+    for name, (extras, said) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        rows = [{"messages": [{"role": "user", "content": "q"}, turn], **e} for e in extras]
+        if name == "content":
+            rows[1] = extras[1]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        found = check_data(DataConfig(path=str(path), format="messages"))
+        [problem] = found.problems
+        assert problem.field == "data.path" and problem.value == str(path)
+        assert problem.message.startswith(f"{path}:{len(rows)}: {said} in an earlier row"), problem.message
+    # numbers (integers and floats) and nulls mix: that file passes
+    path = tmp_path / "ok.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "q"}, turn], "score": s}) + "\n"
+                            for s in (1, 2.5, None)))
+    assert not check_data(DataConfig(path=str(path), format="messages")).problems

@@ -211,6 +211,67 @@ def _shorten(s: str, n: int = 60) -> str:
     return s if len(s) <= n else s[:n - 3] + "..."
 
 
+def _json_type(value: Any, where: str = "") -> Any:
+    """The type Arrow's JSON reader (which `datasets` uses) gives a value (at field path `where`): None (null:
+    takes any type), "boolean", "number" (integers and floats mix), "string", ("list", element type) or
+    ("struct", {key: type})."""
+    if value is None:
+        return None
+    if isinstance(value, bool):  # before int: a bool is an int to Python, not to Arrow
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        element = None
+        for v in value:
+            element = _merge_types(element, _json_type(v, where + "[]"), where + "[]")
+        return ("list", element)
+    return ("struct", {k: _json_type(v, f"{where}.{k}" if where else k) for k, v in value.items()})
+
+
+class _TypeClash(Exception):
+    def __init__(self, where: str, a: Any, b: Any):
+        super().__init__(where)
+        self.where, self.a, self.b = where, a, b
+
+
+def _type_name(t: Any) -> str:
+    return {"boolean": "a boolean", "number": "a number", "string": "a string", "list": "a list",
+            "struct": "an object"}[t if isinstance(t, str) else t[0]]
+
+
+def _merge_types(a: Any, b: Any, where: str) -> Any:
+    """The type of a column holding values of types `a` and `b`, as Arrow infers it; `_TypeClash` where it has none."""
+    if a is None or a == b:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0]:
+        if a[0] == "list":
+            return ("list", _merge_types(a[1], b[1], where + "[]"))
+        fields = dict(a[1])
+        for k, t in b[1].items():
+            fields[k] = _merge_types(fields.get(k), t, f"{where}.{k}" if where else k)
+        return ("struct", fields)
+    raise _TypeClash(where, a, b)
+
+
+def _mixed_types(rows: list[tuple[str, dict]]) -> Optional[str]:
+    """FILE:LINE of the first row with a field whose type differs from the same field's in earlier rows (a
+    number and a boolean, a string and a number, a list and an object...): Arrow's JSON reader, and so the
+    worker's loader, refuses such a file."""
+    merged: Any = None
+    for where, row in rows:
+        try:
+            merged = _merge_types(merged, _json_type(row), "")
+        except _TypeClash as e:
+            return (f"{where}: field {e.where!r} is {_type_name(e.b)} here and {_type_name(e.a)} in an earlier row; "
+                    "a field must keep one type in every row (null may stand for any)")
+    return None
+
+
 def _uniform_turns(rows: list[tuple[str, dict]], fmt: str) -> Optional[str]:
     """FILE:LINE of the first turn whose keys differ from the file's first turn: `datasets` stores such
     turns as JSON text, which the worker cannot read as turns."""
@@ -259,6 +320,9 @@ def check_data(cfg: DataConfig, *, hub: bool = True) -> Findings:
         train_name, val_name = split_names(list(splits), cfg, cfg.path)
         fmts = {name: cfg.format if cfg.format != "auto" else detect_format(sorted({k for _, r in rows for k in r}))
                 for name, rows in splits.items() if name in (train_name, val_name)}
+        for name in fmts:
+            if (why := _mixed_types(splits[name])) is not None:
+                raise _Bad(why)
         for name, fmt in fmts.items():
             for where, row in splits[name]:
                 if (why := row_problem(row, fmt)) is not None:
