@@ -116,6 +116,8 @@ def _main(folder: str, parent: int) -> None:
     with open(tmp, "wb") as f:
         pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
     tmp.rename(out / "result.pkl")  # whole or absent
+    sys.stderr.flush()
+    os._exit(0)  # the pack waits for this exit: no interpreter teardown of torch and transformers first
 
 
 if __name__ == "__main__":
