@@ -2,8 +2,8 @@
 
 On a GPU they are made in a Python process of their own, started before the pack imports torch: reading the
 rows, rendering the chat template and tokenizing are Python work that a thread of the pack would do under
-the GIL beside the imports, CUDA's start and the 4-bit load (H100, 2026-12-06, 24 trials: the data thread
-ended 7 s after the tokenizer loaded, the base load stretched beside it). The process writes its result, or
+the GIL beside the imports, CUDA's start and the 4-bit load (H100, 2026-12-06, 24 trials: CUDA was up 9.7 s into
+the engine's build, the tokenizer in that thread only 6.9 s later, the first step began 30.8 s in). The process writes its result, or
 its error, to a file; the pack waits for it only once the base is loaded. The same function runs in a thread
 on the CPU (no start-up to hide there, and two cores to share).
 """
