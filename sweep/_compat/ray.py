@@ -116,9 +116,9 @@ def shutdown_local_ray(ray) -> bool:
     passes `allow_graceful=False` for this one shutdown. True when it could; else a plain `ray.shutdown()`."""
     import ray._private.worker as ray_worker
 
-    node = getattr(ray_worker, "_global_node", None)
+    node: Any = getattr(ray_worker, "_global_node", None)
     kill = getattr(node, "kill_all_processes", None)
-    if kill is None:
+    if node is None or kill is None:
         ray.shutdown()
         return False
 
