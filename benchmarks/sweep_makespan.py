@@ -277,7 +277,8 @@ def run_mode(work: Path, spec: Path, name: str, max_s: float | None = None) -> d
     setups.sort()
     alone = lone_segments(trials)
     alone_tokens = sum(a["tokens"] for a in alone)
-    trace = _pack_trace(marks_file, t0)
+    moments = _moments(marks_file, t0)
+    trace = _pack_trace(moments)
     # From the reports: the Optuna trial's creation (the searcher's suggestion, seconds before Tune starts the
     # trial) + `setup_s` (from Tune's start): an underestimate. A pack's own trace says when its first step began.
     by_reports = round(first_step - t0, 1) if first_step else None
@@ -287,7 +288,7 @@ def run_mode(work: Path, spec: Path, name: str, max_s: float | None = None) -> d
         "trials_phase_s": round(t1 - start, 1),
         "before_first_trial_s": round(start - t0, 1),
         "timeline": timeline,
-        "marks": _marks(marks_file, t0),
+        "marks": _marks(moments),
         **trace,
         "time_to_first_training_step_s": round(steps[0][0] - steps[0][4], 1) if steps else by_reports,
         "time_to_first_training_step_s_by_reports": by_reports,
@@ -315,18 +316,23 @@ def run_mode(work: Path, spec: Path, name: str, max_s: float | None = None) -> d
     }
 
 
-def _marks(path: Path, t0: float) -> list:
+def _moments(path: Path, t0: float) -> list[tuple[float, int, str]]:
+    """[(s after the start, pid, moment)] of the run's marks file (none from an older tree, which marks nothing)."""
+    try:
+        from trial_worker.marks import read
+    except ImportError:  # an older tree (a same-call baseline)
+        return []
+    return read(str(path), t0)
+
+
+def _marks(moments: list) -> list:
     """[(s after the start, process, moment)]: every moment marked but the pack steps (`_pack_trace`) and the
     trials' joins and admissions after the first 8 (the start-up), process ids as c/p/t + a number (controller,
     pack, trial) in order of first appearance."""
-    try:
-        from trial_worker.marks import read
-    except ImportError:  # an older tree (a same-call baseline) marks nothing
-        return []
     names: dict[int, str] = {}
     out = []
     seen: dict[str, int] = {}
-    for s, pid, event in read(str(path), t0):
+    for s, pid, event in moments:
         what = event.split(" ")[1] if event.startswith("pack: ") else event
         if event.startswith("pack step ") or (what in ("join", "admit", "trial: started")
                                               and seen.setdefault(what, 0) >= 8):
@@ -339,15 +345,11 @@ def _marks(path: Path, t0: float) -> list:
     return out
 
 
-def _pack_trace(path: Path, t0: float) -> dict:
+def _pack_trace(moments: list) -> dict:
     """The packs' steps (`pack step` moments): `pack_steps` [[s after the start, trials training, tokens, validation
     groups, host s of the step]], and `pack_trace`: where the packs' time went, by how many trials trained."""
-    try:
-        from trial_worker.marks import read
-    except ImportError:
-        return {}
     steps = []
-    for s, _pid, event in read(str(path), t0):
+    for s, _pid, event in moments:
         if event.startswith("pack step "):
             f = dict(kv.split("=") for kv in event[len("pack step "):].split())
             steps.append([s, int(f["k"]), int(f["tok"]), int(f["ev"]), float(f["s"].rstrip("s"))])
@@ -362,7 +364,7 @@ def _pack_trace(path: Path, t0: float) -> dict:
     # Trials parked at a rung: from their rung's report to Tune's word to go on (`proceed`) or stop (`leave`)
     reported: dict[str, float] = {}
     parked = 0.0
-    for s, _pid, event in read(str(path), t0):
+    for s, _pid, event in moments:
         if event.startswith("engine: rung reported "):
             reported[event.split()[3]] = s
         elif event.startswith(("pack: proceed ", "pack: leave ")) and event.split()[2] in reported:

@@ -20,7 +20,7 @@ from typing import Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from sweep._compat.ray import ray_temp_dir as _ray_temp_dir  # noqa: F401  (the fault tests find Ray's folders by it)
-from sweep._compat.ray import shutdown_local_ray
+from sweep._compat.ray import shutdown_ray
 from sweep.processes import end_orphans, end_processes, mark_ray_owner, own_ray
 from sweep.resume import UNFINISHED_REASON, ResumeRefused, check_resumable, fail_lost_trials, record_controller
 from sweep.spec import SweepSpec, default_storage, is_uri, public_dict, resolve_paths, run_storage, spec_hash
@@ -205,10 +205,7 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
         # their raylet is gone): what this controller's local Ray started ends with it.
         # Their SIGTERM is blocked (`_start_ray`): killed at once, not after a graceful wait that only runs out.
         ours = own_ray(run_dir) if not address else []
-        if address:
-            ray.shutdown()
-        else:
-            shutdown_local_ray(ray)
+        shutdown_ray(ray)
         if ours:
             end_processes(ours, grace_s=0.0)
         mark("controller: ray down")
@@ -331,7 +328,7 @@ def _start_ray(address: Optional[str], run_dir: RunDir, console):
     # A local Ray's processes (and the trial workers they start) inherit this thread's signal mask: SIGTERM is
     # blocked for them, as Ray blocks SIGINT, so that a SIGTERM to the whole process group (a batch scheduler,
     # systemd) reaches only the controller, which stops the sweep cleanly and ends them itself; a raylet ended
-    # by it would take the controller down mid-save. (`ray.shutdown` ends them with SIGKILL.)
+    # by it would take the controller down mid-save. (`_compat.ray.shutdown_ray` ends them with SIGKILL.)
     import signal
 
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if not address else None
@@ -530,12 +527,12 @@ def _fit(ray, tuner, progress, *, run_dir: RunDir, again: str, stops: Optional[I
                 stops.tune_running = False
                 stops.closing = bool(stops.signal)
         if getattr(progress, "disk_full", None):
-            ray.shutdown()  # its unhandled-error messages of the stopped trials are filtered too
+            shutdown_ray(ray)  # its unhandled-error messages of the stopped trials are filtered too
             # Trials stopped unfinished stay RUNNING in the study: `sweep resume` continues them.
             raise DiskFullStop(disk_full_message(progress.disk_full, run_dir=run_dir, again=again,
                                                  state_unsaved=logs.state_unsaved))
         if stops is not None and stops.signal:
-            ray.shutdown()  # as for a full disk: the stopped trials' messages are filtered too
+            shutdown_ray(ray)  # as for a full disk: the stopped trials' messages are filtered too
             raise SweepInterrupted(stops.signal)  # the running trials stay RUNNING in the study: resumable
     return results
 

@@ -106,14 +106,15 @@ def quiet_worker_death_notices() -> None:
     ray_worker.print_to_stdstream = print_to_stdstream
 
 
-def shutdown_local_ray(ray) -> bool:
-    """`ray.shutdown()` of the local Ray this driver started, its processes killed without Ray's graceful step.
+def shutdown_ray(ray) -> bool:
+    """`ray.shutdown()`, with the processes of a local Ray this driver started killed without Ray's graceful step.
 
     Ray's shutdown SIGTERMs each of its processes and waits up to 1 s for it to exit, before SIGKILL. The
     controller starts its local Ray with SIGTERM blocked (`controller._start_ray`), so every such wait ran out:
     5.3 s of a sweep's end on this CPU (2026-12-06), 0.3 s without. Ray has no switch for it:
     `ray._private.worker.shutdown` calls its private `Node.kill_all_processes(allow_graceful=True)`; this
-    passes `allow_graceful=False` for this one shutdown. True when it could; else a plain `ray.shutdown()`."""
+    passes `allow_graceful=False` for this one shutdown. A driver connected to a cluster started no processes
+    (its node object holds none): for it this is a plain disconnect. True when the switch was taken."""
     import ray._private.worker as ray_worker
 
     node: Any = getattr(ray_worker, "_global_node", None)

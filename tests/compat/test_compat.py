@@ -378,17 +378,17 @@ def test_wandb_workspaces_model_is_what_the_dashboard_json_writes():
 
 
 def test_a_local_ray_with_sigterm_blocked_is_shut_down_by_kill():
-    """`shutdown_local_ray` reaches Ray's own process teardown and makes it kill (the controller's local Ray blocks
+    """`shutdown_ray` reaches Ray's own process teardown and makes it kill (the controller's local Ray blocks
     SIGTERM, so Ray's graceful SIGTERM only waited): right after it, Ray's head processes are gone and the
     driver is disconnected."""
     script = """
 import json, signal, psutil, ray
-from sweep._compat.ray import shutdown_local_ray
+from sweep._compat.ray import shutdown_ray
 mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False, num_cpus=1)
 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 head = [p for p in psutil.Process().children(recursive=True) if p.name() in ("gcs_server", "raylet")]
-forced = shutdown_local_ray(ray)
+forced = shutdown_ray(ray)
 alive = [p.name() for p in head if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 print(json.dumps({"forced": forced, "head": len(head), "alive": alive, "initialized": ray.is_initialized()}))
 """

@@ -8,6 +8,7 @@ batch sizes, accumulation, LoRA ranks and dropout.
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -307,7 +308,7 @@ def test_data_made_in_its_own_process_is_the_threads_and_its_errors_reach_the_pa
     from trial_worker.pack.engine import PackEngine
 
     job = jobs["b"]
-    before = set(Path(__import__("tempfile").gettempdir()).glob("sweep-pack-data-*"))
+    before = set(Path(tempfile.gettempdir()).glob("sweep-pack-data-*"))
     pad, train, val = start(job, own_process=True)()
     assert (pad, train, val) == start(job, own_process=False)()
     assert len(train) > 100 and all(s.n_targets for s in train + val)
@@ -319,7 +320,7 @@ def test_data_made_in_its_own_process_is_the_threads_and_its_errors_reach_the_pa
     short = JobConfig.model_validate(data)
     with pytest.raises(ValueError, match="none of the .* train rows has a response token within max_seq_length=4"):
         start(short, own_process=True)()
-    assert set(Path(__import__("tempfile").gettempdir()).glob("sweep-pack-data-*")) <= before  # nothing left
+    assert set(Path(tempfile.gettempdir()).glob("sweep-pack-data-*")) <= before  # nothing left
 
 
 def test_a_trial_that_leaves_frees_its_adapters_and_optimizer_state_at_once(jobs, tmp_path):
