@@ -9,7 +9,7 @@ compute, LoRA r16/alpha16 on the 7 projections; realistic row lengths: lognormal
 1,024), so "K=1" compares with that benchmark's own-process worker at the same effective batch. Mixed packs
 take the reference space's effective batches (batch {1,2,4} x accumulation {2,4,8}) in turn. Tokens/s counts
 real tokens (what the trials trained), timed over `--steps` pack steps after `--warmup`; rungs are set beyond
-the run, so no evaluation or checkpoint is timed. At K=8 (GPU) a torch.profiler table: CUDA kernel time per
+the run, so no evaluation or checkpoint is timed. At K=`--profile-k` (GPU; default 8) a torch.profiler table: CUDA kernel time per
 step, launches per step, top kernels. Figures merge into benchmarks/results/pack_steps.json under `--label`.
 
 `--root` runs another checkout's `trial_worker` (the engine's API as of 2026-12-05: PackEngine(job,
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ks", default="1a,1b,4,8,16", help="1a: one trial of effective batch 32, 1b: of 4; N: N mixed")
     ap.add_argument("--lora-mode", default=None, help="trial_worker.pack.lora.MODE (auto, grouped, segments)")
+    ap.add_argument("--profile-k", type=int, default=8, help="the pack size (of --ks) profiled with torch.profiler (GPU)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--work", default="/tmp/sweep-bench")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pack_steps.json"))
@@ -109,7 +110,7 @@ def main() -> None:
                              "step_tokens": getattr(engine, "step_tokens", None),
                              "effective_batches": [b * a for b, a in picks]}
         print(args.label, name, res["runs"][name], flush=True)
-        if k == 8 and cuda:
+        if k == args.profile_k and cuda:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -117,15 +118,16 @@ def main() -> None:
             ka = prof.key_averages()
             kernels = sorted([e for e in ka if e.device_type.name == "CUDA"], key=lambda e: -e.self_device_time_total)
             total = sum(e.self_device_time_total for e in kernels)
-            res["K8 profile"] = {
+            res[f"K{k} profile"] = {
+                "s_per_step_profiled": round(sps, 4),
                 "cuda_kernel_ms_per_step": round(total / 3 / 1000, 1),
                 "kernel_launches_per_step": sum(e.count for e in kernels) // 3,
                 "top_kernels_ms_per_step": [(e.key[:80], round(e.self_device_time_total / 3 / 1000, 2), e.count // 3)
-                                            for e in kernels[:15]],
+                                            for e in kernels[:25]],
                 "top_cpu_ms_per_step": [(e.key[:60], round(e.self_cpu_time_total / 3 / 1000, 2), e.count // 3)
                                         for e in sorted([e for e in ka if e.device_type.name == "CPU"],
-                                                        key=lambda e: -e.self_cpu_time_total)[:10]]}
-            print(json.dumps(res["K8 profile"], indent=0), flush=True)
+                                                        key=lambda e: -e.self_cpu_time_total)[:15]]}
+            print(json.dumps(res[f"K{k} profile"], indent=0), flush=True)
     out = Path(args.out)
     merged = json.loads(out.read_text()) if out.exists() else {}
     merged[args.label] = res

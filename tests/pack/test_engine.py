@@ -25,7 +25,7 @@ TRIALS = {
                        "gradient_accumulation_steps": 3, "seed": 7, "warmup_ratio": 0.2},
           "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
     "c": {"training": {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2, "optim": "sgd",
-                       "learning_rate": 0.05, "seed": 3}, "lora": {"r": 16, "target_modules": ["q_proj", "v_proj"]}},
+                       "learning_rate": 0.05, "seed": 3}, "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]}},
 }
 
 
@@ -141,6 +141,23 @@ def test_the_padding_free_layout_trains_as_the_row_layout(engine, jobs, solo):
     for i in jobs:  # the row layout's numbers (b's dropout masks too: drawn over its own tokens in the same order)
         assert close(packed[i]["loss"], solo[i]["loss"]) and close(packed[i]["val"], solo[i]["val"]), i
     assert close(packed["b"]["loss"], alone_b["loss"]) and close(packed["b"]["val"], alone_b["val"])
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_the_grouped_lora_matmul_trains_as_the_per_trial_matmuls(engine, jobs, solo, flat):
+    """The GPU's LoRA execution (`lora.MODE` "grouped": every trial's weights gathered into one grouped matmul
+    pair a layer, gradients spread back in one multi-tensor add), here in fp32 on the CPU, trains each trial as
+    alone: ranks 8/4/16 (zero-padded to 16), scalings 2/2/1, b's dropout, c on two of the seven projections."""
+    from trial_worker.pack import lora
+
+    engine.flat, lora.MODE = flat, "grouped"
+    try:
+        packed = drive(engine, jobs, join={"b": 1})
+    finally:
+        engine.flat, lora.MODE = False, "auto"
+    for i in jobs:
+        assert close(packed[i]["loss"], solo[i]["loss"]), (i, packed[i]["loss"], solo[i]["loss"])
+        assert close(packed[i]["val"], solo[i]["val"]), (i, packed[i]["val"], solo[i]["val"])
 
 
 def test_a_trial_gone_nan_fails_alone(engine, jobs, solo):

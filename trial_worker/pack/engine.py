@@ -152,8 +152,11 @@ class PackedTrial:
 
     def rewind_window(self) -> None:
         """Undo the current optimizer step's micro-batches (after an out-of-memory pack step)."""
-        for p in self.params:
-            p.grad = None
+        import torch
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
         self.cursor, self.micro, self.loss_acc = 0, 0, 0.0
 
     def check_finite(self, what: str, value: float, step: int) -> None:
@@ -170,7 +173,9 @@ class PackedTrial:
         self.last_lr = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # Kept, zeroed (a multi-tensor launch or two): the grouped LoRA adds each trial's gradient into it
+        # (`lora._spread`) in one multi-tensor add a layer, which a gradient set to None would make K copies.
+        self.optimizer.zero_grad(set_to_none=False)
         # Checked with the next step's losses (no sync of its own): an adapter gone non-finite fails its trial
         # before its rows are mixed with anyone's.
         self.params_ok = torch.stack(foreach_norm(self.params)).sum().isfinite()
