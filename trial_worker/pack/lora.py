@@ -166,7 +166,7 @@ class MultiLoRALinear(nn.Module):
         groups = [present.get(slot) if slot is not None else None for _, _, slot in spans]
         rmax = max(a.r for a in present.values())
         where = [g for g, a in enumerate(groups) if a is not None]
-        adapters = [groups[g] for g in where]
+        adapters: list[LoRAAdapter] = [a for a in groups if a is not None]
         n, dev = len(groups), x2.device
         new = torch.zeros if any(a is None or a.r < rmax for a in groups) else torch.empty
         with torch.no_grad():
