@@ -415,3 +415,35 @@ def test_a_data_process_that_dies_is_an_error_of_the_pack_and_one_whose_pack_die
     pack.wait()
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_trials_queued_together_join_one_per_pack_step_and_the_first_trains_at_once(jobs, tmp_path, monkeypatch):
+    """A join is host work that leaves the GPU idle when it happens before a step: the pack's first step starts
+    after the first queued trial joined, and while the pack trains the others join one between two steps; all of
+    them train to their end."""
+    import time
+
+    from trial_worker.marks import read
+    from trial_worker.pack.server import PackServer
+
+    monkeypatch.setenv("SWEEP_TIMELINE", str(tmp_path / "marks.jsonl"))
+    server = PackServer("joins")
+    ids = ["a", "b", "c"]
+    for i in ids:
+        server.join(i, jobs[i])
+    done: dict[str, bool] = {}
+    deadline = time.monotonic() + 300
+    while len(done) < len(ids) and time.monotonic() < deadline:
+        for i in ids:
+            for event in server.poll(i, 0.2):
+                assert event["kind"] != "error", event
+                if event["kind"] == "done":
+                    done[i] = True
+                else:
+                    server.proceed(i)
+    assert set(done) == set(ids), (done, server.error)
+    moments = [e for _, _, e in read(str(tmp_path / "marks.jsonl"), 0)
+               if e.startswith(("engine: training step", "pack: admit"))]
+    order = ["admit" if e.startswith("pack: admit") else "step" for e in moments][:5]
+    assert order == ["admit", "step", "admit", "step", "admit"], moments
+    assert moments[1].startswith("engine: training step 1 done (1 trials"), moments

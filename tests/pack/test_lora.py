@@ -20,11 +20,15 @@ def _layer(mode: str):
         layer.base.weight.copy_(torch.randn(24, 16, generator=g))
         layer.base.bias.copy_(torch.randn(24, generator=g))
     layer.base.requires_grad_(False)
-    for slot, (r, alpha) in enumerate([(4, 8.0), (8, 4.0), (8, 8.0)]):
-        a = lora.LoRAAdapter(16, 24, r, alpha, 0.0, g, "cpu", bf16_init=False)
+    # slots 0 and 1 as a pack makes them (views of one flat parameter, gradients kept), slot 2 plain tensors
+    flat, (a0,) = lora.new_adapters([(16, 24)], 4, 8.0, 0.0, g, "cpu", bf16_init=False)
+    _, (a1,) = lora.new_adapters([(16, 24)], 8, 4.0, 0.0, g, "cpu", bf16_init=False)
+    a2 = lora.LoRAAdapter(torch.randn(8, 16, generator=g), torch.zeros(24, 8), 8.0, 0.0)
+    for slot, a in enumerate([a0, a1, a2]):
         with torch.no_grad():
-            a.B.copy_(torch.randn(24, r, generator=g))  # B is zero at init: nonzero to give A a gradient
+            a.B.copy_(torch.randn(a.B.shape, generator=g))  # B is zero at init: nonzero to give A a gradient
         layer.adapters[str(slot)] = a
+    layer.flat0 = flat
     return layer, routing
 
 
@@ -47,6 +51,9 @@ def test_grouped_lora_gives_each_trial_its_own_output_and_gradients(mode, monkey
             outs.append(y.detach())
             xgrads.append(x.grad)
         got[m] = (outs, xgrads, {n: p.grad.clone() for n, p in layer.adapters.named_parameters()})
+        # slot 0's flat parameter (what its optimizer steps) has its adapter's gradients as its own
+        a0 = layer.adapters["0"]
+        assert torch.equal(layer.flat0.grad, torch.cat([a0.A.grad.flatten(), a0.B.grad.flatten()]))
     (outs, xgrads, grads), (r_outs, r_xgrads, r_grads) = got[mode], got["reference"]
     for a, b in zip(outs + xgrads, r_outs + r_xgrads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -69,4 +76,4 @@ def test_grouped_lora_in_evaluation_needs_no_gradients():
     finally:
         lora.MODE = "auto"
     assert y.shape == (1, 8, 24) and not y.requires_grad
-    assert all(p.grad is None for p in layer.adapters.parameters())
+    assert all(p.grad is None or not p.grad.any() for p in layer.adapters.parameters())

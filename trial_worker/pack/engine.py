@@ -152,11 +152,9 @@ class PackedTrial:
 
     def rewind_window(self) -> None:
         """Undo the current optimizer step's micro-batches (after an out-of-memory pack step)."""
-        import torch
 
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
+        for p in self.params:
+            p.grad.zero_()  # in place: the adapters' gradients are views of it
         self.cursor, self.micro, self.loss_acc = 0, 0, 0.0
 
     def check_finite(self, what: str, value: float, step: int) -> None:
@@ -173,8 +171,7 @@ class PackedTrial:
         self.last_lr = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
-        # Kept, zeroed (a multi-tensor launch or two): the grouped LoRA adds each trial's gradient into it
-        # (`lora._spread`) in one multi-tensor add a layer, which a gradient set to None would make K copies.
+        # Zeroed in place, never None: the adapters' gradients are views of it (`lora.new_adapters`).
         self.optimizer.zero_grad(set_to_none=False)
         # Checked with the next step's losses (no sync of its own): an adapter gone non-finite fails its trial
         # before its rows are mixed with anyone's.
@@ -371,21 +368,21 @@ class PackEngine:
         slot = min(set(range(len(self.trials) + 1)) - {t.slot for t in self.trials.values()})
         trial = PackedTrial(self, trial_id, job, slot, report, self.output_dir / trial_id, started_at)
         lora = job.model.lora
-        init = torch.Generator().manual_seed(job.training.seed)
-        named = {}
-        from trial_worker.pack.lora import LoRAAdapter
+        targeted = [(name, layer) for name, layer in self.layers.items()
+                    if lora.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in lora.target_modules]
+        if not targeted:
+            raise ValueError(f"model.lora.target_modules {lora.target_modules} names none of the model's linear layers")
+        from trial_worker.pack.lora import new_adapters
 
-        for name, layer in self.layers.items():
-            if lora.target_modules != "all-linear" and name.rsplit(".", 1)[-1] not in lora.target_modules:
-                continue
-            adapter = LoRAAdapter(layer.in_features, layer.out_features, lora.r, lora.alpha, lora.dropout, init,
-                                  self.device, bf16_init=job.model.quantization.load_in_4bit)
+        flat, adapters = new_adapters([(layer.in_features, layer.out_features) for _, layer in targeted], lora.r,
+                                      lora.alpha, lora.dropout, torch.Generator().manual_seed(job.training.seed),
+                                      self.device, bf16_init=job.model.quantization.load_in_4bit)
+        named = {}
+        for (name, layer), adapter in zip(targeted, adapters):
             layer.adapters[str(slot)] = adapter
             named[f"{name}.lora_A"], named[f"{name}.lora_B"] = adapter.A, adapter.B
-        if not named:
-            raise ValueError(f"model.lora.target_modules {lora.target_modules} names none of the model's linear layers")
         trial.named_params = named
-        trial.params = list(named.values())
+        trial.params = [flat]  # what the optimizer steps, clips and zeroes: the adapters are views of it
         args = sft_config(job, str(trial.output_dir), cpu=self.cpu)
         opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
         decay = args.weight_decay

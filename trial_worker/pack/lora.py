@@ -70,32 +70,56 @@ class Routing:
 
 
 class LoRAAdapter(nn.Module):
-    """One trial's A/B pair on one projection (PEFT's init: A Kaiming-uniform, B zero), kept in fp32.
+    """One trial's A/B pair on one projection, kept in fp32: `A` [r, in] and `B` [out, r] are views of the trial's
+    one flat parameter (`new_adapters`), each a leaf of its own (its own gradient, a view of the flat gradient)."""
 
-    Drawn as the solo worker's adapter is, number for number: `generator` is seeded with the trial's seed, as
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, alpha: float, dropout: float):
+        super().__init__()
+        self.A, self.B = nn.Parameter(A), nn.Parameter(B)
+        self.r = A.shape[0]
+        self.scaling = alpha / self.r
+        self.dropout = dropout
+
+
+def new_adapters(shapes: list[tuple[int, int]], r: int, alpha: float, dropout: float, generator: torch.Generator,
+                 device, *, bf16_init: bool) -> tuple[nn.Parameter, list[LoRAAdapter]]:
+    """A trial's adapters on layers of (in, out) `shapes`, and the one flat fp32 parameter they are views of
+    (PEFT's init: A Kaiming-uniform, B zero).
+
+    Drawn as the solo worker's adapters are, number for number: `generator` is seeded with the trial's seed, as
     the solo worker seeds the global RNG before PEFT builds its adapters (`recipe.QLoRATrial._setup_process`),
     and the adapters of the trial's layers are made in the model's module order, as PEFT makes them. PEFT's
     `nn.Linear` lora_A [r, in] and lora_B [out, r] first draw their default init (Kaiming-uniform, a=sqrt(5):
     bound 1/sqrt(fan in)), then lora_A is drawn again and lora_B zeroed; then TRL's SFTTrainer casts the adapters
     of a quantized (`bf16_init`) model to bf16, and the recipe back to fp32: A keeps bf16's rounding.
-    """
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
-                 generator: torch.Generator, device, *, bf16_init: bool):
-        super().__init__()
-        self.A = nn.Parameter(torch.empty(r, in_features, dtype=torch.float32, device="cpu"))
-        self.B = nn.Parameter(torch.zeros(out_features, r, dtype=torch.float32, device="cpu"))
-        bound = 1.0 / math.sqrt(in_features)
-        with torch.no_grad():
-            self.A.uniform_(-bound, bound, generator=generator)  # lora_A's nn.Linear default init (redrawn below)
-            torch.empty(out_features, r).uniform_(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r), generator=generator)
-            self.A.uniform_(-bound, bound, generator=generator)  # PEFT's kaiming_uniform_(a=sqrt(5))
-            if bf16_init:
-                self.A.copy_(self.A.to(torch.bfloat16))
-        self.to(device)
-        self.r = r
-        self.scaling = alpha / r
-        self.dropout = dropout
+    One flat tensor per trial: drawn on the CPU and copied to the device once (not once per tensor, 224 for the
+    1B shape), and its optimizer steps, zeroes, clips and checks one tensor (one launch each, not 224). The
+    optimizer's update is elementwise, the same on the flat tensor as on its pieces (8-bit optimizers quantize
+    their state in blocks of the flat tensor instead of each piece's: within the GPU's 1% parity)."""
+    sizes = [n for i, o in shapes for n in (r * i, o * r)]
+    flat = torch.zeros(sum(sizes), dtype=torch.float32)
+    views = list(torch.split(flat, sizes))
+    with torch.no_grad():
+        for k, (i, o) in enumerate(shapes):
+            A = views[2 * k].view(r, i)
+            bound = 1.0 / math.sqrt(i)
+            A.uniform_(-bound, bound, generator=generator)  # lora_A's nn.Linear default init (redrawn below)
+            torch.empty(o, r).uniform_(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r), generator=generator)
+            A.uniform_(-bound, bound, generator=generator)  # PEFT's kaiming_uniform_(a=sqrt(5))
+        if bf16_init:
+            for k in range(len(shapes)):
+                views[2 * k].copy_(views[2 * k].to(torch.bfloat16))
+    flat = nn.Parameter(flat.to(device))
+    flat.grad = torch.zeros_like(flat)
+    params = torch.split(flat.detach(), sizes)
+    grads = torch.split(flat.grad, sizes)
+    adapters = []
+    for k, (i, o) in enumerate(shapes):
+        a = LoRAAdapter(params[2 * k].view(r, i), params[2 * k + 1].view(o, r), alpha, dropout)
+        a.A.grad, a.B.grad = grads[2 * k].view(r, i), grads[2 * k + 1].view(o, r)
+        adapters.append(a)
+    return flat, adapters
 
 
 def grouped_ok(x: torch.Tensor, in_features: int, out_features: int, ranks) -> bool:
@@ -172,8 +196,9 @@ class MultiLoRALinear(nn.Module):
         with torch.no_grad():
             A = new(n, rmax, self.in_features, dtype=dtype, device=dev)
             B = new(n, self.out_features, rmax, dtype=dtype, device=dev)
-            a_views = [A[g, :a.r] for g, a in zip(where, adapters)]
-            b_views = [B[g, :, :a.r] for g, a in zip(where, adapters)]
+            a_rows, b_rows = A.unbind(0), B.unbind(0)  # one call for every group's view
+            a_views = [a_rows[g] if a.r == rmax else a_rows[g][:a.r] for g, a in zip(where, adapters)]
+            b_views = [b_rows[g] if a.r == rmax else b_rows[g][:, :a.r] for g, a in zip(where, adapters)]
             scales = [a.scaling for a in adapters]
             scaled = any(s != 1.0 for s in scales)
             torch._foreach_copy_(a_views, [a.A for a in adapters])
@@ -220,7 +245,8 @@ def _spread(params: list, where: list, ranks: list, scales: Optional[list], stac
     add; the gathered gradient is then dropped."""
     grad = stacked.grad.float()
     stacked.grad = None
-    parts = [grad[g, :r] if rows else grad[g, :, :r] for g, r in zip(where, ranks)]
+    full, groups = grad.shape[1 if rows else 2], grad.unbind(0)
+    parts = [groups[g] if r == full else groups[g][:r] if rows else groups[g][:, :r] for g, r in zip(where, ranks)]
     if scales is not None:
         parts = torch._foreach_mul(parts, scales)
     # A trial's span is one span in a pack step, but a slot given two spans gets both: its k-th part goes in the
