@@ -31,7 +31,7 @@ by tenths, so 1% of the loss can exceed all of the learning); `init_max_abs_diff
 adapters are the solo worker's (0.0: identical); `one_epoch`, whether every trial stayed in its first epoch.
 
 What made them differ, and what is left (CPU, tiny, 2026-12-06): the pack drew its LoRA A from its own stream
-(4.7e-4 relative at worst); it now draws PEFT's numbers (`pack.lora.LoRAAdapter`): 2.9e-7, fp32 rounding. Data
+(4.7e-4 relative at worst); it now draws PEFT's numbers (`pack.lora.new_adapters`): 2.9e-7, fp32 rounding. Data
 order was already the same (the Trainer's seedable sampler is `randperm(seed + epoch)`, as the pack's), as are
 loss normalisation and the optimizer. Still different by design: LoRA dropout masks (`--lora-dropout 0.1`:
 3.7e-5), the step at an epoch's end, and on a GPU bf16 rounding in other orders (see benchmarks/README.md).

@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--ks", default="1a,1b,4,8,16", help="1a: one trial of effective batch 32, 1b: of 4; N: N mixed")
     ap.add_argument("--lora-mode", default=None, help="trial_worker.pack.lora.MODE (auto, grouped, segments)")
     ap.add_argument("--profile-k", type=int, default=8, help="the pack size (of --ks) profiled with torch.profiler (GPU)")
+    ap.add_argument("--trace", help="write the profiled steps' chrome trace here (gzipped, .gz added)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--work", default="/tmp/sweep-bench")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pack_steps.json"))
@@ -114,12 +115,26 @@ def main() -> None:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                timed(3)
+                _, profiled_s = timed(3)
             ka = prof.key_averages()
+            # the GPU's busy share of the profiled steps: the union of its kernels' intervals over their span
+            spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+            busy, end = 0.0, float("-inf")
+            for a, b in spans:
+                busy += max(0.0, b - max(a, end))
+                end = max(end, b)
+            if args.trace:
+                import gzip
+
+                prof.export_chrome_trace(args.trace)
+                with open(args.trace, "rb") as f, gzip.open(args.trace + ".gz", "wb") as g:
+                    g.write(f.read())
+                Path(args.trace).unlink()
             kernels = sorted([e for e in ka if e.device_type.name == "CUDA"], key=lambda e: -e.self_device_time_total)
             total = sum(e.self_device_time_total for e in kernels)
             res[f"K{k} profile"] = {
-                "s_per_step_profiled": round(sps, 4),
+                "s_per_step_profiled": round(profiled_s, 4),
+                "gpu_busy_pct_profiled": round(100 * busy / max(1e-9, spans[-1][1] - spans[0][0]), 1) if spans else None,
                 "cuda_kernel_ms_per_step": round(total / 3 / 1000, 1),
                 "kernel_launches_per_step": sum(e.count for e in kernels) // 3,
                 "top_kernels_ms_per_step": [(e.key[:80], round(e.self_device_time_total / 3 / 1000, 2), e.count // 3)

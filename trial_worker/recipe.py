@@ -54,14 +54,18 @@ class TrialOOM(MemoryError):
 
 def quiet_libraries() -> None:
     """No progress bars or info logs from datasets/transformers in a trial's output."""
+    import sys
     import warnings
 
-    import datasets
     import transformers
 
     # transformers 5 renamed gradient_* to activation_checkpointing; TRL/PEFT still call the old names.
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*", category=FutureWarning)
-    datasets.disable_progress_bars()
+    # datasets reads this when imported (and its children inherit it): a pack, which never loads data itself
+    # (`pack.data` does, in a process of its own), does not import datasets only to quiet it.
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()
 
