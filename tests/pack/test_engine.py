@@ -447,3 +447,17 @@ def test_trials_queued_together_join_one_per_pack_step_and_the_first_trains_at_o
     order = ["admit" if e.startswith("pack: admit") else "step" for e in moments][:5]
     assert order == ["admit", "step", "admit", "step", "admit"], moments
     assert moments[1].startswith("engine: training step 1 done (1 trials"), moments
+
+
+def test_a_checkpoint_with_per_tensor_optimizer_state_is_refused_by_name(engine, jobs, solo, tmp_path):
+    """A pack's checkpoint keeps its trial's optimizer state for one flat tensor; one written by the earlier pack
+    (state per adapter tensor) is refused with what it is and what to do, not continued with a wrong state."""
+    import shutil
+
+    old = Path(shutil.copytree(solo["a"]["rung1"], tmp_path / "old"))
+    st = torch.load(old / "trainer_state.pt", weights_only=False)
+    st["optimizer"]["param_groups"][0]["params"] = [0, 1, 2]
+    torch.save(st, old / "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"holds optimizer state for 3 tensors.*earlier version"):
+        engine.add("old", jobs["a"], lambda m, d: None, resume_from=str(old))
+    assert "old" not in engine.trials

@@ -152,7 +152,6 @@ class PackedTrial:
 
     def rewind_window(self) -> None:
         """Undo the current optimizer step's micro-batches (after an out-of-memory pack step)."""
-
         for p in self.params:
             p.grad.zero_()  # in place: the adapters' gradients are views of it
         self.cursor, self.micro, self.loss_acc = 0, 0, 0.0
@@ -210,6 +209,11 @@ class PackedTrial:
             for n, p in self.named_params.items():
                 p.copy_(saved[n])
         st = torch.load(Path(directory) / "trainer_state.pt", map_location="cpu", weights_only=False)
+        held = [len(g["params"]) for g in st["optimizer"]["param_groups"]]
+        if held != [len(g["params"]) for g in self.optimizer.param_groups]:
+            raise ValueError(f"checkpoint {directory} holds optimizer state for {sum(held)} tensors; this pack keeps one "
+                             "flat tensor per trial: it was written by an earlier version of sweep's pack, which "
+                             "this one cannot continue (resume the study with that version, or start the trial anew)")
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         state = read_state(directory)
@@ -396,7 +400,11 @@ class PackEngine:
                                         scheduler_specific_kwargs=args.lr_scheduler_kwargs)
         self.trials[trial_id] = trial
         if resume_from:
-            trial.load(resume_from)
+            try:
+                trial.load(resume_from)
+            except BaseException:
+                self.remove(trial_id)  # a trial that cannot resume does not stay in the pack
+                raise
         trial.start_step = trial.step
         if trial.step >= top:
             trial.state = "done"

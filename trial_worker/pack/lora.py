@@ -70,8 +70,9 @@ class Routing:
 
 
 class LoRAAdapter(nn.Module):
-    """One trial's A/B pair on one projection, kept in fp32: `A` [r, in] and `B` [out, r] are views of the trial's
-    one flat parameter (`new_adapters`), each a leaf of its own (its own gradient, a view of the flat gradient)."""
+    """One trial's A/B pair on one projection, kept in fp32: `A` [r, in] and `B` [out, r]. In a pack they are views
+    of the trial's one flat parameter (`new_adapters`), each a leaf of its own whose gradient is a view of the flat
+    parameter's."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, alpha: float, dropout: float):
         super().__init__()
@@ -95,8 +96,9 @@ def new_adapters(shapes: list[tuple[int, int]], r: int, alpha: float, dropout: f
 
     One flat tensor per trial: drawn on the CPU and copied to the device once (not once per tensor, 224 for the
     1B shape), and its optimizer steps, zeroes, clips and checks one tensor (one launch each, not 224). The
-    optimizer's update is elementwise, the same on the flat tensor as on its pieces (8-bit optimizers quantize
-    their state in blocks of the flat tensor instead of each piece's: within the GPU's 1% parity)."""
+    optimizer's update is elementwise, the same on the flat tensor as on its pieces; an 8-bit optimizer quantizes
+    its state in blocks of 256 elements of the flat tensor, which are each piece's own blocks where every piece's
+    size is a multiple of 256 (every LoRA tensor of the 1B shape at r 8/16/32), else within the GPU's 1% parity."""
     sizes = [n for i, o in shapes for n in (r * i, o * r)]
     flat = torch.zeros(sum(sizes), dtype=torch.float32)
     views = list(torch.split(flat, sizes))
@@ -139,7 +141,6 @@ class MultiLoRALinear(nn.Module):
         self.routing = routing
         self.index = index  # this layer's place in the model: part of its dropout seeds
         self.adapters = nn.ModuleDict()  # str(slot) -> LoRAAdapter
-        self._zeros: dict = {}
 
     @property
     def in_features(self) -> int:
@@ -214,12 +215,6 @@ class MultiLoRALinear(nn.Module):
                 rows=False))
         h = grouped_mm(x2.contiguous(), A.transpose(1, 2), offsets)
         return grouped_mm(h, B.transpose(1, 2), offsets)
-
-    def _zero(self, rows: int, cols: int, device) -> torch.Tensor:
-        key = (rows, cols, str(device))
-        if key not in self._zeros:
-            self._zeros[key] = torch.zeros(rows, cols, dtype=torch.float32, device=device)
-        return self._zeros[key]
 
     def _dropped(self, x: torch.Tensor, adapters: dict) -> torch.Tensor:
         """`x` with each trial's LoRA dropout on its own rows (a mask from its own seed; none in evaluation)."""
