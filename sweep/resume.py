@@ -100,6 +100,7 @@ def tune_saved(run_dir: Path) -> bool:
     return (run_dir / "tuner.pkl").exists() and any(run_dir.glob("experiment_state-*.json"))
 
 
+TRIAL_ERROR_PICKLE = "error.pkl"  # Tune's pickled error of a failed trial, in its trial folder
 STATE_KINDS = ("experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl")  # one Tune save
 
 
@@ -148,7 +149,8 @@ def run_folder_problem(run_dir: Path) -> Optional[str]:
     """
     from sweep._compat.ray import ray_temp_dir
 
-    for p in [run_dir, *sorted(run_dir.glob("*.pkl")), *sorted(run_dir.glob("*.json"))]:
+    errors = sorted(run_dir.glob(f"*/{TRIAL_ERROR_PICKLE}"))  # each failed trial's error: Tune unpickles it too
+    for p in [run_dir, *sorted(run_dir.glob("*.pkl")), *sorted(run_dir.glob("*.json")), *errors]:
         why = distrust(p)
         if why == "owner":
             return (f"{p} belongs to user id {p.stat().st_uid}, not to you ({os.getuid()}); restoring unpickles it, "
@@ -160,6 +162,14 @@ def run_folder_problem(run_dir: Path) -> Optional[str]:
     newest: dict[str, Path] = {}
     for p in sorted([*run_dir.glob("*.json"), *run_dir.glob("*.pkl")]):
         newest[re.sub(r"-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d(?=\.\w+$)", "", p.name)] = p
+    # A failed trial's pickled error, cut short as the disk filled: Tune's restored run would fail at its end,
+    # unpickling it for its results. It goes; the trial keeps its error text (error.txt) and its FAIL in the study.
+    for p in errors:
+        why = _torn(p)
+        if why:
+            p.unlink()
+            print(f"sweep resume: {p} was cut short ({why}); removed (the trial's error text and its FAIL in the "
+                  "study stay)", file=sys.stderr, flush=True)
     torn = {p: _torn(p) for p in newest.values()}
     torn = {p: why for p, why in torn.items() if why}
     if torn and not _restore_from_ray_staging(run_dir, list(torn)):

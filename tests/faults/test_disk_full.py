@@ -199,3 +199,27 @@ def test_a_full_disk_fails_the_trial_clearly_stops_the_sweep_and_resume_finishes
                    + f"; Tune's experiment state in the run folder cut short ({'by the full disk' if cut_by_disk else 'by the test'}): "
                      "`sweep resume` put it back from Ray's own copy",
               seconds=seconds)
+
+
+def test_a_trial_error_cut_short_by_the_full_disk_is_dropped_before_a_resume(tmp_path):
+    """A failed trial's pickled error (Tune's error.pkl in its trial folder), cut short as the disk filled, would
+    fail the resumed sweep at its end, where Tune unpickles every failed trial's error: the resume check removes
+    it and keeps the error text; a whole one stays; one that every user could write is refused, as Tune's own
+    state files are (unpickling runs code)."""
+    import pickle
+
+    from sweep.resume import run_folder_problem
+
+    run = tmp_path / "run"
+    for t in ("t1", "t2"):
+        (run / t).mkdir(parents=True)
+    whole = pickle.dumps(RuntimeError("no space left on device"))
+    (run / "t1" / "error.pkl").write_bytes(whole[: len(whole) // 2])
+    (run / "t1" / "error.txt").write_text("no space left on device")
+    (run / "t2" / "error.pkl").write_bytes(whole)
+    assert run_folder_problem(run) is None
+    assert not (run / "t1" / "error.pkl").exists()
+    assert (run / "t1" / "error.txt").read_text() == "no space left on device"
+    assert (run / "t2" / "error.pkl").read_bytes() == whole
+    (run / "t2" / "error.pkl").chmod(0o666)
+    assert "writable by every user" in (run_folder_problem(run) or "")
