@@ -149,7 +149,8 @@ class PackServer:
 
     def _apply_commands(self) -> None:
         """Every command sent so far, those that came while one ran too (the first builds the engine, for
-        seconds: the trials that joined meanwhile are admitted before the next step, not one step later)."""
+        seconds: the trials that asked to join meanwhile are queued before the next step, not one step later;
+        `_admit` lets them in)."""
         while True:
             with self.lock:
                 commands, self.commands = list(self.commands), deque()
