@@ -121,6 +121,22 @@ def foreach_mul(tensors: Any, scalar: Any) -> Any:
     return torch._foreach_mul(tensors, scalar)
 
 
+def foreach_copy(dst: Any, src: Any) -> None:
+    """Copy each of `src` into each of `dst` (casting to its dtype), in one multi-tensor call (`torch._foreach_copy_`):
+    the grouped LoRA gathers every trial's adapter of a layer with it."""
+    import torch
+
+    torch._foreach_copy_(dst, src)
+
+
+def foreach_add(dst: Any, src: Any) -> None:
+    """Add each of `src` to each of `dst` in place, in one multi-tensor call (`torch._foreach_add_`): the grouped LoRA
+    spreads a layer's gathered gradient onto every trial's with it."""
+    import torch
+
+    torch._foreach_add_(dst, src)
+
+
 def has_grouped_mm() -> bool:
     """Whether this torch has `torch._grouped_mm` (2.8+)."""
     import torch

@@ -351,12 +351,17 @@ def test_torchs_multi_tensor_and_grouped_ops_the_pack_uses():
     """torch's private `_foreach_norm`, `_foreach_mul` and `_grouped_mm` compute what their names say."""
     import torch
 
-    from trial_worker._compat import foreach_mul, foreach_norm, grouped_mm, has_grouped_mm
+    from trial_worker._compat import foreach_add, foreach_copy, foreach_mul, foreach_norm, grouped_mm, has_grouped_mm
 
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(s, generator=g) for s in ((3, 5), (7,), (2, 2, 2))]
     assert all(torch.allclose(n, t.norm()) for n, t in zip(foreach_norm(ts), ts))
     assert all(torch.equal(m, t * 2.5) for m, t in zip(foreach_mul(ts, torch.tensor(2.5)), ts))
+    dst = [torch.zeros(3, 5, dtype=torch.bfloat16), torch.zeros(7)]
+    foreach_copy(dst, ts[:2])
+    assert torch.equal(dst[0], ts[0].bfloat16()) and torch.equal(dst[1], ts[1])
+    foreach_add(dst, ts[:2])
+    assert torch.equal(dst[1], ts[1] * 2)
     assert has_grouped_mm()
     x, w = torch.randn(10, 16, generator=g).bfloat16(), torch.randn(3, 16, 8, generator=g).bfloat16()
     ends = [4, 4, 10]  # an empty group too (a trial with no rows in a step)

@@ -392,7 +392,7 @@ class PackEngine:
         decay = args.weight_decay
         from trial_worker._compat import lean_bnb_step
 
-        # bitsandbytes' own step waits for the GPU after every parameter: K trials x 224 waits a pack step.
+        # bitsandbytes' own step waits for the GPU after every parameter: a wait per trial step for nothing.
         trial.optimizer = lean_bnb_step(opt_cls([{"params": trial.params, "weight_decay": decay}], **opt_kwargs))
         top = trial.rung_steps[-1]
         trial.scheduler = get_scheduler(args.lr_scheduler_type, trial.optimizer,

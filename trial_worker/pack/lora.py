@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from trial_worker._compat import grouped_mm, has_grouped_mm
+from trial_worker._compat import foreach_add, foreach_copy, foreach_mul, grouped_mm, has_grouped_mm
 
 # "auto": grouped where `grouped_ok`, else segments; "segments" / "grouped" force one (tests, benchmarks).
 MODE = "auto"
@@ -202,9 +202,8 @@ class MultiLoRALinear(nn.Module):
             b_views = [b_rows[g] if a.r == rmax else b_rows[g][:, :a.r] for g, a in zip(where, adapters)]
             scales = [a.scaling for a in adapters]
             scaled = any(s != 1.0 for s in scales)
-            torch._foreach_copy_(a_views, [a.A for a in adapters])
-            torch._foreach_copy_(b_views, torch._foreach_mul([a.B for a in adapters], scales) if scaled
-                                 else [a.B for a in adapters])
+            foreach_copy(a_views, [a.A for a in adapters])
+            foreach_copy(b_views, foreach_mul([a.B for a in adapters], scales) if scaled else [a.B for a in adapters])
         if torch.is_grad_enabled() and any(a.A.requires_grad for a in adapters):
             A.requires_grad_()
             B.requires_grad_()
@@ -243,7 +242,7 @@ def _spread(params: list, where: list, ranks: list, scales: Optional[list], stac
     full, groups = grad.shape[1 if rows else 2], grad.unbind(0)
     parts = [groups[g] if r == full else groups[g][:r] if rows else groups[g][:, :r] for g, r in zip(where, ranks)]
     if scales is not None:
-        parts = torch._foreach_mul(parts, scales)
+        parts = foreach_mul(parts, scales)
     # A trial's span is one span in a pack step, but a slot given two spans gets both: its k-th part goes in the
     # k-th add (one multi-tensor add must not write a tensor twice).
     rounds: list[list[int]] = []
@@ -259,7 +258,7 @@ def _spread(params: list, where: list, ranks: list, scales: Optional[list], stac
             params[i].grad = parts[i].clone(memory_format=torch.contiguous_format)
         have = [i for i in batch if i not in fresh]
         if have:
-            torch._foreach_add_([params[i].grad for i in have], [parts[i] for i in have])
+            foreach_add([params[i].grad for i in have], [parts[i] for i in have])
 
 
 def target_names(model, targets) -> list[str]:
