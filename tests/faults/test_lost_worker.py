@@ -44,10 +44,36 @@ def _victims(home: str, packing: str, task: str = "") -> list:
     return out
 
 
+def _busy(home: str, packing: str, run: LiveCli, wait_s: float = 30.0) -> list:
+    """The workers that hold a trial now: trial actors inside `train` and (packed, while any does) the pack server.
+    An idle actor (one Tune keeps for its next trial, or one still starting) holds none: its loss costs no trial
+    and no retry, so the kills that must cost one wait up to `wait_s` for a busy worker."""
+    deadline = time.monotonic() + wait_s
+    while run.proc.poll() is None and time.monotonic() < deadline:
+        victims = _victims(home, packing)
+        training = [p for p in victims if _title(p).startswith("ray::") and ".train" in _title(p)]
+        if training:
+            return training + [p for p in victims if _title(p).startswith("ray::PackServer")]
+        time.sleep(0.01)
+    return []
+
+
+def _title(p) -> str:
+    import psutil
+
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def _kill(victims: list, rng: random.Random) -> str:
     v = rng.choice(sorted(victims, key=lambda p: p.pid))
-    title = " ".join(v.cmdline())[:48].split()[0]
-    os.kill(v.pid, signal.SIGKILL)
+    title = (_title(v)[:48].split() or ["(gone)"])[0]
+    try:
+        os.kill(v.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return title + " (had ended)"
     return title
 
 
@@ -72,8 +98,8 @@ def test_a_worker_lost_at_random_moments_is_retried_and_trains(tmp_path, assets,
                 break
             delay = rng.uniform(0.0, 0.5)
             time.sleep(delay)
-            victims = _victims(env["SWEEP_HOME"], packing)
-            if run.proc.poll() is None and victims:
+            victims = _busy(env["SWEEP_HOME"], packing, run)
+            if victims:
                 kills.append(f"{delay:.2f} s after progress line {n}: {_kill(victims, rng)}")
                 time.sleep(0.5)
         while run.proc.poll() is None and not any("reset" in k for k in kills):

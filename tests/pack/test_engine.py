@@ -461,3 +461,38 @@ def test_a_checkpoint_with_per_tensor_optimizer_state_is_refused_by_name(engine,
     with pytest.raises(ValueError, match=r"holds optimizer state for 3 tensors.*earlier version"):
         engine.add("old", jobs["a"], lambda m, d: None, resume_from=str(old))
     assert "old" not in engine.trials
+
+
+def test_a_late_leave_of_an_earlier_attempt_does_not_drop_the_retry(jobs):
+    """A trial's attempt that lost its pack (the pack process killed) still sends `leave`; Ray delivers it to
+    the restarted pack, possibly after the trial's retry joined. That retry must train on to its end, not be
+    dropped and wait forever; a poll for an attempt the pack does not hold gets an error at once (the attempt
+    fails and Tune retries it), not an empty answer forever."""
+    import time
+
+    from trial_worker.formats import rung_steps
+    from trial_worker.pack.server import PackServer
+
+    server = PackServer("retries")
+    assert server.poll("a", 0.1, "first")[0]["kind"] == "error"  # never joined here (a restarted pack)
+    server.join("a", jobs["a"], attempt="first")
+    server.join("a", jobs["a"], attempt="retry")  # the retry of the same trial
+    server.leave("a", "first")  # the first attempt's leave, late
+    server.proceed("a", "first")
+    stale = server.poll("a", 0.1, "first")
+    assert [e["kind"] for e in stale] == ["error"] and "does not hold this attempt" in stale[0]["message"], stale
+    kinds: list[str] = []
+    deadline = time.monotonic() + 300
+    while "done" not in kinds and time.monotonic() < deadline:
+        for event in server.poll("a", 0.2, "retry"):
+            assert event["kind"] != "error", event
+            kinds.append(event["kind"])
+            if event["kind"] == "report":
+                server.proceed("a", "retry")
+    assert "done" in kinds, (kinds, server.error)
+    assert kinds.count("report") == len(rung_steps(jobs["a"])), kinds  # every rung of the retry, once
+    server.leave("a", "retry")
+    deadline = time.monotonic() + 10
+    while server.poll("a", 0.1, "retry")[:1] == [] and time.monotonic() < deadline:  # the leave is applied by the loop
+        pass
+    assert server.poll("a", 0.1, "retry")[0]["kind"] == "error"  # gone from the pack once it left

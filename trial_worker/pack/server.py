@@ -47,8 +47,13 @@ class PackServer:
         self.commands: deque = deque()  # (op, args), applied by the loop between pack steps
         self.queue: list = []  # trials waiting for room: (trial_id, job, resume_from, started_at)
         self.joined_at = -1  # the engine's step count at the last join (`_admit`)
+        self.held: dict[str, Optional[str]] = {}  # trial id -> the attempt whose trial the engine holds
         self.events: dict[str, list] = {}
         self.seen: dict[str, float] = {}
+        # trial id -> the attempt (a Tune attempt's own token) that holds it here now: what an earlier attempt
+        # of the same trial still sends (a `leave` or `proceed` Ray delivers late, after a retry joined) is
+        # ignored, and nothing of that attempt reaches the new one's events
+        self.attempts: dict[str, Optional[str]] = {}
         self.error: Optional[str] = None
         self.thread = threading.Thread(target=self._loop, name="pack-loop", daemon=True)
         self.thread.start()
@@ -63,35 +68,47 @@ class PackServer:
             return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                     "trials": held + len(self.queue), "error": self.error, "output_dir": self.output_dir}
 
-    def join(self, trial_id: str, job, resume_from: Optional[str] = None, started_at: Optional[float] = None) -> None:
+    def join(self, trial_id: str, job, resume_from: Optional[str] = None, started_at: Optional[float] = None,
+             attempt: Optional[str] = None) -> None:
         """Queue a trial for admission; it starts at the first pack step after there is room for it.
         `job`: the trial's `JobConfig` as the trial validated it (or its data, validated here once);
-        `started_at` (`time.time()`): when Tune started the trial, for its reports' `setup_s`."""
+        `started_at` (`time.time()`): when Tune started the trial, for its reports' `setup_s`; `attempt`: this
+        attempt's token, which its `poll`, `proceed` and `leave` give (a retry of the trial brings a new one)."""
         job = _job(job)
         mark(f"pack: join {trial_id}")
         with self.lock:
             self.events[trial_id] = []
             self.seen[trial_id] = time.monotonic()
-            self.commands.append(("join", (trial_id, job, resume_from, started_at)))
+            self.attempts[trial_id] = attempt
+            self.commands.append(("join", (trial_id, job, resume_from, started_at, attempt)))
             self.lock.notify_all()
 
-    def poll(self, trial_id: str, timeout: float = 5.0) -> list[dict]:
-        """The trial's events so far ({"kind": "report"|"error"|"done", ...}), waiting up to `timeout` s for one."""
+    def poll(self, trial_id: str, timeout: float = 5.0, attempt: Optional[str] = None) -> list[dict]:
+        """The trial's events so far ({"kind": "report"|"error"|"done", ...}), waiting up to `timeout` s for one.
+        A trial this pack does not hold for `attempt` (the pack process was restarted and came back empty, or a
+        newer attempt of the trial joined) gets an error: its attempt fails and Tune retries it, where it would
+        otherwise wait for events that never come."""
         with self.lock:
+            if trial_id not in self.events or self.attempts.get(trial_id) != attempt:
+                return [{"kind": "error", "type": "RuntimeError",
+                         "message": f"pack {self.name} (process {os.getpid()}) does not hold this attempt of the trial: "
+                                    "the pack process was restarted, or a newer attempt joined"}]
             self.seen[trial_id] = time.monotonic()
             self.lock.wait_for(lambda: self.events.get(trial_id) or self.error, timeout=timeout)
             if self.error and not self.events.get(trial_id):
                 return [{"kind": "error", "type": "RuntimeError", "message": f"pack {self.name} failed: {self.error}"}]
-            out, self.events[trial_id] = self.events.get(trial_id, []), []
+            out = self.events.get(trial_id, [])
+            if trial_id in self.events:
+                self.events[trial_id] = []
             return out
 
-    def proceed(self, trial_id: str) -> None:
+    def proceed(self, trial_id: str, attempt: Optional[str] = None) -> None:
         """Tune took the trial's rung report and lets it go on (ASHA did not stop it)."""
-        self._command("proceed", trial_id)
+        self._command("proceed", (trial_id, attempt))
 
-    def leave(self, trial_id: str) -> None:
+    def leave(self, trial_id: str, attempt: Optional[str] = None) -> None:
         """The trial stopped (pruned, finished, failed, or its actor is going away): drop it from the pack."""
-        self._command("leave", trial_id)
+        self._command("leave", (trial_id, attempt))
 
     def evaluate_base(self, job) -> dict:
         """{"val_loss", "ppl", "tokens"} of the untrained base on the job's validation rows, on the warm base."""
@@ -111,9 +128,10 @@ class PackServer:
             self.commands.append((op, args))
             self.lock.notify_all()
 
-    def _emit(self, trial_id: str, event: dict) -> None:
+    def _emit(self, trial_id: str, event: dict, attempt: Optional[str]) -> None:
+        """`event` for the attempt `attempt` of the trial, if it is the one that holds the trial here now."""
         with self.lock:
-            if trial_id in self.events:
+            if trial_id in self.events and self.attempts.get(trial_id) == attempt:
                 self.events[trial_id].append(event)
                 self.lock.notify_all()
 
@@ -168,15 +186,22 @@ class PackServer:
         """One command from `join`, `leave`, `proceed` or `evaluate_base`, on the loop thread."""
         if op == "join":
             trial_id = args[0]
+            if not self._current(trial_id, args[4]):
+                return  # a newer attempt joined meanwhile
             self.queue = [q for q in self.queue if q[0] != trial_id] + [args]
             if self.engine is not None:
                 self.engine.remove(trial_id)  # a retry of a trial the pack still held
         elif op == "leave":
-            mark(f"pack: leave {args}")
-            self._apply_leave(args)
+            trial_id, attempt = args
+            if not self._current(trial_id, attempt):
+                mark(f"pack: leave {trial_id} of an earlier attempt, ignored")
+                return
+            mark(f"pack: leave {trial_id}")
+            self._apply_leave(trial_id)
         elif op == "proceed":
-            mark(f"pack: proceed {args}")
-            t = self.engine.trials.get(args) if self.engine else None
+            trial_id, attempt = args
+            mark(f"pack: proceed {trial_id}")
+            t = self.engine.trials.get(trial_id) if self.engine and self._current(trial_id, attempt) else None
             if t is not None and t.state == "parked":
                 t.state = "running"
         elif op == "evaluate_base":
@@ -196,6 +221,11 @@ class PackServer:
             except Exception as e:  # noqa: BLE001 - handed back to the caller
                 finished(None, e)
 
+    def _current(self, trial_id: str, attempt: Optional[str]) -> bool:
+        """Whether `attempt` is the one that holds `trial_id` here now."""
+        with self.lock:
+            return trial_id in self.attempts and self.attempts[trial_id] == attempt
+
     def _apply_leave(self, trial_id: str) -> None:
         self.queue = [q for q in self.queue if q[0] != trial_id]
         if self.engine is not None:
@@ -203,6 +233,8 @@ class PackServer:
         with self.lock:
             self.events.pop(trial_id, None)
             self.seen.pop(trial_id, None)
+            self.attempts.pop(trial_id, None)
+        self.held.pop(trial_id, None)
 
     def _admit(self) -> None:
         """Queued trials join, oldest first, while there is room. One join between two pack steps once the pack
@@ -218,23 +250,24 @@ class PackServer:
         while self.queue:
             if self.engine is not None and self.engine.running() and self.joined_at == self.engine.steps:
                 return  # one join between two steps while the pack trains
-            trial_id, job, resume_from, started_at = self.queue[0]
+            trial_id, job, resume_from, started_at, attempt = self.queue[0]
             try:
                 e = self._engine_for(job)
                 if pack_key(job) != e.key or not e.fits(job):
                     return
                 self.queue.pop(0)
                 mark(f"pack: admit {trial_id}")
-                e.add(trial_id, job, lambda m, d, tid=trial_id: self._emit(tid, {"kind": "report", "metrics": m,
-                                                                               "checkpoint": d, "pack": self.name}),
+                e.add(trial_id, job, lambda m, d, tid=trial_id, a=attempt: self._emit(
+                          tid, {"kind": "report", "metrics": m, "checkpoint": d, "pack": self.name}, a),
                       resume_from=resume_from, started_at=started_at)
+                self.held[trial_id] = attempt
                 self.joined_at = e.steps
             except Exception as err:  # noqa: BLE001 - a trial that cannot join fails alone
                 if self.queue and self.queue[0][0] == trial_id:
                     self.queue.pop(0)
                 if self.engine is not None:
                     self.engine.remove(trial_id)
-                self._emit(trial_id, _error_event(err))
+                self._emit(trial_id, _error_event(err), attempt)
 
     def _drain(self) -> None:
         """Hand each failed or finished trial's end to its owner, and take it out of the pack."""
@@ -242,11 +275,11 @@ class PackServer:
         if e is None:
             return
         for t in e.failed:
-            self._emit(t.id, _error_event(t.error))
+            self._emit(t.id, _error_event(t.error), self.held.get(t.id))
         e.failed.clear()
         for t in [t for t in e.trials.values() if t.state == "done"]:
             e.remove(t.id)
-            self._emit(t.id, {"kind": "done"})
+            self._emit(t.id, {"kind": "done"}, self.held.get(t.id))
 
 
 def _process_start() -> Optional[float]:

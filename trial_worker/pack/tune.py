@@ -110,14 +110,19 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
 def _relay(pack, pack_name: str, trial_id: str, job, attempt, started_at: float) -> None:
     """The trial in the pack, from `attempt.resume_from`: each rung the pack reports goes to Tune
     (`attempt.report`), then the pack goes on; its failure is raised here as the trial's."""
+    import uuid
+
     import ray
 
     from trial_worker import lifecycle, recipe
 
-    ray.get(pack.join.remote(trial_id, job, attempt.resume_from, started_at))
+    # This attempt's token: what an earlier attempt of the trial still sends the pack (its `leave`, delivered
+    # late by Ray after a pack restart) cannot drop this one, and a pack that lost it says so at the next poll.
+    token = uuid.uuid4().hex
+    ray.get(pack.join.remote(trial_id, job, attempt.resume_from, started_at, token))
     try:
         while True:
-            for event in ray.get(pack.poll.remote(trial_id, 5.0)):
+            for event in ray.get(pack.poll.remote(trial_id, 5.0, token)):
                 if event["kind"] == "done":
                     return
                 if event["kind"] == "error":
@@ -127,6 +132,6 @@ def _relay(pack, pack_name: str, trial_id: str, job, attempt, started_at: float)
                     raise RuntimeError(f"{event['type']}: {event['message']} (in pack {pack_name})\n"
                                        f"{event.get('traceback', '')}")
                 attempt.report(dict(event["metrics"], pack=event["pack"]), event["checkpoint"])
-                pack.proceed.remote(trial_id)  # Tune has its copy and did not stop the trial: it goes on
+                pack.proceed.remote(trial_id, token)  # Tune has its copy and did not stop the trial: it goes on
     finally:
-        pack.leave.remote(trial_id)
+        pack.leave.remote(trial_id, token)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Issue #19's GPU measurements in as few device calls as they fit: each stage named on the command line runs
+# in turn, and copies its results to $OUT as soon as it ends (a call cut short by its time limit still brings
+# back every stage that finished). Run from the repository root, with the GPU site unpacked on PYTHONPATH
+# (../shared/device/make-gpu-site.sh prints how). Stages, with the wall time each took on an H100 (2026-12-07):
+#
+#   steps     the pack engine alone at K = 1a, 8, 24 mixed trials; torch.profiler at K=24 with its chrome trace
+#             (benchmarks/pack_steps.py; ~60-100 s). With .baseline/ (an older checkout, e.g.
+#             `git archive <commit> | tar x -C .baseline`) it runs that checkout's engine first, same card.
+#   packed    the reference 24-trial sweep, packed (benchmarks/sweep_makespan.py; ~280 s)
+#   solo      the same 24 trials, one trial per process, cut at $SOLO_S s (default 480): figures of an unfinished
+#             sweep, tokens/s over its wall time (the whole one takes >600 s, a device call's limit)
+#   lone      one trial alone in a pack, then in its own process (~150 s)
+#   parity    packed vs own-process val loss at every rung, 4 fixed configs (benchmarks/pack_parity.py; ~110 s)
+#
+#   bash benchmarks/pack_gpu.sh steps packed       # one call (~400 s)
+#   bash benchmarks/pack_gpu.sh solo               # the next
+#   bash benchmarks/pack_gpu.sh parity lone        # and the next
+#   TINY=1 bash benchmarks/pack_gpu.sh steps packed solo lone parity   # a CPU try-out of the script (tiny model)
+set -uo pipefail
+OUT=${OUT:-$PWD/out-pack}
+W=${W:-/tmp/sweep_makespan}
+mkdir -p "$OUT" "$W"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+PY=${PY:-python}
+TRIALS=24; KS=1a,8,24; STEPS_TINY=(); SWEEP_TINY=(); PARITY_TINY=()
+if [ -n "${TINY:-}" ]; then
+    TRIALS=4; KS=1a,2; STEPS_TINY=(--tiny --steps 2 --warmup 1); SWEEP_TINY=(--tiny --ladder 2,4 --rows 200)
+    PARITY_TINY=(--tiny)
+fi
+t0=$(date +%s)
+stamp() { echo "== $(( $(date +%s) - t0 )) s: $*"; }
+date -u +"%Y-%m-%dT%H:%M:%SZ" > "$OUT/started"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
+git rev-parse HEAD > "$OUT/commit" 2>/dev/null || true
+
+keep() {  # copy the stage's result files to $OUT now
+    for f in "$@"; do [ -e "$f" ] && cp -r "$f" "$OUT/"; done
+    cp "$W"/*.marks.jsonl "$OUT/" 2>/dev/null || true
+}
+
+for stage in "$@"; do
+    stamp "$stage"
+    case $stage in
+        steps)
+            if [ -d .baseline/trial_worker ]; then
+                $PY benchmarks/pack_steps.py --root .baseline --label before --ks $KS --profile-k 24 "${STEPS_TINY[@]}" \
+                    --out "$OUT/pack_steps.json" 2>&1 | tail -40
+            fi
+            $PY benchmarks/pack_steps.py --label after --ks $KS --profile-k 24 "${STEPS_TINY[@]}" \
+                --trace "$OUT/pack_k24_trace.json" --out "$OUT/pack_steps.json" 2>&1 | tail -40
+            ;;
+        packed)
+            $PY benchmarks/sweep_makespan.py --mode packed --trials $TRIALS "${SWEEP_TINY[@]}" --out "$OUT/makespan_packed.json" 2>&1 | tail -40
+            keep
+            ;;
+        solo)
+            $PY benchmarks/sweep_makespan.py --mode solo --trials $TRIALS "${SWEEP_TINY[@]}" --max-s "${SOLO_S:-480}" \
+                --out "$OUT/makespan_solo.json" 2>&1 | tail -40
+            keep
+            ;;
+        lone)
+            $PY benchmarks/sweep_makespan.py --mode lone "${SWEEP_TINY[@]}" --out "$OUT/makespan_lone.json" 2>&1 | tail -40
+            keep
+            ;;
+        parity)
+            $PY benchmarks/pack_parity.py "${PARITY_TINY[@]}" --out "$OUT/pack_parity.json" 2>&1 | tail -40
+            ;;
+        *)
+            echo "unknown stage $stage (steps, packed, solo, lone, parity)"; exit 2
+            ;;
+    esac
+    stamp "$stage done"
+done
