@@ -51,16 +51,16 @@ for stage in "$@"; do
                 --trace "$OUT/pack_k24_trace.json" --out "$OUT/pack_steps.json" 2>&1 | tail -40
             ;;
         packed)
-            $PY benchmarks/sweep_makespan.py --mode packed --trials $TRIALS "${SWEEP_TINY[@]}" --out "$OUT/makespan_packed.json" 2>&1 | tail -40
+            $PY benchmarks/sweep_makespan.py --mode packed --trials $TRIALS "${SWEEP_TINY[@]}" --work "$W" --out "$OUT/makespan_packed.json" 2>&1 | tail -40
             keep
             ;;
         solo)
-            $PY benchmarks/sweep_makespan.py --mode solo --trials $TRIALS "${SWEEP_TINY[@]}" --max-s "${SOLO_S:-480}" \
+            $PY benchmarks/sweep_makespan.py --mode solo --trials $TRIALS "${SWEEP_TINY[@]}" --work "$W" --max-s "${SOLO_S:-480}" \
                 --out "$OUT/makespan_solo.json" 2>&1 | tail -40
             keep
             ;;
         lone)
-            $PY benchmarks/sweep_makespan.py --mode lone "${SWEEP_TINY[@]}" --out "$OUT/makespan_lone.json" 2>&1 | tail -40
+            $PY benchmarks/sweep_makespan.py --mode lone "${SWEEP_TINY[@]}" --work "$W" --out "$OUT/makespan_lone.json" 2>&1 | tail -40
             keep
             ;;
         parity)

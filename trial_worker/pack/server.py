@@ -45,7 +45,7 @@ class PackServer:
         self.engine: Optional[Any] = None  # the PackEngine, built by the first trial (or base evaluation)
         self.lock = threading.Condition()
         self.commands: deque = deque()  # (op, args), applied by the loop between pack steps
-        self.queue: list = []  # trials waiting for room: (trial_id, job, resume_from, started_at)
+        self.queue: list = []  # trials waiting for room: (trial_id, job, resume_from, started_at, attempt)
         self.joined_at = -1  # the engine's step count at the last join (`_admit`)
         self.held: dict[str, Optional[str]] = {}  # trial id -> the attempt whose trial the engine holds
         self.events: dict[str, list] = {}
