@@ -65,7 +65,12 @@ def quiet_libraries() -> None:
     # (`pack.data` does, in a process of its own), does not import datasets only to quiet it.
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     if "datasets" in sys.modules:
-        sys.modules["datasets"].disable_progress_bars()
+        # Imported, or being imported by another thread now (a CPU pack's data thread, `pack.data`): the import
+        # statement waits for that import to finish, where the half-made module in sys.modules has no
+        # `disable_progress_bars` yet (seen: the pack's start failed on it).
+        import datasets
+
+        datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_progress_bar()
 

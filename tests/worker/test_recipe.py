@@ -125,3 +125,29 @@ def test_same_params_and_seed_give_the_same_trial(tiny_model, task_data, tmp_pat
     run(job, report=lambda m, d: first.append(m["val_loss"]), output_dir=tmp_path / "a")
     run(job, report=lambda m, d: second.append(m["val_loss"]), output_dir=tmp_path / "b")
     assert first == second
+
+
+def test_libraries_are_quieted_while_another_thread_imports_datasets():
+    """A CPU pack makes its data in a thread (which imports `datasets`) while its main thread quiets the
+    libraries: caught half-imported, `datasets` must be waited for and quieted, not fail the pack's start
+    ("partially initialized module 'datasets' has no attribute 'disable_progress_bars'")."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, threading
+import transformers  # imported first, as in the pack; datasets is then imported by the thread
+t = threading.Thread(target=lambda: __import__("datasets"))
+t.start()
+while "datasets" not in sys.modules:
+    pass
+half = not hasattr(sys.modules["datasets"], "disable_progress_bars")
+from trial_worker.recipe import quiet_libraries
+quiet_libraries()
+t.join()
+from datasets import are_progress_bars_disabled
+print("caught half-imported:", half, "quiet:", are_progress_bars_disabled())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "quiet: True" in out.stdout, out.stdout
