@@ -496,3 +496,33 @@ def test_a_late_leave_of_an_earlier_attempt_does_not_drop_the_retry(jobs):
     while server.poll("a", 0.1, "retry")[:1] == [] and time.monotonic() < deadline:  # the leave is applied by the loop
         pass
     assert server.poll("a", 0.1, "retry")[0]["kind"] == "error"  # gone from the pack once it left
+
+
+def test_a_poll_left_waiting_by_a_dead_attempt_does_not_take_the_retrys_reports(jobs):
+    """A trial's attempt killed while its poll waits in the pack: the pack still runs that poll. When the retry
+    joins, the orphan poll must end (an error its dead caller never sees), not take the retry's first rung
+    report, which the retry would then never see (its trial parked for good, the sweep hung)."""
+    import threading
+    import time
+
+    from trial_worker.formats import rung_steps
+    from trial_worker.pack.server import PackServer
+
+    server = PackServer("orphans")
+    server.join("a", jobs["a"], attempt="dead")
+    orphan: list = []
+    waiting = threading.Thread(target=lambda: orphan.extend(server.poll("a", 60.0, "dead")))
+    waiting.start()
+    time.sleep(0.2)  # the dead attempt's poll waits in the pack
+    server.join("a", jobs["a"], attempt="retry")
+    waiting.join(timeout=10)
+    assert not waiting.is_alive() and [e["kind"] for e in orphan] == ["error"], orphan
+    kinds: list[str] = []
+    deadline = time.monotonic() + 300
+    while "done" not in kinds and time.monotonic() < deadline:
+        for event in server.poll("a", 0.2, "retry"):
+            assert event["kind"] != "error", event
+            kinds.append(event["kind"])
+            if event["kind"] == "report":
+                server.proceed("a", "retry")
+    assert kinds.count("report") == len(rung_steps(jobs["a"])) and kinds[-1] == "done", (kinds, server.error)

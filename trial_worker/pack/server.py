@@ -88,18 +88,23 @@ class PackServer:
         A trial this pack does not hold for `attempt` (the pack process was restarted and came back empty, or a
         newer attempt of the trial joined) gets an error: its attempt fails and Tune retries it, where it would
         otherwise wait for events that never come."""
+        def held() -> bool:
+            return trial_id in self.events and self.attempts.get(trial_id) == attempt
+
         with self.lock:
-            if trial_id not in self.events or self.attempts.get(trial_id) != attempt:
+            if held():
+                self.seen[trial_id] = time.monotonic()
+                # Woken as well when another attempt takes the trial over: a poll the pack still runs for a dead
+                # attempt (its caller killed mid-wait) must not take the new attempt's events, which its dead
+                # caller would never see (seen: a retried trial parked for good after its rung report).
+                self.lock.wait_for(lambda: self.events.get(trial_id) or self.error or not held(), timeout=timeout)
+            if not held():
                 return [{"kind": "error", "type": "RuntimeError",
                          "message": f"pack {self.name} (process {os.getpid()}) does not hold this attempt of the trial: "
                                     "the pack process was restarted, or a newer attempt joined"}]
-            self.seen[trial_id] = time.monotonic()
-            self.lock.wait_for(lambda: self.events.get(trial_id) or self.error, timeout=timeout)
-            if self.error and not self.events.get(trial_id):
+            if self.error and not self.events[trial_id]:
                 return [{"kind": "error", "type": "RuntimeError", "message": f"pack {self.name} failed: {self.error}"}]
-            out = self.events.get(trial_id, [])
-            if trial_id in self.events:
-                self.events[trial_id] = []
+            out, self.events[trial_id] = self.events[trial_id], []
             return out
 
     def proceed(self, trial_id: str, attempt: Optional[str] = None) -> None:
@@ -234,6 +239,7 @@ class PackServer:
             self.events.pop(trial_id, None)
             self.seen.pop(trial_id, None)
             self.attempts.pop(trial_id, None)
+            self.lock.notify_all()  # a poll waiting for it returns now
         self.held.pop(trial_id, None)
 
     def _admit(self) -> None:
