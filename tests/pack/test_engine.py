@@ -526,3 +526,33 @@ def test_a_poll_left_waiting_by_a_dead_attempt_does_not_take_the_retrys_reports(
             if event["kind"] == "report":
                 server.proceed("a", "retry")
     assert kinds.count("report") == len(rung_steps(jobs["a"])) and kinds[-1] == "done", (kinds, server.error)
+
+
+def test_a_trial_whose_attempt_stopped_polling_is_dropped_unless_tune_holds_its_rung_report(jobs, monkeypatch):
+    """An attempt killed while its trial trains (and not retried: Tune stopped the trial then) never says
+    `leave`: the pack drops the trial once its attempt has not polled for `LOST_S`, freeing its slot, rather
+    than training it for nobody. A trial parked at a rung (Tune is taking its report: its attempt does not poll
+    then) is kept."""
+    import time
+
+    import trial_worker.pack.server as srv
+
+    monkeypatch.setattr(srv, "LOST_S", 1.5)
+    server = srv.PackServer("zombies")
+    server.join("kept", jobs["a"], attempt="k")
+    server.join("lost", jobs["b"], attempt="l")
+    parked_at = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        events = server.poll("kept", 0.2, "k")  # "lost" is never polled
+        if any(e["kind"] == "report" for e in events):
+            parked_at = time.monotonic()
+            break
+    assert parked_at is not None, server.error
+    while time.monotonic() < deadline and "lost" in server.attempts:
+        time.sleep(0.1)
+    assert "lost" not in server.attempts and "lost" not in (server.engine.trials if server.engine else {})
+    time.sleep(2.0)  # "kept" sits parked (not polled) past LOST_S: Tune holds its report
+    assert server.engine.trials["kept"].state == "parked"
+    server.proceed("kept", "k")
+    assert server.poll("kept", 5.0, "k")[0]["kind"] in ("report", "done")

@@ -23,7 +23,11 @@ from typing import Any, Optional
 
 from trial_worker.marks import mark
 
-STALE_S = 900.0  # a trial that has not polled for this long lost its Tune actor: it is dropped from the pack
+# A trial whose attempt has not polled for this long lost its Tune actor (killed, or stopped without a word):
+# it is dropped from the pack, its slot and memory freed. An attempt polls all the time (each poll waits up to
+# 5 s) except while Tune takes its rung report, and its trial is parked then: a parked trial gets the long time.
+LOST_S = 60.0
+STALE_S = 900.0
 
 
 class PackServer:
@@ -183,8 +187,12 @@ class PackServer:
                 self._apply(op, args)
         now = time.monotonic()
         with self.lock:
-            stale = [tid for tid, t in self.seen.items() if now - t > STALE_S]
+            seen = dict(self.seen)
+        trials = self.engine.trials if self.engine is not None else {}
+        stale = [tid for tid, t in seen.items()
+                 if now - t > (STALE_S if tid in trials and trials[tid].state == "parked" else LOST_S)]
         for tid in stale:
+            mark(f"pack: {tid} dropped, its attempt stopped polling")
             self._apply_leave(tid)
 
     def _apply(self, op: str, args) -> None:
