@@ -508,17 +508,23 @@ def test_a_poll_left_waiting_by_a_dead_attempt_does_not_take_the_retrys_reports(
     from trial_worker.formats import rung_steps
     from trial_worker.pack.server import PackServer
 
-    server = PackServer("orphans")
+    server = PackServer("orphans", max_trials=1)
+    # The one place is taken (a trial parked at its first rung) while the dead attempt's poll waits, so that
+    # attempt has no event of its own: whatever its poll returns is the retry's.
+    server.join("blocker", jobs["b"], attempt="x")
+    deadline = time.monotonic() + 300
+    while not any(e["kind"] == "report" for e in server.poll("blocker", 0.2, "x")) and time.monotonic() < deadline:
+        pass
     server.join("a", jobs["a"], attempt="dead")
     orphan: list = []
     waiting = threading.Thread(target=lambda: orphan.extend(server.poll("a", 60.0, "dead")))
     waiting.start()
     time.sleep(0.2)  # the dead attempt's poll waits in the pack
     server.join("a", jobs["a"], attempt="retry")
+    server.leave("blocker", "x")  # room for the retry
     waiting.join(timeout=10)
     assert not waiting.is_alive() and [e["kind"] for e in orphan] == ["error"], orphan
     kinds: list[str] = []
-    deadline = time.monotonic() + 300
     while "done" not in kinds and time.monotonic() < deadline:
         for event in server.poll("a", 0.2, "retry"):
             assert event["kind"] != "error", event
@@ -531,8 +537,8 @@ def test_a_poll_left_waiting_by_a_dead_attempt_does_not_take_the_retrys_reports(
 def test_a_trial_whose_attempt_stopped_polling_is_dropped_unless_tune_holds_its_rung_report(jobs, monkeypatch):
     """An attempt killed while its trial trains (and not retried: Tune stopped the trial then) never says
     `leave`: the pack drops the trial once its attempt has not polled for `LOST_S`, freeing its slot, rather
-    than training it for nobody. A trial parked at a rung (Tune is taking its report: its attempt does not poll
-    then) is kept."""
+    than training it for nobody (also once parked at a rung whose report nobody took). A trial parked at a rung
+    whose report its attempt took (Tune is taking it: the attempt does not poll then) is kept."""
     import time
 
     import trial_worker.pack.server as srv

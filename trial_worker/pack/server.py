@@ -25,7 +25,8 @@ from trial_worker.marks import mark
 
 # A trial whose attempt has not polled for this long lost its Tune actor (killed, or stopped without a word):
 # it is dropped from the pack, its slot and memory freed. An attempt polls all the time (each poll waits up to
-# 5 s) except while Tune takes its rung report, and its trial is parked then: a parked trial gets the long time.
+# 5 s) except while Tune takes the rung report the attempt took from the pack, and its trial is parked then: a
+# parked trial whose report was taken gets the long time.
 LOST_S = 60.0
 STALE_S = 900.0
 
@@ -188,9 +189,13 @@ class PackServer:
         now = time.monotonic()
         with self.lock:
             seen = dict(self.seen)
+            untaken = {tid for tid, events in self.events.items() if events}
         trials = self.engine.trials if self.engine is not None else {}
-        stale = [tid for tid, t in seen.items()
-                 if now - t > (STALE_S if tid in trials and trials[tid].state == "parked" else LOST_S)]
+
+        def grace(tid: str) -> float:  # parked with its report taken: Tune holds the report, the attempt waits
+            return STALE_S if tid in trials and trials[tid].state == "parked" and tid not in untaken else LOST_S
+
+        stale = [tid for tid, t in seen.items() if now - t > grace(tid)]
         for tid in stale:
             mark(f"pack: {tid} dropped, its attempt stopped polling")
             self._apply_leave(tid)
