@@ -25,8 +25,7 @@ from trial_worker.marks import mark
 
 # A trial whose attempt has not polled for this long lost its Tune actor (killed, or stopped without a word):
 # it is dropped from the pack, its slot and memory freed. An attempt polls all the time (each poll waits up to
-# 5 s) except while Tune takes the rung report the attempt took from the pack, and its trial is parked then: a
-# parked trial whose report was taken gets the long time.
+# 5 s) except while Tune takes a rung report the attempt took from the pack: then it gets the long time.
 LOST_S = 60.0
 STALE_S = 900.0
 
@@ -59,6 +58,7 @@ class PackServer:
         # of the same trial still sends (a `leave` or `proceed` Ray delivers late, after a retry joined) is
         # ignored, and nothing of that attempt reaches the new one's events
         self.attempts: dict[str, Optional[str]] = {}
+        self.reporting: set[str] = set()  # trials whose attempt took a rung report and has not polled since
         self.error: Optional[str] = None
         self.thread = threading.Thread(target=self._loop, name="pack-loop", daemon=True)
         self.thread.start()
@@ -99,6 +99,7 @@ class PackServer:
         with self.lock:
             if held():
                 self.seen[trial_id] = time.monotonic()
+                self.reporting.discard(trial_id)
                 # Woken as well when another attempt takes the trial over: a poll the pack still runs for a dead
                 # attempt (its caller killed mid-wait) must not take the new attempt's events, which its dead
                 # caller would never see (seen: a retried trial parked for good after its rung report).
@@ -110,6 +111,8 @@ class PackServer:
             if self.error and not self.events[trial_id]:
                 return [{"kind": "error", "type": "RuntimeError", "message": f"pack {self.name} failed: {self.error}"}]
             out, self.events[trial_id] = self.events[trial_id], []
+            if any(e["kind"] == "report" for e in out):
+                self.reporting.add(trial_id)  # Tune takes it now: the attempt polls again after
             return out
 
     def proceed(self, trial_id: str, attempt: Optional[str] = None) -> None:
@@ -188,14 +191,7 @@ class PackServer:
                 self._apply(op, args)
         now = time.monotonic()
         with self.lock:
-            seen = dict(self.seen)
-            untaken = {tid for tid, events in self.events.items() if events}
-        trials = self.engine.trials if self.engine is not None else {}
-
-        def grace(tid: str) -> float:  # parked with its report taken: Tune holds the report, the attempt waits
-            return STALE_S if tid in trials and trials[tid].state == "parked" and tid not in untaken else LOST_S
-
-        stale = [tid for tid, t in seen.items() if now - t > grace(tid)]
+            stale = [tid for tid, t in self.seen.items() if now - t > (STALE_S if tid in self.reporting else LOST_S)]
         for tid in stale:
             mark(f"pack: {tid} dropped, its attempt stopped polling")
             self._apply_leave(tid)
@@ -252,6 +248,7 @@ class PackServer:
             self.events.pop(trial_id, None)
             self.seen.pop(trial_id, None)
             self.attempts.pop(trial_id, None)
+            self.reporting.discard(trial_id)
             self.lock.notify_all()  # a poll waiting for it returns now
         self.held.pop(trial_id, None)
 
