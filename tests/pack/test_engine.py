@@ -481,16 +481,8 @@ def test_a_late_leave_of_an_earlier_attempt_does_not_drop_the_retry(jobs):
     server.proceed("a", "first")
     stale = server.poll("a", 0.1, "first")
     assert [e["kind"] for e in stale] == ["error"] and "does not hold this attempt" in stale[0]["message"], stale
-    kinds: list[str] = []
-    deadline = time.monotonic() + 300
-    while "done" not in kinds and time.monotonic() < deadline:
-        for event in server.poll("a", 0.2, "retry"):
-            assert event["kind"] != "error", event
-            kinds.append(event["kind"])
-            if event["kind"] == "report":
-                server.proceed("a", "retry")
-    assert "done" in kinds, (kinds, server.error)
-    assert kinds.count("report") == len(rung_steps(jobs["a"])), kinds  # every rung of the retry, once
+    kinds = _attempt_to_its_end(server, "a", "retry")
+    assert kinds.count("report") == len(rung_steps(jobs["a"])) and kinds[-1] == "done", (kinds, server.error)
     server.leave("a", "retry")
     deadline = time.monotonic() + 10
     while server.poll("a", 0.1, "retry")[:1] == [] and time.monotonic() < deadline:  # the leave is applied by the loop
@@ -524,13 +516,7 @@ def test_a_poll_left_waiting_by_a_dead_attempt_does_not_take_the_retrys_reports(
     server.leave("blocker", "x")  # room for the retry
     waiting.join(timeout=10)
     assert not waiting.is_alive() and [e["kind"] for e in orphan] == ["error"], orphan
-    kinds: list[str] = []
-    while "done" not in kinds and time.monotonic() < deadline:
-        for event in server.poll("a", 0.2, "retry"):
-            assert event["kind"] != "error", event
-            kinds.append(event["kind"])
-            if event["kind"] == "report":
-                server.proceed("a", "retry")
+    kinds = _attempt_to_its_end(server, "a", "retry")
     assert kinds.count("report") == len(rung_steps(jobs["a"])) and kinds[-1] == "done", (kinds, server.error)
 
 
@@ -562,3 +548,19 @@ def test_a_trial_whose_attempt_stopped_polling_is_dropped_unless_tune_holds_its_
     assert server.engine.trials["kept"].state == "parked"
     server.proceed("kept", "k")
     assert server.poll("kept", 5.0, "k")[0]["kind"] in ("report", "done")
+
+
+def _attempt_to_its_end(server, trial_id: str, attempt: str, timeout: float = 300.0) -> list[str]:
+    """Drive one attempt of a trial in `server` as `pack.tune._relay` does (poll; each rung report goes on)
+    until it is done: the kinds of the events it got. An error event fails the test."""
+    import time
+
+    kinds: list[str] = []
+    deadline = time.monotonic() + timeout
+    while "done" not in kinds and time.monotonic() < deadline:
+        for event in server.poll(trial_id, 0.2, attempt):
+            assert event["kind"] != "error", event
+            kinds.append(event["kind"])
+            if event["kind"] == "report":
+                server.proceed(trial_id, attempt)
+    return kinds
