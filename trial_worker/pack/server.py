@@ -90,8 +90,8 @@ class PackServer:
 
     def poll(self, trial_id: str, timeout: float = 5.0, attempt: Optional[str] = None) -> list[dict]:
         """The trial's events so far ({"kind": "report"|"error"|"done", ...}), waiting up to `timeout` s for one.
-        A trial this pack does not hold for `attempt` (the pack process was restarted and came back empty, or a
-        newer attempt of the trial joined) gets an error: its attempt fails and Tune retries it, where it would
+        A trial this pack does not hold for `attempt` (the pack process was restarted and came back empty, a
+        newer attempt of the trial joined, or the pack dropped it: `LOST_S`) gets an error: its attempt fails and Tune retries it, where it would
         otherwise wait for events that never come."""
         def held() -> bool:
             return trial_id in self.events and self.attempts.get(trial_id) == attempt
@@ -107,7 +107,8 @@ class PackServer:
             if not held():
                 return [{"kind": "error", "type": "RuntimeError",
                          "message": f"pack {self.name} (process {os.getpid()}) does not hold this attempt of the trial: "
-                                    "the pack process was restarted, or a newer attempt joined"}]
+                                    "the pack process was restarted, a newer attempt joined, or this one had "
+                                    f"not polled for {LOST_S:.0f} s"}]
             if self.error and not self.events[trial_id]:
                 return [{"kind": "error", "type": "RuntimeError", "message": f"pack {self.name} failed: {self.error}"}]
             out, self.events[trial_id] = self.events[trial_id], []
