@@ -36,7 +36,7 @@ def _victims(home: str, packing: str, task: str = "") -> list:
     out = []
     for p in psutil.process_iter():
         try:
-            title = " ".join(p.cmdline())
+            title = _title(p)
             if title.startswith(titles) and task in title and p.environ().get("SWEEP_HOME") == home:
                 out.append(p)
         except psutil.Error:
@@ -50,10 +50,9 @@ def _busy(home: str, packing: str, run: LiveCli, wait_s: float = 30.0) -> list:
     and no retry, so the kills that must cost one wait up to `wait_s` for a busy worker."""
     deadline = time.monotonic() + wait_s
     while run.proc.poll() is None and time.monotonic() < deadline:
-        victims = _victims(home, packing)
-        training = [p for p in victims if _title(p).startswith("ray::") and ".train" in _title(p)]
+        training = _victims(home, packing, task=".train")
         if training:
-            return training + [p for p in victims if _title(p).startswith("ray::PackServer")]
+            return training + [p for p in _victims(home, packing) if _title(p).startswith("ray::PackServer")]
         time.sleep(0.01)
     return []
 

@@ -91,20 +91,18 @@ class PackServer:
     def poll(self, trial_id: str, timeout: float = 5.0, attempt: Optional[str] = None) -> list[dict]:
         """The trial's events so far ({"kind": "report"|"error"|"done", ...}), waiting up to `timeout` s for one.
         A trial this pack does not hold for `attempt` (the pack process was restarted and came back empty, a
-        newer attempt of the trial joined, or the pack dropped it: `LOST_S`) gets an error: its attempt fails and Tune retries it, where it would
-        otherwise wait for events that never come."""
-        def held() -> bool:
-            return trial_id in self.events and self.attempts.get(trial_id) == attempt
-
+        newer attempt of the trial joined, or the pack dropped it: `LOST_S`) gets an error: its attempt fails and
+        Tune retries it, where it would otherwise wait for events that never come."""
         with self.lock:
-            if held():
+            if self._current(trial_id, attempt):
                 self.seen[trial_id] = time.monotonic()
                 self.reporting.discard(trial_id)
                 # Woken as well when another attempt takes the trial over: a poll the pack still runs for a dead
                 # attempt (its caller killed mid-wait) must not take the new attempt's events, which its dead
                 # caller would never see (seen: a retried trial parked for good after its rung report).
-                self.lock.wait_for(lambda: self.events.get(trial_id) or self.error or not held(), timeout=timeout)
-            if not held():
+                self.lock.wait_for(lambda: self.events.get(trial_id) or self.error
+                                   or not self._current(trial_id, attempt), timeout=timeout)
+            if not self._current(trial_id, attempt):
                 return [{"kind": "error", "type": "RuntimeError",
                          "message": f"pack {self.name} (process {os.getpid()}) does not hold this attempt of the trial: "
                                     "the pack process was restarted, a newer attempt joined, or this one had "
@@ -145,7 +143,7 @@ class PackServer:
     def _emit(self, trial_id: str, event: dict, attempt: Optional[str]) -> None:
         """`event` for the attempt `attempt` of the trial, if it is the one that holds the trial here now."""
         with self.lock:
-            if trial_id in self.events and self.attempts.get(trial_id) == attempt:
+            if self._current(trial_id, attempt):
                 self.events[trial_id].append(event)
                 self.lock.notify_all()
 
@@ -237,8 +235,9 @@ class PackServer:
                 finished(None, e)
 
     def _current(self, trial_id: str, attempt: Optional[str]) -> bool:
-        """Whether `attempt` is the one that holds `trial_id` here now."""
-        with self.lock:
+        """Whether `attempt` is the one that holds `trial_id` here now (`join` and `_apply_leave` keep `attempts`
+        and `events` on the same trials)."""
+        with self.lock:  # re-entrant: callers may hold it
             return trial_id in self.attempts and self.attempts[trial_id] == attempt
 
     def _apply_leave(self, trial_id: str) -> None:
