@@ -7,6 +7,8 @@
 #   steps     the pack engine alone at K = 1a, 8, 24 mixed trials; torch.profiler at K=24 with its chrome trace
 #             (benchmarks/pack_steps.py; ~60-100 s). With .baseline/ (an older checkout, e.g.
 #             `git archive <commit> | tar x -C .baseline`) it runs that checkout's engine first, same card.
+#   startup   a pack's start-up parts one after another in a fresh process (imports, CUDA, the 4-bit load, the
+#             data), the load and the data under cProfile (benchmarks/pack_startup.py; ~40 s)
 #   packed    the reference 24-trial sweep, packed (benchmarks/sweep_makespan.py; ~280 s)
 #   solo      the same 24 trials, one trial per process, cut at $SOLO_S s (default 480): figures of an unfinished
 #             sweep, tokens/s over its wall time (the whole one takes >600 s, a device call's limit)
@@ -23,10 +25,10 @@ W=${W:-/tmp/sweep_makespan}
 mkdir -p "$OUT" "$W"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 PY=${PY:-python}
-TRIALS=24; KS=1a,8,24; STEPS_TINY=(); SWEEP_TINY=(); PARITY_TINY=()
+TRIALS=24; KS=1a,8,24; STEPS_TINY=(); SWEEP_TINY=(); PARITY_TINY=(); STARTUP_TINY=()
 if [ -n "${TINY:-}" ]; then
     TRIALS=4; KS=1a,2; STEPS_TINY=(--tiny --steps 2 --warmup 1); SWEEP_TINY=(--tiny --ladder 2,4 --rows 200)
-    PARITY_TINY=(--tiny)
+    PARITY_TINY=(--tiny); STARTUP_TINY=(--tiny)
 fi
 t0=$(date +%s)
 stamp() { echo "== $(( $(date +%s) - t0 )) s: $*"; }
@@ -50,6 +52,9 @@ for stage in "$@"; do
             $PY benchmarks/pack_steps.py --label after --ks $KS --profile-k 24 "${STEPS_TINY[@]}" \
                 --trace "$OUT/pack_k24_trace.json" --out "$OUT/pack_steps.json" 2>&1 | tail -40
             ;;
+        startup)
+            $PY benchmarks/pack_startup.py "${STARTUP_TINY[@]}" --out "$OUT/pack_startup.json" 2>&1 | grep -v '^Map\|^Filter\|^Loading' | tail -60
+            ;;
         packed)
             $PY benchmarks/sweep_makespan.py --mode packed --trials $TRIALS "${SWEEP_TINY[@]}" --work "$W" --out "$OUT/makespan_packed.json" 2>&1 | tail -40
             keep
@@ -67,7 +72,7 @@ for stage in "$@"; do
             $PY benchmarks/pack_parity.py "${PARITY_TINY[@]}" --out "$OUT/pack_parity.json" 2>&1 | tail -40
             ;;
         *)
-            echo "unknown stage $stage (steps, packed, solo, lone, parity)"; exit 2
+            echo "unknown stage $stage (steps, startup, packed, solo, lone, parity)"; exit 2
             ;;
     esac
     stamp "$stage done"

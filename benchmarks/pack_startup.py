@@ -1,0 +1,101 @@
+"""Where a pack's start-up goes, one part at a time in a fresh process: the imports, CUDA's start, the 4-bit
+load of the base, and the data (tokenizer, rows, tokens), each timed, the load and the data under cProfile.
+
+    python benchmarks/pack_startup.py              # a CUDA GPU (the 1B shape of trial_throughput.py)
+    python benchmarks/pack_startup.py --tiny       # the CPU, a tiny model
+
+The pack's own start (`trial_worker.pack.engine.PackEngine`) runs these beside each other; here they run one
+after another, so each one's own cost shows. Merges into benchmarks/results/pack_startup.json under `--label`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as dt
+import io
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _top(prof: cProfile.Profile, n: int = 18) -> list:
+    """The `n` functions of most cumulative time: (function, cumulative s, own s, calls)."""
+    st = pstats.Stats(prof, stream=io.StringIO())
+    rows = []
+    for (file, line, fn), (_cc, nc, tt, ct, _) in st.stats.items():  # type: ignore[attr-defined]
+        rows.append((f"{Path(file).name}:{line}:{fn}", round(ct, 3), round(tt, 3), nc))
+    return sorted(rows, key=lambda r: -r[1])[:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--label", default="after")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--work", default="/tmp/sweep-bench")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pack_startup.json"))
+    args = ap.parse_args()
+    res: dict = {"label": args.label, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "s": {}}
+    s = res["s"]
+    t = time.perf_counter()
+    import torch
+
+    s["import torch"] = round(time.perf_counter() - t, 2)
+    for mod in ("transformers", "peft", "bitsandbytes"):
+        t = time.perf_counter()
+        __import__(mod)
+        s[f"import {mod}"] = round(time.perf_counter() - t, 2)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from trial_throughput import LORA_TARGETS, build_assets  # noqa: E402
+
+    cuda = torch.cuda.is_available()
+    t = time.perf_counter()
+    if cuda:
+        torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+    s["cuda init"] = round(time.perf_counter() - t, 2)
+    res["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    seq = 128 if args.tiny else 1024
+    assets = build_assets(Path(args.work), tiny=args.tiny, seq=seq, rows=64 if args.tiny else 2000)
+
+    from trial_worker.config import JobConfig
+    from trial_worker.model import freeze_base, load_base
+    from trial_worker.pack.data import tokenized
+
+    job = JobConfig.model_validate({
+        "model": {"name_or_path": assets["model"], "attn_implementation": "sdpa",
+                  "quantization": {"bnb_4bit_compute_dtype": "bfloat16" if cuda else "float32"},
+                  "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": LORA_TARGETS}},
+        "data": {"path": assets["lognormal"], "format": "text", "max_seq_length": seq},
+        "training": {"bf16": cuda, "use_cpu": not cuda},
+        "budget": {"min": 10, "max": 20},
+    })
+    for name, fn in (("load_base (4-bit)", lambda: freeze_base(load_base(job.model, cpu=not cuda))),
+                     ("load_base again (files cached)", lambda: freeze_base(load_base(job.model, cpu=not cuda))),
+                     ("data (tokenizer, rows, tokens)", lambda: tokenized(job))):
+        prof = cProfile.Profile()
+        t = time.perf_counter()
+        prof.enable()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        prof.disable()
+        s[name] = round(time.perf_counter() - t, 2)
+        res[f"profile: {name}"] = _top(prof)
+        print(name, s[name], flush=True)
+        for row in res[f"profile: {name}"][:12]:
+            print("   ", row, flush=True)
+    print(json.dumps(s), flush=True)
+    out = Path(args.out)
+    merged = json.loads(out.read_text()) if out.exists() else {}
+    merged[args.label] = res
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1))
+
+
+if __name__ == "__main__":
+    main()
