@@ -6,7 +6,8 @@
 #
 #   steps     the pack engine alone at K = 1a, 8, 24 mixed trials; torch.profiler at K=24 with its chrome trace
 #             (benchmarks/pack_steps.py; ~60-100 s). With .baseline/ (an older checkout, e.g.
-#             `git archive <commit> | tar x -C .baseline`) it runs that checkout's engine first, same card.
+#             `git archive <commit> | tar x -C .baseline`) it runs that checkout's engine first, same card;
+#             with LIGER_AB=1 this tree's engine without Liger's kernels first.
 #   startup   a pack's start-up parts one after another in a fresh process (imports, CUDA, the 4-bit load, the
 #             data), the load and the data under cProfile (benchmarks/pack_startup.py; ~40 s)
 #   packed    the reference 24-trial sweep, packed (benchmarks/sweep_makespan.py; ~280 s)
@@ -47,6 +48,10 @@ for stage in "$@"; do
         steps)
             if [ -d .baseline/trial_worker ]; then
                 $PY benchmarks/pack_steps.py --root .baseline --label before --ks $KS --profile-k 24 "${STEPS_TINY[@]}" \
+                    --out "$OUT/pack_steps.json" 2>&1 | tail -40
+            fi
+            if [ -n "${LIGER_AB:-}" ]; then  # the same engine without Liger's kernels first, same card
+                $PY benchmarks/pack_steps.py --label no-liger --liger off --ks $KS --profile-k 24 "${STEPS_TINY[@]}" \
                     --out "$OUT/pack_steps.json" 2>&1 | tail -40
             fi
             $PY benchmarks/pack_steps.py --label after --ks $KS --profile-k 24 "${STEPS_TINY[@]}" \

@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--lora-mode", default=None, help="trial_worker.pack.lora.MODE (auto, grouped, segments)")
     ap.add_argument("--profile-k", type=int, default=8, help="the pack size (of --ks) profiled with torch.profiler (GPU)")
     ap.add_argument("--trace", help="write the profiled steps' chrome trace here (gzipped, .gz added)")
+    ap.add_argument("--liger", default="auto", choices=["auto", "on", "off"],
+                    help="training.use_liger_kernel (auto: on a GPU where installed)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--work", default="/tmp/sweep-bench")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pack_steps.json"))
@@ -70,7 +72,8 @@ def main() -> None:
             "data": {"path": assets["lognormal"], "format": "text", "max_seq_length": seq},
             "training": {"learning_rate": 2e-4, "lr_scheduler_type": "cosine", "per_device_train_batch_size": bs,
                          "gradient_accumulation_steps": ga, "seed": seed, "bf16": cuda, "use_cpu": not cuda,
-                         "optim": "adamw_8bit" if cuda else "adamw_torch", "gradient_checkpointing": False},
+                         "optim": "adamw_8bit" if cuda else "adamw_torch", "gradient_checkpointing": False,
+                         **({} if args.liger == "auto" else {"use_liger_kernel": args.liger == "on"})},
             "budget": {"min": 10_000, "max": 20_000},  # no rung inside the timed steps
         })
 
@@ -78,7 +81,8 @@ def main() -> None:
     engine = PackEngine(job(4, 8, 0), output_dir=str(Path(args.work) / "pack-out"))
     res: dict = {"label": args.label, "root": str(args.root), "engine_init_s": round(time.time() - t0, 1),
                  "device": torch.cuda.get_device_name() if cuda else "cpu", "date": dt.date.today().isoformat(),
-                 "versions": versions(), "lora_mode": args.lora_mode or "auto", "runs": {}}
+                 "versions": versions(), "lora_mode": args.lora_mode or "auto",
+                 "liger": getattr(engine, "liger", None), "runs": {}}
     combos = sorted([(b, a) for b in (1, 2, 4) for a in (2, 4, 8)], key=lambda c: c[0] * c[1])
     n = 0
 

@@ -43,6 +43,20 @@ def fused_head_nll(model: Any, inputs: dict, num_items_in_batch: Any = None) -> 
     return -outputs.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
 
 
+def apply_liger(model: Any) -> bool:
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) on the loaded `model`, as transformers' Trainer applies them
+    for `use_liger_kernel` (liger_kernel's private `_apply_liger_kernel_to_instance`), without Liger's loss (the
+    caller computes its own). False where Liger has no kernels for the model's type (nothing is changed then)."""
+    from liger_kernel.transformers import monkey_patch
+
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return False
+    monkey_patch._apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                                 cross_entropy=False, fused_linear_cross_entropy=False)
+    return True
+
+
 def attn_implementation(config: Any) -> Optional[str]:
     """The attention a transformers model config runs (`PretrainedConfig._attn_implementation`, set by
     `from_pretrained(attn_implementation=...)`); None for an object without one."""

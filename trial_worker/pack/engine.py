@@ -63,7 +63,7 @@ def pack_key(job: JobConfig) -> str:
     model.pop("lora")
     t = job.training
     return json.dumps({"model": model, "data": job.data.model_dump(mode="json"), "bf16": t.bf16, "fp16": t.fp16,
-                       "use_cpu": t.use_cpu}, sort_keys=True)
+                       "use_cpu": t.use_cpu, "use_liger_kernel": t.use_liger_kernel}, sort_keys=True)
 
 
 class PackedTrial:
@@ -256,6 +256,7 @@ class PackEngine:
         data = start(job, own_process=not self.cpu if data_process is None else data_process)
         import torch
 
+        from trial_worker._compat import apply_liger
         from trial_worker.model import freeze_base, load_base
         from trial_worker.pack.lora import Routing, install
         from trial_worker.recipe import quiet_libraries
@@ -270,6 +271,11 @@ class PackEngine:
         mark("engine: device ready")
         self.model = load_base(job.model, cpu=self.cpu)
         freeze_base(self.model)
+        from trial_worker.formats import liger_wanted
+
+        # Liger's fused RMSNorm, RoPE and SwiGLU, as the solo worker runs them (TRL's `use_liger_kernel`): on a GPU
+        # where installed, unless the job says no. The pack's loss is its own (`graphs.per_token_nll`).
+        self.liger = liger_wanted(job, cpu=self.cpu) and apply_liger(self.model)
         mark("engine: base model loaded")
         self.pad_id, self.train_seqs, self.val_seqs = data()
         mark("engine: data ready")
