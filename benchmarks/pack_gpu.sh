@@ -8,6 +8,8 @@
 #             (benchmarks/pack_steps.py; ~60-100 s). With .baseline/ (an older checkout, e.g.
 #             `git archive <commit> | tar x -C .baseline`) it runs that checkout's engine first, same card;
 #             with LIGER_AB=1 this tree's engine without Liger's kernels first.
+#   pycache   byte-code for the image's own packages where it lacks it (in place, or where read-only in a cache
+#             under $PYCACHE, default /tmp/pyc, for the later stages of the call); `import peft` timed (~30 s)
 #   startup   a pack's start-up parts one after another in a fresh process (imports, CUDA, the 4-bit load, the
 #             data), the load and the data under cProfile (benchmarks/pack_startup.py; ~40 s)
 #   packed    the reference 24-trial sweep, packed (benchmarks/sweep_makespan.py; ~280 s)
@@ -57,6 +59,25 @@ for stage in "$@"; do
             $PY benchmarks/pack_steps.py --label after --ks $KS --profile-k 24 "${STEPS_TINY[@]}" \
                 --trace "$OUT/pack_k24_trace.json" --out "$OUT/pack_steps.json" 2>&1 | tail -40
             ;;
+        pycache)
+            # The image's own packages (torch, transformers, peft, ...) may come without byte-code, which pip would
+            # have compiled: every process then compiles what it imports, each time (a read-only path) or the
+            # first time. Compiled once here: in place where writable, else into a cache of our own
+            # (PYTHONPYCACHEPREFIX, $PYCACHE) that the later stages of the call use.
+            dirs=$($PY -c "import importlib.util as u, os; print(' '.join(os.path.dirname(s.origin) for s in map(u.find_spec, ('torch', 'transformers', 'peft', 'accelerate', 'safetensors', 'tokenizers', 'huggingface_hub', 'bitsandbytes', 'trl', 'liger_kernel', 'triton', 'datasets')) if s))")
+            missing=0; readonly=0
+            for d in $dirs; do
+                nc=$(find "$d" -name '*.pyc' | wc -l); np=$(find "$d" -name '*.py' | wc -l)
+                echo "$d: $nc .pyc of $np .py, writable: $([ -w "$d" ] && echo yes || echo no)"
+                [ "$nc" -lt $(( np / 2 )) ] && missing=1 && { [ -w "$d" ] || readonly=1; }
+            done
+            s0=$(date +%s.%N); $PY -c "import peft" 2>/dev/null; echo "import peft before: $(echo "$(date +%s.%N) - $s0" | bc) s"
+            if [ $missing = 1 ]; then
+                [ $readonly = 1 ] && export PYTHONPYCACHEPREFIX=${PYCACHE:-/tmp/pyc} && echo "byte-code cache: $PYTHONPYCACHEPREFIX"
+                $PY -m compileall -q -j 0 $dirs >/dev/null 2>&1
+                s0=$(date +%s.%N); $PY -c "import peft" 2>/dev/null; echo "import peft after: $(echo "$(date +%s.%N) - $s0" | bc) s"
+            fi
+            ;;
         startup)
             $PY benchmarks/pack_startup.py "${STARTUP_TINY[@]}" --out "$OUT/pack_startup.json" 2>&1 | grep -v '^Map\|^Filter\|^Loading' | tail -60
             ;;
@@ -77,7 +98,7 @@ for stage in "$@"; do
             $PY benchmarks/pack_parity.py "${PARITY_TINY[@]}" --out "$OUT/pack_parity.json" 2>&1 | tail -40
             ;;
         *)
-            echo "unknown stage $stage (steps, startup, packed, solo, lone, parity)"; exit 2
+            echo "unknown stage $stage (pycache, steps, startup, packed, solo, lone, parity)"; exit 2
             ;;
     esac
     stamp "$stage done"
