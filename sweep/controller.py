@@ -319,6 +319,9 @@ def _start_ray(address: Optional[str], run_dir: RunDir, console):
         mark_ray_owner(run_dir)
     import ray
 
+    from trial_worker.marks import mark
+
+    mark("controller: ray imported")
     retry_trials_lost_in_reset()  # a worker lost while Tune resets it for its next trial: retried, not FAIL
     quiet_worker_death_notices()  # a lost worker: the controller's one line, not also the raylet's notice
     # A trial stopped by ASHA waits in `tune.report`; when its actor is reused Tune gives the old
@@ -332,6 +335,7 @@ def _start_ray(address: Optional[str], run_dir: RunDir, console):
     import signal
 
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if not address else None
+    mark("controller: ray.init")
     try:
         _ray_init(ray, address)
     finally:

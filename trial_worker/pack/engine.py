@@ -270,6 +270,7 @@ class PackEngine:
         self.device = torch.device("cpu") if self.cpu else torch.device("cuda", torch.cuda.current_device())
         mark("engine: device ready")
         self.model = load_base(job.model, cpu=self.cpu)
+        mark("engine: base model read")
         freeze_base(self.model)
         from trial_worker.formats import liger_wanted
 
