@@ -47,7 +47,11 @@ def apply_liger(model: Any) -> bool:
     """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) on the loaded `model`, as transformers' Trainer applies them
     for `use_liger_kernel` (liger_kernel's private `_apply_liger_kernel_to_instance`), without Liger's loss (the
     caller computes its own). False where Liger has no kernels for the model's type (nothing is changed then)."""
-    from liger_kernel.transformers import monkey_patch
+    try:
+        from liger_kernel.transformers import monkey_patch
+    except ImportError as e:
+        raise ImportError(f"training.use_liger_kernel is true, but Liger Kernel does not import here ({e}): install it "
+                          "(pip install 'sweep[gpu]', or liger-kernel), or set training.use_liger_kernel: false") from None
 
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind not in monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN:

@@ -7,6 +7,7 @@ batch sizes, accumulation, LoRA ranks and dropout.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import tempfile
 from pathlib import Path
@@ -316,6 +317,20 @@ def test_packed_equals_alone_on_a_gpu_in_bf16(jobs, tmp_path):
     for i in gpu:
         assert all(math.isclose(x, y, rel_tol=0.01) for x, y in zip(packed[i]["val"], alone[i]["val"])), i
         assert len(packed[i]["val"]) == len(alone[i]["val"]) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="Liger Kernel is installed here")
+def test_a_pack_asked_for_liger_where_it_is_not_installed_says_which_field_and_how(jobs, tmp_path):
+    """`training.use_liger_kernel: true` where Liger Kernel is missing: the pack's build fails naming the field and
+    the way out, not with a bare import error from deep inside; left to its default it trains without."""
+    from trial_worker.pack.engine import PackEngine
+
+    data = jobs["a"].model_dump()
+    data["training"]["use_liger_kernel"] = True
+    with pytest.raises(ImportError, match=r"training.use_liger_kernel is true, but Liger Kernel does not import.*"
+                                          r"pip install 'sweep\[gpu\]'.*training.use_liger_kernel: false"):
+        PackEngine(JobConfig.model_validate(data), output_dir=str(tmp_path / "out"))
+    assert PackEngine(jobs["a"], output_dir=str(tmp_path / "out2")).liger is False
 
 
 def test_data_made_in_its_own_process_is_the_threads_and_its_errors_reach_the_pack(jobs, tmp_path):
