@@ -130,6 +130,31 @@ def test_joining_and_leaving_leaves_the_others_unchanged(engine, jobs, solo):
     assert len(moved["c"]["loss"]) < 4
 
 
+def test_the_warm_up_step_leaves_no_trace_in_the_trials_that_follow(jobs, solo, tmp_path, monkeypatch):
+    """A GPU pack's throwaway first step (`PackEngine._warm_up`, run here on the CPU): it trains and steps a
+    trial of the engine's job while the data is being made, then nothing of it is left (no trial, step count,
+    memory measure, data) and every trial after it trains to the very numbers it trains alone."""
+    from trial_worker.pack.engine import PackEngine
+
+    ran = []
+    warm_up = PackEngine._warm_up
+
+    def counted(self, job):
+        warm_up(self, job)
+        ran.append(len(self.trials))
+
+    monkeypatch.setattr(PackEngine, "_warm_up", counted)
+    engine = PackEngine(jobs["a"], output_dir=str(tmp_path / "out"), warm_up=True)
+    assert ran == [0] and engine.warmed_up
+    assert not engine.trials and engine.steps == 0 and engine.token_bytes is None and not engine.evaluating
+    assert all(not layer.adapters for layer in engine.layers.values())
+    assert len({s.ids for s in engine.train_seqs}) > 100  # the real data, not the warm-up's one row
+    packed = drive(engine, jobs)
+    for i in jobs:
+        assert close(packed[i]["loss"], solo[i]["loss"]), (i, packed[i]["loss"], solo[i]["loss"])
+        assert close(packed[i]["val"], solo[i]["val"]), (i, packed[i]["val"], solo[i]["val"])
+
+
 def test_the_padding_free_layout_trains_as_the_row_layout(engine, jobs, solo):
     """The GPU's layout (one padding-free sequence, every token a row of the routing), here on the CPU: each
     trial packed = alone = the row layout's numbers."""

@@ -46,7 +46,7 @@ from trial_worker.checkpoint import write_manifest
 from trial_worker.config import JobConfig
 from trial_worker.lifecycle import check_finite, checkpoint_dir, counters, read_state, rung_report, write_state
 from trial_worker.marks import enabled as marking, mark
-from trial_worker.pack.batch import Seq, build, pack_rows
+from trial_worker.pack.batch import IGNORE_INDEX, Seq, build, pack_rows
 
 Report = Callable[[dict, str], None]
 ADAPTER_FILE = "adapter.safetensors"
@@ -55,6 +55,7 @@ FIRST_STEP_TOKENS = 16384  # a GPU pack step's token budget until a step has mea
 MAX_STEP_TOKENS = 131072  # beyond this a bigger step gains nothing (the matmuls are saturated long before)
 EVAL_TOKENS = 16384  # validation sequences per evaluation group (one trial's share of an evaluation forward)
 EVAL_GROUPS = 4  # evaluation groups (of several trials) per evaluation forward
+WARM_UP_ID = "pack-warm-up"  # the throwaway trial of `PackEngine._warm_up`
 
 
 def pack_key(job: JobConfig) -> str:
@@ -246,7 +247,8 @@ class PackEngine:
     """The base model of a pack and the trials training on it (`add`, `remove`, `step`, `evaluate`)."""
 
     def __init__(self, job: JobConfig, *, output_dir: str, max_trials: Optional[int] = None,
-                 gradient_checkpointing: Optional[bool] = None, data_process: Optional[bool] = None):
+                 gradient_checkpointing: Optional[bool] = None, data_process: Optional[bool] = None,
+                 warm_up: Optional[bool] = None):
         from trial_worker.model import use_cpu
         from trial_worker.pack.data import start
 
@@ -278,8 +280,6 @@ class PackEngine:
         # where installed, unless the job says no. The pack's loss is its own (`graphs.per_token_nll`).
         self.liger = liger_wanted(job, cpu=self.cpu) and apply_liger(self.model)
         mark("engine: base model loaded")
-        self.pad_id, self.train_seqs, self.val_seqs = data()
-        mark("engine: data ready")
         from trial_worker.graphs import lm_head_not_plain
 
         why = lm_head_not_plain(self.model)
@@ -294,7 +294,6 @@ class PackEngine:
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
-        self.val_groups = pack_rows(self.val_seqs, EVAL_TOKENS)  # validation sequences, a forward's worth each
         from trial_worker.graphs import runs_varlen
 
         # Padding-free batches where the varlen kernel keeps sequences apart; else one row per trial (pack.batch).
@@ -305,7 +304,6 @@ class PackEngine:
         self.failed: list[PackedTrial] = []  # out of the pack with an error, for the owner to collect
         self.steps = 0
         self.base_bytes = torch.cuda.memory_allocated() if not self.cpu else 0.0
-        self.longest = max(len(q.ids) for q in self.train_seqs)  # a step gives every trial at least one row
         # GPU: the step's token budget and the measured activation bytes per token it comes from
         self.step_tokens: Optional[int] = None if self.cpu else FIRST_STEP_TOKENS
         self.token_bytes: Optional[float] = None
@@ -313,6 +311,44 @@ class PackEngine:
         self.eval_groups = EVAL_GROUPS
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-checkpoints")
         self.saves: list[tuple[PackedTrial, Future, dict, Path]] = []  # checkpoint writes in flight
+        self.warmed_up = False  # (GPU) its throwaway first step ran through (`_warm_up`)
+        if not self.cpu if warm_up is None else warm_up:
+            self._warm_up(job)
+        self.pad_id, self.train_seqs, self.val_seqs = data()
+        mark("engine: data ready")
+        self.val_groups = pack_rows(self.val_seqs, EVAL_TOKENS)  # validation sequences, a forward's worth each
+        self.longest = max(len(q.ids) for q in self.train_seqs)  # a step gives every trial at least one row
+
+    def _warm_up(self, job: JobConfig) -> None:
+        """One throwaway training step while the data is still being made: a trial of `job`'s settings joins
+        (adapters, optimizer and scheduler built, as `add` builds them), trains one synthetic row forward and
+        backward, takes its optimizer step and leaves. On a GPU a step's first run loads its CUDA kernels
+        (cuBLAS, bitsandbytes' 4-bit matmul and 8-bit optimizer, Liger's Triton kernels, the varlen attention, the
+        grouped matmul) and `add` its imports; done here they overlap the data's making instead of holding back
+        the first trial's first step. Nothing of it stays: no trial, slot, counter, memory measure or budget, and
+        no random stream any trial draws from (each trial's are seeded by its own seed)."""
+        import torch
+
+        n = max(2, min(256, job.data.max_seq_length))
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        ids = tuple(1 + (7 * i) % max(1, vocab - 1) for i in range(n))
+        self.pad_id, self.train_seqs = 0, [Seq(ids, ids[1:] + (IGNORE_INDEX,))]
+        try:
+            trial = self.add(WARM_UP_ID, job, lambda metrics, checkpoint: None)
+            trial.start_window()
+            sums, _ = self._losses([(trial.slot, trial.take(None))], {trial.slot: 0})
+            sums.sum().backward()
+            trial.optimizer.step()
+            if not self.cpu:
+                torch.cuda.synchronize(self.device)
+            self.warmed_up = True
+            mark("engine: warmed up")
+        except Exception as e:  # noqa: BLE001 - only a head start: whatever failed here, a real step meets it again
+            mark(f"engine: warm-up failed ({type(e).__name__}: {str(e)[:200]})")
+        finally:
+            self.routing.set([], None)
+            self.remove(WARM_UP_ID)
+            self.train_seqs = []
 
     # --------------------------------------------------------------- membership
     def running(self) -> list[PackedTrial]:
