@@ -50,7 +50,7 @@ def main() -> None:
         __import__(mod)
         s[f"import {mod}"] = round(time.perf_counter() - t, 2)
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from trial_throughput import LORA_TARGETS, build_assets  # noqa: E402
+    from trial_throughput import LORA_TARGETS, build_assets, merge_result  # noqa: E402
 
     cuda = torch.cuda.is_available()
     t = time.perf_counter()
@@ -90,11 +90,7 @@ def main() -> None:
         for row in res[f"profile: {name}"][:12]:
             print("   ", row, flush=True)
     print(json.dumps(s), flush=True)
-    out = Path(args.out)
-    merged = json.loads(out.read_text()) if out.exists() else {}
-    merged[args.label] = res
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(merged, indent=1))
+    merge_result(Path(args.out), args.label, res)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
 
-    from trial_throughput import LORA_TARGETS, build_assets, versions  # noqa: E402
+    from trial_throughput import LORA_TARGETS, build_assets, merge_result, versions  # noqa: E402
 
     # after trial_throughput, which puts this tree first on sys.path: `--root`'s trial_worker must come first
     sys.path.insert(0, str(Path(args.root).resolve()))
@@ -147,11 +147,7 @@ def main() -> None:
                                         for e in sorted([e for e in ka if e.device_type.name == "CPU"],
                                                         key=lambda e: -e.self_cpu_time_total)[:15]]}
             print(json.dumps(res[f"K{k} profile"], indent=0), flush=True)
-    out = Path(args.out)
-    merged = json.loads(out.read_text()) if out.exists() else {}
-    merged[args.label] = res
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(merged, indent=1))
+    merge_result(Path(args.out), args.label, res)
 
 
 if __name__ == "__main__":

@@ -272,6 +272,14 @@ def run_sweep(assets: dict, dist: str, eff: int, steps: int, warmup: int, seq: i
     return out
 
 
+def merge_result(out: Path, label: str, result: dict) -> None:
+    """Write `result` under `label` into the JSON file `out`, keeping the other labels' results there."""
+    merged = json.loads(out.read_text()) if out.exists() else {}
+    merged[label] = result
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1))
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "liger_kernel"):
