@@ -319,7 +319,7 @@ def _start_ray(address: Optional[str], run_dir: RunDir, console):
         mark_ray_owner(run_dir)
     import ray
 
-    from trial_worker.marks import mark
+    from trial_worker.entry import mark
 
     mark("controller: ray imported")
     retry_trials_lost_in_reset()  # a worker lost while Tune resets it for its next trial: retried, not FAIL
