@@ -89,3 +89,59 @@ def test_rows_with_no_response_token_within_max_seq_length(tmp_path, assets, fau
               injected="max_seq_length 16 (every prompt is longer), then 40 (some are)",
               lost=f"nothing started at 16: exit 2 naming data.max_seq_length, no study; at 40 a warning: {shown} of "
                    f"{len(rows)} train rows dropped, the count transformers' tokenizer gives")
+
+
+def _fused_model(tmp_path: Path, assets: dict) -> Path:
+    """A tiny Phi-3 (random weights, the tiny Llama's tokenizer): fused `qkv_proj` and `gate_up_proj`, so Llama's
+    layer names (the default `target_modules`) are not all there."""
+    import torch
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    path = tmp_path / "phi3"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_lora_target_modules_the_model_does_not_have_are_named_with_the_layers_it_has(tmp_path, assets):
+    """A model whose layers are not Llama's: `target_modules` naming none of them is refused before anything starts
+    (every trial would fail in PEFT), naming the layers the checkpoint has; naming some of them is a warning that
+    says which ones LoRA will train. Read from the safetensors headers, without torch."""
+    from sweep.spec import load_spec
+    from trial_worker.inputs.check import check_job
+
+    model = _fused_model(tmp_path, assets)
+    env = sweep_env(tmp_path)
+    spec = _spec(tmp_path, dict(assets, model=str(model)), "fused")
+    d = yaml.safe_load(spec.read_text())
+    d["model"]["lora"] = {**d["model"].get("lora", {}), "target_modules": ["q_proj", "k_proj", "v_proj"]}
+    spec.write_text(yaml.safe_dump(d, sort_keys=False))
+    for command in ("validate", "run"):
+        r = sweep_cli(command, spec, cwd=tmp_path, env=env, probe_imports=True)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert f'model.lora.target_modules = ["q_proj", "k_proj", "v_proj"]: names none of the layers of the model {model}: ' in r.stderr, r.stderr
+        assert "its decoder's layers are down_proj, gate_up_proj, o_proj, qkv_proj" in r.stderr, r.stderr
+        _nothing_created(tmp_path, "fused", r)
+
+    def found(targets):
+        d["model"]["lora"]["target_modules"] = targets
+        spec.write_text(yaml.safe_dump(d, sort_keys=False))
+        return check_job(load_spec(spec).job(), hub=False)
+
+    default = found(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert not default.problems, default.problems
+    [w] = [w for w in default.warnings if w.field == "model.lora.target_modules"]
+    assert "(the default: Llama's layer names) q_proj, k_proj, v_proj, gate_proj, up_proj name no layer" in w.message
+    assert "so LoRA trains o_proj, down_proj only" in w.message, w.message
+    for fine in (["qkv_proj", "o_proj"], ["self_attn.qkv_proj"], "all-linear"):
+        ok = found(fine)
+        assert not ok.problems and not [w for w in ok.warnings if w.field == "model.lora.target_modules"], (fine, ok)
+    # the tiny Llama: its own names are all there (no finding), the fused ones are not
+    d["model"]["name_or_path"] = assets["model"]
+    assert not [f for f in found(["q_proj", "down_proj"]).warnings if f.field == "model.lora.target_modules"]
+    assert [f.field for f in found(["qkv_proj"]).problems] == ["model.lora.target_modules"]

@@ -302,6 +302,53 @@ def _rows(fmt: str, n: int, rng) -> list[dict]:
     return out
 
 
+def _other_shape(arch: str, tokenizer_from: str, path: Path) -> str:
+    """A tiny decoder of another family (random weights, the tiny Llama's tokenizer): Qwen2 (biased q/k/v, the LM
+    head tied to the embeddings) or Phi-3 (fused qkv_proj and gate_up_proj)."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_from)
+    config, model = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM")}[arch]
+    cfg = getattr(transformers, config)(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, initializer_range=0.125, tie_word_embeddings=arch == "qwen2")
+    torch.manual_seed(0)
+    getattr(transformers, model)(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_other_decoder_families_train_packed_as_alone(jobs, tmp_path, arch):
+    """Not only Llama: a Qwen2 (biased projections, tied LM head) and a Phi-3 (fused projections) pack as they
+    train alone, and `target_modules` a model lacks is refused naming the layers it has."""
+    from trial_worker.pack.engine import PackEngine
+
+    path = _other_shape(arch, jobs["a"].model.name_or_path, tmp_path / arch)
+    targets = {"phi3": "all-linear"}.get(arch)
+    shaped = {}
+    for i in ("a", "b"):
+        d = jobs[i].model_dump()
+        d["model"]["name_or_path"] = path
+        if targets:
+            d["model"]["lora"]["target_modules"] = targets
+        shaped[i] = JobConfig.model_validate(d)
+    engine = PackEngine(shaped["a"], output_dir=str(tmp_path / "out"))
+    alone = {i: drive(engine, shaped, ids=[i])[i] for i in shaped}
+    packed = drive(engine, shaped)
+    for i in shaped:
+        assert len(alone[i]["loss"]) == 4 and alone[i]["error"] is None and packed[i]["error"] is None
+        assert close(packed[i]["loss"], alone[i]["loss"]), (i, packed[i]["loss"], alone[i]["loss"])
+        assert close(packed[i]["val"], alone[i]["val"]), (i, packed[i]["val"], alone[i]["val"])
+    assert alone["a"]["loss"] != alone["b"]["loss"]
+    if arch == "phi3":
+        with pytest.raises(ValueError, match=r"names none of the model's linear layers \(down_proj, gate_up_proj, "
+                                             r"o_proj, qkv_proj\)"):
+            engine.add("c", jobs["c"].model_copy(update={"model": shaped["a"].model.model_copy(update={
+                "lora": jobs["c"].model.lora})}), lambda m, d: None)
+
+
 @pytest.mark.parametrize("fmt", ["sharegpt", "messages", "instruction", "text"])
 def test_the_pack_tokenizes_every_format_as_the_solo_worker_does(jobs, tmp_path, fmt):
     # Multi-turn chats: every assistant turn is a target in both (not only the last one), rows cut at

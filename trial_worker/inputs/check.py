@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trial_worker.config import DataConfig, JobConfig, ModelConfig
+from trial_worker.config import ALL_LINEAR_LLAMA, DataConfig, JobConfig, ModelConfig
 from trial_worker.data import (
     BUILDERS,
     DROP_REASONS,
@@ -383,10 +383,12 @@ def check_model(cfg: ModelConfig, *, chat: bool, hub: bool = True) -> Findings:
     if lacks:
         out.problems.append(Finding("model.name_or_path", name, f"the model folder {name} has no {'; no '.join(lacks)}"))
         return out
-    for why in _weights_problems(path, files):
+    weight_problems, tensors = _weights_problems(path, files)
+    for why in weight_problems:
         out.problems.append(Finding("model.name_or_path", name, why))
     if out.problems:
         return out
+    _check_targets(cfg, tensors, out)
     if chat and not _has_chat_template(path, files):
         out.warnings.append(Finding("model.name_or_path", name, "the tokenizer has no chat template; conversations "
                                     "are rendered with the worker's fallback template (trial_worker.model)"))
@@ -396,15 +398,16 @@ def check_model(cfg: ModelConfig, *, chat: bool, hub: bool = True) -> Findings:
 SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on its JSON header
 
 
-def _weights_problems(folder: Path, files: set[str]) -> list[str]:
-    """What is wrong with a model folder's weight files, read only as far as their headers: an index
+def _weights_problems(folder: Path, files: set[str]) -> tuple[list[str], set[str]]:
+    """(What is wrong with a model folder's weight files, the tensor names of its safetensors headers), read only
+    as far as their headers: an index
     (`*.index.json`) that does not parse or names shards that are not there, and a safetensors file whose
     header is cut short, does not parse, or describes more tensor bytes than the file holds (a copy or a
     download cut short); a PyTorch zip checkpoint (`.bin`) whose zip directory cannot be read."""
     import struct
     import zipfile
 
-    problems, shards = [], set()
+    problems, shards, names = [], set(), set()
     for index in sorted(f for f in files if f.endswith(".index.json")):
         try:
             weight_map = json.loads((folder / index).read_text())["weight_map"]
@@ -437,6 +440,7 @@ def _weights_problems(folder: Path, files: set[str]) -> list[str]:
         except ValueError as e:
             problems.append(f"the weights file {path} has a damaged safetensors header (not JSON: {e})")
             continue
+        names |= {k for k in header if k != "__metadata__"}
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
                 and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
         if len(ends) < sum(1 for k in header if k != "__metadata__"):
@@ -455,7 +459,54 @@ def _weights_problems(folder: Path, files: set[str]) -> list[str]:
             except (OSError, zipfile.BadZipFile) as e:
                 problems.append(f"the weights file {path} is cut short or damaged (its zip directory cannot be read: {e}); "
                                 "copy or download it again")
-    return problems
+    return problems, names
+
+
+def weight_modules(tensors: set[str]) -> set[str]:
+    """The module paths that hold a weight (`model.layers.0.self_attn.q_proj`), from a checkpoint's tensor names
+    (a 4-bit checkpoint's `....weight.absmax` and the like included)."""
+    import re
+
+    return {m.group(1) for t in tensors if (m := re.match(r"^(.+)\.weight(?:\..+)?$", t))}
+
+
+def layer_names(modules: set[str]) -> list[str]:
+    """The short names `target_modules` may use (`q_proj`, `qkv_proj`, `dense_h_to_4h`...): the modules inside a
+    decoder block (`...layers.N.self_attn.q_proj`, `h.N.attn.c_attn`), not its norms."""
+    import re
+
+    out = set()
+    for module in modules:
+        m = re.search(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\.(.+)$", module)
+        if m and "." in m.group(1) and "norm" not in (short := m.group(1).rsplit(".", 1)[-1]) and not short.startswith("ln"):
+            out.add(short)
+    return sorted(out)
+
+
+def _check_targets(cfg: ModelConfig, tensors: set[str], out: Findings) -> None:
+    """`model.lora.target_modules` against the layers the checkpoint holds (read from its safetensors headers):
+    none of them there is a problem (PEFT would stop every trial with "Target modules ... not found"), some of
+    them missing a warning (LoRA then trains only on those found). Quiet where the layers cannot be read."""
+    targets = cfg.lora.target_modules
+    modules = weight_modules(tensors)
+    if targets == "all-linear" or not modules:
+        return
+    # PEFT's matching of a list: a module whose path is the entry or ends with "." + the entry
+    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if not missing:
+        return
+    layers = layer_names(modules)
+    has = f"its decoder's layers are {', '.join(layers)}" if layers else f"it has {', '.join(sorted(modules)[:20])}"
+    default = "(the default: Llama's layer names) " if list(targets) == ALL_LINEAR_LLAMA else ""
+    if len(missing) == len(targets):
+        out.problems.append(Finding("model.lora.target_modules", list(targets), (
+            f"{default}names none of the layers of the model {cfg.name_or_path}: {has}; "
+            "name some of them, or write all-linear")))
+    else:
+        found = [t for t in targets if t not in missing]
+        out.warnings.append(Finding("model.lora.target_modules", list(targets), (
+            f"{default}{', '.join(missing)} {'names' if len(missing) == 1 else 'name'} no layer of the model {cfg.name_or_path} ({has}), so LoRA trains "
+            f"{', '.join(found)} only; name the layers you mean, or write all-linear")))
 
 
 def _has_chat_template(path: Path, files: set[str]) -> bool:

@@ -418,7 +418,9 @@ class PackEngine:
         targeted = [(name, layer) for name, layer in self.layers.items()
                     if lora.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in lora.target_modules]
         if not targeted:
-            raise ValueError(f"model.lora.target_modules {lora.target_modules} names none of the model's linear layers")
+            has = sorted({name.rsplit(".", 1)[-1] for name in self.layers})
+            raise ValueError(f"model.lora.target_modules {lora.target_modules} names none of the model's linear layers "
+                             f"({', '.join(has)}); name some of them, or write all-linear")
         from trial_worker.pack.lora import new_adapters
 
         flat, adapters = new_adapters([(layer.in_features, layer.out_features) for _, layer in targeted], lora.r,
