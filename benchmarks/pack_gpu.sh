@@ -18,6 +18,7 @@
 #   lone      one trial alone in a pack, then in its own process (~150 s)
 #   parity    packed vs own-process val loss at every rung, 4 fixed configs (benchmarks/pack_parity.py; ~110 s)
 #
+#   bash benchmarks/pack_gpu.sh pycache parity packed   # one call (~420 s): start-up figures need pycache first
 #   bash benchmarks/pack_gpu.sh steps packed       # one call (~400 s)
 #   bash benchmarks/pack_gpu.sh solo               # the next
 #   bash benchmarks/pack_gpu.sh parity lone        # and the next
@@ -60,11 +61,12 @@ for stage in "$@"; do
                 --trace "$OUT/pack_k24_trace.json" --out "$OUT/pack_steps.json" 2>&1 | tail -40
             ;;
         pycache)
-            # The image's own packages (torch, transformers, peft, ...) may come without byte-code, which pip would
+            # The image's own packages (torch, transformers, peft, ...) and the unpacked GPU site (Ray, bitsandbytes,
+            # TRL, Optuna...: make-gpu-site.sh strips their __pycache__) may come without byte-code, which pip would
             # have compiled: every process then compiles what it imports, each time (a read-only path) or the
-            # first time. Compiled once here: in place where writable, else into a cache of our own
+            # first time. A user's `pip install` leaves it compiled: run this stage first for start-up figures. Compiled once here: in place where writable, else into a cache of our own
             # (PYTHONPYCACHEPREFIX, $PYCACHE) that the later stages of the call use.
-            dirs=$($PY -c "import importlib.util as u, os; print(' '.join(os.path.dirname(s.origin) for s in map(u.find_spec, ('torch', 'transformers', 'peft', 'accelerate', 'safetensors', 'tokenizers', 'huggingface_hub', 'bitsandbytes', 'trl', 'liger_kernel', 'triton', 'datasets')) if s))")
+            dirs=$($PY -c "import importlib.util as u, os; print(' '.join(os.path.dirname(s.origin) for s in map(u.find_spec, ('torch', 'transformers', 'peft', 'accelerate', 'safetensors', 'tokenizers', 'huggingface_hub', 'bitsandbytes', 'trl', 'liger_kernel', 'triton', 'datasets', 'ray', 'optuna', 'sqlalchemy', 'alembic', 'pydantic', 'pandas', 'pyarrow', 'numpy', 'wandb', 'jinja2', 'yaml', 'rich')) if s))")
             missing=0; readonly=0
             for d in $dirs; do
                 nc=$(find "$d" -name '*.pyc' | wc -l); np=$(find "$d" -name '*.py' | wc -l)
