@@ -34,12 +34,16 @@ def _load(name: str):
     return module
 
 
-def test_packed_trials_score_as_in_their_own_processes(tmp_path):
+@pytest.mark.parametrize("optim", ["adamw_torch", "adafactor"])
+def test_packed_trials_score_as_in_their_own_processes(tmp_path, optim):
+    """AdamW (elementwise: the pack steps each trial's one flat tensor) and Adafactor (per matrix: factored second
+    moments, each tensor's update scaled by its own RMS; the pack steps each adapter matrix, `PER_TENSOR_OPTIMIZERS`:
+    on the flat tensor it was 2.4e-3 apart, 17% of what the trials learnt)."""
     parity = _load("pack_parity")
     out = tmp_path / "pack_parity.json"
-    result = parity.main(["--tiny", "--work", str(tmp_path / "work"), "--out", str(out)])
+    result = parity.main(["--tiny", "--optim", optim, "--work", str(tmp_path / "work"), "--out", str(out)])
 
-    assert json.loads(out.read_text()) == result
+    assert json.loads(out.read_text()) == result and result["optim"] == optim
     assert result["device"] == "cpu" and result["date"] and result["versions"]["torch"]
     assert set(result["configs"]) == set(parity.CONFIGS) and len(parity.CONFIGS) == 4
     # every rung of every config, from both sides, within the first epoch (where both take the same rows)

@@ -58,6 +58,14 @@ EVAL_GROUPS = 4  # evaluation groups (of several trials) per evaluation forward
 WARM_UP_ID = "pack-warm-up"  # the throwaway trial of `PackEngine._warm_up`
 
 
+# Optimizers whose update of a tensor depends on the whole tensor, not element by element: Adafactor factors a
+# matrix's second moment into row and column means and scales each tensor's update by its own RMS. They step each
+# adapter matrix, as the solo worker's (PEFT's lora_A / lora_B), not the trial's one flat tensor: on the flat
+# tensor Adafactor trained the pack's trials 17% of what they learnt away from their own processes (CPU, tiny
+# Llama, benchmarks/pack_parity.py --tiny --optim adafactor, 2026-12-07); per matrix, as far as the others.
+PER_TENSOR_OPTIMIZERS = frozenset({"adafactor"})
+
+
 def pack_key(job: JobConfig) -> str:
     """What trials must share to train in one pack: the base model (not LoRA), data, precision."""
     model = job.model.model_dump(mode="json")
@@ -437,8 +445,12 @@ class PackEngine:
         decay = args.weight_decay
         from trial_worker._compat import lean_bnb_step
 
+        # The flat tensor where the update is elementwise; each adapter matrix where it is not (`PER_TENSOR_OPTIMIZERS`):
+        # the pieces are views of the flat tensor and their gradients views of its gradient, so an update of a piece is
+        # an update of the flat tensor, and clipping, zeroing and the finiteness check still see one tensor.
+        stepped = list(named.values()) if job.training.optim in PER_TENSOR_OPTIMIZERS else trial.params
         # bitsandbytes' own step waits for the GPU after every parameter: a wait per trial step for nothing.
-        trial.optimizer = lean_bnb_step(opt_cls([{"params": trial.params, "weight_decay": decay}], **opt_kwargs))
+        trial.optimizer = lean_bnb_step(opt_cls([{"params": stepped, "weight_decay": decay}], **opt_kwargs))
         top = trial.rung_steps[-1]
         trial.scheduler = get_scheduler(args.lr_scheduler_type, trial.optimizer,
                                         num_warmup_steps=args.get_warmup_steps(top), num_training_steps=top,
