@@ -536,6 +536,65 @@ def test_trials_queued_together_join_one_per_pack_step_and_the_first_trains_at_o
     assert moments[1].startswith("engine: training step 1 done (1 trials"), moments
 
 
+def _with_data(job: JobConfig, **data) -> JobConfig:
+    d = job.model_dump()
+    d["data"].update(data)
+    return JobConfig.model_validate(d)
+
+
+def test_trials_of_another_max_seq_length_share_the_pack_and_train_as_in_a_pack_of_their_own(engine, jobs, solo, tmp_path):
+    """A search over `data.max_seq_length`: trials of another length join the same pack (one base), each training
+    and scored on its own rows, cut at its own length, exactly as in a pack built for that data."""
+    from trial_worker.pack.engine import PackEngine, pack_key
+
+    short = {"b": _with_data(jobs["b"], max_seq_length=40), "c": _with_data(jobs["c"], max_seq_length=48)}
+    assert pack_key(short["b"]) == pack_key(jobs["a"]) == engine.key
+    own = {i: drive(PackEngine(j, output_dir=str(tmp_path / f"own-{i}")), short, ids=[i])[i] for i, j in short.items()}
+    mixed = {"a": jobs["a"], **short}
+    packed = drive(engine, mixed, join={"c": 2})
+    assert close(packed["a"]["loss"], solo["a"]["loss"]) and close(packed["a"]["val"], solo["a"]["val"])
+    for i in short:
+        assert close(packed[i]["loss"], own[i]["loss"]), (i, packed[i]["loss"], own[i]["loss"])
+        assert close(packed[i]["val"], own[i]["val"]), (i, packed[i]["val"], own[i]["val"])
+    # the shorter cut trained on other numbers than the engine's own length gives the same trial
+    assert not close(own["b"]["loss"], solo["b"]["loss"])
+    assert len(engine.datasets) == 3 and max(engine.datasets[k].longest for k in engine.datasets) == engine.longest
+    assert max(len(q.ids) for q in engine.data_for(short["b"]).train) <= 40
+
+
+def test_a_trial_of_another_dataset_joins_while_the_pack_trains(jobs, tmp_path, monkeypatch):
+    """The pack server makes a second dataset beside its steps and admits that trial once it is made: the first
+    trial keeps training meanwhile, and both train to their end with their own rows."""
+    import time
+
+    from trial_worker.marks import read
+    from trial_worker.pack.server import PackServer
+
+    monkeypatch.setenv("SWEEP_TIMELINE", str(tmp_path / "marks.jsonl"))
+    server = PackServer("datasets")
+    mixed = {"a": jobs["a"], "b": _with_data(jobs["b"], max_seq_length=40)}
+    for i, j in mixed.items():
+        server.join(i, j)
+    done: dict[str, bool] = {}
+    deadline = time.monotonic() + 300
+    while len(done) < 2 and time.monotonic() < deadline:
+        for i in mixed:
+            for event in server.poll(i, 0.2):
+                assert event["kind"] != "error", event
+                if event["kind"] == "done":
+                    done[i] = True
+                else:
+                    server.proceed(i)
+    assert set(done) == set(mixed), (done, server.error)
+    moments = [e for _, _, e in read(str(tmp_path / "marks.jsonl"), 0)
+               if e.startswith(("engine: training step", "pack: admit", "engine: another dataset", "pack: engine build"))]
+    assert sum(e.startswith("pack: engine build") for e in moments) == 1, moments  # one base for both
+    started = next(i for i, e in enumerate(moments) if e.startswith("engine: another dataset (") and " started" in e)
+    admitted_b = next(i for i, e in enumerate(moments) if e.startswith("pack: admit b"))
+    assert moments[admitted_b - 1].startswith("engine: another dataset ready"), moments
+    assert started < admitted_b and moments[admitted_b - 2].startswith("engine: training step"), moments
+
+
 def test_a_checkpoint_with_per_tensor_optimizer_state_is_refused_by_name(engine, jobs, solo, tmp_path):
     """A pack's checkpoint keeps its trial's optimizer state for one flat tensor; one written by the earlier pack
     (state per adapter tensor) is refused with what it is and what to do, not continued with a wrong state."""

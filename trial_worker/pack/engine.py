@@ -67,12 +67,28 @@ PER_TENSOR_OPTIMIZERS = frozenset({"adafactor"})
 
 
 def pack_key(job: JobConfig) -> str:
-    """What trials must share to train in one pack: the base model (not LoRA), data, precision."""
+    """What trials must share to train in one pack: the base model (not LoRA) and precision. Their data may
+    differ (a search over `max_seq_length`): each trial trains and is scored on its own (`data_key`, `PackData`)."""
     model = job.model.model_dump(mode="json")
     model.pop("lora")
     t = job.training
-    return json.dumps({"model": model, "data": job.data.model_dump(mode="json"), "bf16": t.bf16, "fp16": t.fp16,
-                       "use_cpu": t.use_cpu, "use_liger_kernel": t.use_liger_kernel}, sort_keys=True)
+    return json.dumps({"model": model, "bf16": t.bf16, "fp16": t.fp16, "use_cpu": t.use_cpu,
+                       "use_liger_kernel": t.use_liger_kernel}, sort_keys=True)
+
+
+def data_key(job: JobConfig) -> str:
+    """Which of a pack's datasets a trial trains on: its whole `data` section."""
+    return json.dumps(job.data.model_dump(mode="json"), sort_keys=True)
+
+
+class PackData:
+    """One dataset of a pack, as `pack.data.tokenized` makes it for a job's `data` section: the train and
+    validation sequences, the validation split in groups of a forward's worth, and the longest train row."""
+
+    def __init__(self, train: list[Seq], val: list[Seq]):
+        self.train, self.val = train, val
+        self.val_groups = pack_rows(val, EVAL_TOKENS)
+        self.longest = max(len(q.ids) for q in train)  # a step gives every trial at least one row
 
 
 class PackedTrial:
@@ -83,6 +99,7 @@ class PackedTrial:
         from trial_worker.formats import rung_steps
 
         self.engine, self.id, self.job, self.slot, self.report = engine, trial_id, job, slot, report
+        self.data = engine.data_for(job)  # the rows it trains and is scored on
         self.output_dir = output_dir
         self.rung_steps = rung_steps(job)
         self.step = 0
@@ -119,7 +136,7 @@ class PackedTrial:
 
     # --------------------------------------------------------------- data order
     def _next_rows(self, n: int) -> list[Seq]:
-        data = self.engine.train_seqs
+        data = self.data.train
         out: list[Seq] = []
         while len(out) < n:
             if self.order is None or self.pos >= len(self.order):
@@ -235,7 +252,7 @@ class PackedTrial:
         import torch
 
         g = torch.Generator().manual_seed(self.job.training.seed + epoch)
-        return torch.randperm(len(self.engine.train_seqs), generator=g).tolist()
+        return torch.randperm(len(self.data.train), generator=g).tolist()
 
 
 class Evaluation:
@@ -244,8 +261,9 @@ class Evaluation:
     is that trial), or one asked for (the base's, for the controller). `done(metrics, error)` once at its end."""
 
     def __init__(self, slot: Optional[int], done: Callable[[Optional[dict], Optional[BaseException]], None],
-                 owner: Optional[PackedTrial] = None):
+                 groups: list, owner: Optional[PackedTrial] = None):
         self.slot, self.done, self.owner = slot, done, owner
+        self.groups = groups  # the validation split it scores, in groups (`PackData.val_groups`)
         self.pos = 0  # validation groups done
         self.total: Any = None  # the loss sum so far, on the device
         self.n = 0  # target tokens so far
@@ -263,7 +281,8 @@ class PackEngine:
         self.cpu = use_cpu(job.training)
         # The data (tokenizer, rows, chat template, tokens) is made beside the imports, CUDA's start and the
         # base's load: in a process of its own on a GPU (`data_process`, default: not on the CPU; pack.data).
-        data = start(job, own_process=not self.cpu if data_process is None else data_process)
+        self.data_process = not self.cpu if data_process is None else data_process
+        data = start(job, own_process=self.data_process)
         import torch
 
         from trial_worker._compat import apply_liger
@@ -318,14 +337,64 @@ class PackEngine:
         self.evaluating: list[Evaluation] = []  # in progress, in the order they were asked for
         self.eval_groups = EVAL_GROUPS
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-checkpoints")
+        self.datasets: dict[str, PackData] = {}  # by `data_key`: the engine's job's, and its trials' others
+        self.making: dict[str, Future] = {}  # datasets being made (`data_ready`), each waited for on its own thread
+        self.data_waits = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pack-data-wait")
         self.saves: list[tuple[PackedTrial, Future, dict, Path]] = []  # checkpoint writes in flight
         self.warmed_up = False  # (GPU) its throwaway first step ran through (`_warm_up`)
         if not self.cpu if warm_up is None else warm_up:
             self._warm_up(job)
-        self.pad_id, self.train_seqs, self.val_seqs = data()
+        self.pad_id, train, val = data()
         mark("engine: data ready")
-        self.val_groups = pack_rows(self.val_seqs, EVAL_TOKENS)  # validation sequences, a forward's worth each
-        self.longest = max(len(q.ids) for q in self.train_seqs)  # a step gives every trial at least one row
+        self.data = self.datasets[data_key(job)] = PackData(train, val)  # the job's own: the base evaluation's
+
+    # The engine's own dataset (its job's), by the names of a pack with one.
+    @property
+    def train_seqs(self) -> list[Seq]:
+        return self.data.train
+
+    @property
+    def val_seqs(self) -> list[Seq]:
+        return self.data.val
+
+    @property
+    def val_groups(self) -> list:
+        return self.data.val_groups
+
+    @val_groups.setter
+    def val_groups(self, groups: list) -> None:
+        self.data.val_groups = groups
+
+    @property
+    def longest(self) -> int:
+        """The longest train row of any of the pack's datasets: every trial gets at least one row a step."""
+        return max(d.longest for d in self.datasets.values())
+
+    def data_ready(self, job: JobConfig) -> bool:
+        """Whether `job`'s dataset is made; if not, its making starts (in its own process on a GPU, as the
+        engine's first), and a later call takes it once made. Raises what making it raised."""
+        key = data_key(job)
+        if key in self.datasets:
+            return True
+        if key not in self.making:
+            from trial_worker.pack.data import start
+
+            mark(f"engine: another dataset ({job.data.path}, max_seq_length {job.data.max_seq_length}) started")
+            self.making[key] = self.data_waits.submit(start(job, own_process=self.data_process))
+        future = self.making[key]
+        if not future.done():
+            return False
+        del self.making[key]
+        _, train, val = future.result()
+        self.datasets[key] = PackData(train, val)
+        mark(f"engine: another dataset ready ({len(train)} train, {len(val)} validation rows)")
+        return True
+
+    def data_for(self, job: JobConfig) -> PackData:
+        """`job`'s dataset, made now if it is not yet (`data_ready` makes it beside the pack's steps)."""
+        while not self.data_ready(job):
+            wait([self.making[data_key(job)]])
+        return self.datasets[data_key(job)]
 
     def _warm_up(self, job: JobConfig) -> None:
         """One throwaway training step while the data is still being made: a trial of `job`'s settings joins
@@ -340,7 +409,8 @@ class PackEngine:
         n = max(2, min(256, job.data.max_seq_length))
         vocab = self.model.get_output_embeddings().weight.shape[0]
         ids = tuple(1 + (7 * i) % max(1, vocab - 1) for i in range(n))
-        self.pad_id, self.train_seqs = 0, [Seq(ids, ids[1:] + (IGNORE_INDEX,))]
+        row = Seq(ids, ids[1:] + (IGNORE_INDEX,))
+        self.pad_id, self.datasets[data_key(job)] = 0, PackData([row], [row])
         try:
             trial = self.add(WARM_UP_ID, job, lambda metrics, checkpoint: None)
             trial.start_window()
@@ -356,7 +426,7 @@ class PackEngine:
         finally:
             self.routing.set([], None)
             self.remove(WARM_UP_ID)
-            self.train_seqs = []
+            del self.datasets[data_key(job)]
 
     # --------------------------------------------------------------- membership
     def running(self) -> list[PackedTrial]:
@@ -417,7 +487,7 @@ class PackEngine:
         from trial_worker.formats import sft_config
 
         if pack_key(job) != self.key:
-            raise ValueError(f"trial {trial_id} does not share this pack's base model, data and precision")
+            raise ValueError(f"trial {trial_id} does not share this pack's base model and precision")
         if trial_id in self.trials:
             raise ValueError(f"trial {trial_id} is already in this pack")
         slot = min(set(range(len(self.trials) + 1)) - {t.slot for t in self.trials.values()})
@@ -603,7 +673,8 @@ class PackEngine:
                 t.optimizer_step()
                 if t.step in t.rung_steps:
                     t.state = "evaluating"
-                    self.evaluating.append(Evaluation(t.slot, functools.partial(self._rung_evaluated, t), owner=t))
+                    self.evaluating.append(Evaluation(t.slot, functools.partial(self._rung_evaluated, t), t.data.val_groups,
+                                                      owner=t))
 
     def _fail(self, trial: PackedTrial, action: Callable[[], None]) -> None:
         """Run `action`; an exception fails that trial only (it leaves the pack, the error kept for its owner)."""
@@ -654,7 +725,7 @@ class PackEngine:
         import torch
 
         now = self.evaluating[:self.eval_groups]
-        parts = [(e.slot, self.val_groups[e.pos]) for e in now]
+        parts = [(e.slot, e.groups[e.pos]) for e in now]
         try:
             with torch.no_grad():
                 sums, _ = self._losses(parts)
@@ -677,7 +748,7 @@ class PackEngine:
             ev.total = part if ev.total is None else ev.total + part
             ev.n += sum(q.n_targets for q in parts[i][1])
             ev.pos += 1
-            if ev.pos == len(self.val_groups):
+            if ev.pos == len(ev.groups):
                 self.evaluating.remove(ev)
                 val = float(ev.total) / ev.n  # one sync per evaluation
                 ev.done({"val_loss": val, "ppl": math.exp(min(val, 700.0)), "tokens": ev.n}, None)
@@ -724,17 +795,21 @@ class PackEngine:
             self._fail(t, report)
 
     # --------------------------------------------------------------- evaluation
-    def queue_evaluation(self, slot: Optional[int], done: Callable[[Optional[dict], Optional[BaseException]], None]) -> None:
-        """Evaluate `slot`'s adapter (None: the base) on the validation split beside the pack's training
-        (`Evaluation`); `done({"val_loss", "ppl", "tokens"}, None)` or `done(None, error)` at its end."""
+    def queue_evaluation(self, slot: Optional[int], done: Callable[[Optional[dict], Optional[BaseException]], None],
+                         job: Optional[JobConfig] = None) -> None:
+        """Evaluate `slot`'s adapter (None: the base) on the validation split of `job`'s data (default: the
+        engine's job's) beside the pack's training (`Evaluation`); `done({"val_loss", "ppl", "tokens"}, None)` or
+        `done(None, error)` at its end."""
         mark(f"engine: evaluation of {'the base' if slot is None else f'slot {slot}'} queued")
-        self.evaluating.append(Evaluation(slot, done))
+        groups = (self.data if job is None else self.data_for(job)).val_groups
+        self.evaluating.append(Evaluation(slot, done, groups))
 
-    def evaluate(self, slot: Optional[int]) -> dict[str, float]:
-        """{"val_loss", "ppl", "tokens"}: token-mean loss over the validation split with `slot`'s adapter (None:
-        the base), now, on the caller's thread (with the pack idle: tests, benchmarks)."""
+    def evaluate(self, slot: Optional[int], job: Optional[JobConfig] = None) -> dict[str, float]:
+        """{"val_loss", "ppl", "tokens"}: token-mean loss over the validation split (of `job`'s data, default the
+        engine's) with `slot`'s adapter (None: the base), now, on the caller's thread (with the pack idle: tests,
+        benchmarks)."""
         box: dict = {}
-        self.queue_evaluation(slot, lambda metrics, error: box.update(metrics=metrics, error=error))
+        self.queue_evaluation(slot, lambda metrics, error: box.update(metrics=metrics, error=error), job)
         while not box:
             self._evaluate_some()
         if box["error"] is not None:

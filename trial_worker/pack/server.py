@@ -230,7 +230,7 @@ class PackServer:
                 done.set()
 
             try:
-                self._engine_for(job).queue_evaluation(None, finished)
+                self._engine_for(job).queue_evaluation(None, finished, job)
             except Exception as e:  # noqa: BLE001 - handed back to the caller
                 finished(None, e)
 
@@ -269,7 +269,8 @@ class PackServer:
             trial_id, job, resume_from, started_at, attempt = self.queue[0]
             try:
                 e = self._engine_for(job)
-                if pack_key(job) != e.key or not e.fits(job):
+                # another dataset (a search over max_seq_length) is made beside the steps before its first trial joins
+                if pack_key(job) != e.key or not e.data_ready(job) or not e.fits(job):
                     return
                 self.queue.pop(0)
                 mark(f"pack: admit {trial_id}")
