@@ -79,7 +79,8 @@ TOLERANCE = 0.01  # issue #19's GPU target: within 1% at every rung
 
 
 # --------------------------------------------------------------------------- the jobs
-def base_job(model: str, data: str, *, tiny: bool, lora_dropout: float, optim: Optional[str] = None) -> dict:
+def base_job(model: str, data: str, *, tiny: bool, lora_dropout: float, optim: Optional[str] = None,
+             overrides: tuple[str, ...] = ()) -> dict:
     """The reference spec's job sections (search_spaces/llama32_1b.yaml) on `model` and `data`, the ladder of the
     mode; `tiny`: the tiny Llama's settings (fp32 compute on the CPU, AdamW, 64-token rows, no checkpointing)."""
     import yaml
@@ -99,6 +100,13 @@ def base_job(model: str, data: str, *, tiny: bool, lora_dropout: float, optim: O
                                 "torch_threads": 1})
     if optim:
         job["training"]["optim"] = optim
+    for item in overrides:  # "section.field=value" (a YAML value), e.g. model.attn_implementation=eager
+        path, _, value = item.partition("=")
+        *parents, leaf = path.split(".")
+        node = job
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     return job
 
 
@@ -270,13 +278,13 @@ def compare(jobs: dict, solo_out: dict, packed_out: dict, tolerance: float) -> d
 
 
 def run(*, tiny: bool, work: Path, out: Optional[Path], lora_dropout: float = 0.0, tolerance: float = TOLERANCE,
-        rows: int = GPU_ROWS, parallel: int = 2, optim: Optional[str] = None) -> dict:
+        rows: int = GPU_ROWS, parallel: int = 2, optim: Optional[str] = None, overrides: tuple[str, ...] = ()) -> dict:
     """The whole benchmark; returns (and writes to `out`) the result."""
     t0 = time.time()
     work.mkdir(parents=True, exist_ok=True)
     model, data, lengths = _in_child(prepare_assets, work, tiny, rows)
     prepared_s = round(time.time() - t0, 1)
-    base = base_job(model, data, tiny=tiny, lora_dropout=lora_dropout, optim=optim)
+    base = base_job(model, data, tiny=tiny, lora_dropout=lora_dropout, optim=optim, overrides=overrides)
     jobs = trial_jobs(base, tiny=tiny)
     from trial_worker.formats import rung_steps
 
@@ -290,6 +298,7 @@ def run(*, tiny: bool, work: Path, out: Optional[Path], lora_dropout: float = 0.
         "data": lengths,
         "lora_dropout": lora_dropout,
         "optim": base["training"]["optim"],
+        "overrides": list(overrides),
         "parallel": parallel,
         "configs": {name: {"params": CONFIGS[name], "rung_steps": rung_steps(job),
                            "effective_batch": job.training.effective_batch_size}
@@ -313,6 +322,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout of every config (the reference: 0)")
     ap.add_argument("--optim", help="training.optim of every config (default: the reference's adamw_8bit; with "
                     "--tiny adamw_torch)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a job field for every config, e.g. --set model.attn_implementation=eager (repeatable)")
     ap.add_argument("--tolerance", type=float, default=TOLERANCE, help="pass when every rung is within this "
                     f"relative difference (default {TOLERANCE})")
     ap.add_argument("--rows", type=int, default=GPU_ROWS, help="GPU mode: conversations written")
@@ -325,7 +336,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     work = Path(a.work + ("-tiny" if a.tiny else ""))
     out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"pack_parity{'_cpu' if a.tiny else ''}.json"
     return run(tiny=a.tiny, work=work, out=out, lora_dropout=a.lora_dropout, tolerance=a.tolerance, rows=a.rows,
-               parallel=a.parallel, optim=a.optim)
+               parallel=a.parallel, optim=a.optim, overrides=tuple(a.set))
 
 
 if __name__ == "__main__":
