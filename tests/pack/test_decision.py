@@ -95,3 +95,27 @@ def test_the_plan_asks_the_same_decision(monkeypatch):
     with pytest.raises(PackingRefused, match="search.params.packing"):
         trial_plan(job, resources={**resources, "packing": "on"}, run_dir=None, name="t",
                    search_params={"packing": {"type": "choice", "values": [False, True]}})
+
+
+@pytest.mark.parametrize("config", [{"model_type": "gemma2", "final_logit_softcapping": 30.0},
+                                    {"model_type": "gemma3", "text_config": {"final_logit_softcapping": 30.0}},
+                                    {"model_type": "cohere", "logit_scale": 0.0625}])
+def test_a_model_whose_logits_the_pack_would_not_compute_runs_one_trial_per_process(tmp_path, config):
+    """A logit softcap or scale in the model's config.json (Gemma 2/3, Cohere): the pack's loss is a plain
+    hidden @ W^T, so `auto` runs one trial per process and `on` is refused naming the model and the setting,
+    read before anything loads (it had failed every trial at the pack's build)."""
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    assert not _decide(gpus=8, model={"name_or_path": str(model)})
+    with pytest.raises(PackingRefused) as e:
+        _decide("on", gpus=8, model={"name_or_path": str(model)})
+    [(field, value, why)] = e.value.problems
+    key = next(k for k in ("final_logit_softcapping", "logit_scale") if k in json.dumps(config))
+    assert field == "model.name_or_path" and value == str(model) and f"sets {key}=" in why, why
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama", "logit_scale": 1.0}))
+    assert _decide(gpus=8, model={"name_or_path": str(plain)})

@@ -76,10 +76,53 @@ def trials_pack(resources: dict, job: dict, search_params: Optional[dict] = None
             and job["training"].get("execution", "auto") != "as_written" and not problems)
 
 
+def _model_config(name: Any) -> dict:
+    """The model's `config.json` as data, from its local folder or the hub's local cache; {} where neither has
+    it (read when the engine loads the model)."""
+    import json
+    import os
+
+    if not isinstance(name, str):
+        return {}
+    path = os.path.join(os.path.expanduser(name), "config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+        except Exception:  # noqa: BLE001 - not a repo id, or no cache: nothing to read
+            cached = None
+        if not isinstance(cached, str):
+            return {}
+        path = cached
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _model_not_as_written(job: dict) -> list[tuple[str, Any, str]]:
+    """The model's own reason a pack would not train it as written: a logit softcap or scale in its config (as
+    `graphs.lm_head_not_plain` finds it in the loaded model), which the pack's loss does not apply."""
+    from trial_worker.graphs import LOGIT_TRANSFORMS
+
+    name = (job.get("model") or {}).get("name_or_path")
+    config = _model_config(name)
+    for section in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+        for key in LOGIT_TRANSFORMS:
+            value = section.get(key)
+            if value is not None and value != 1.0:
+                return [("model.name_or_path", name, f"the model's config sets {key}={value}, which the pack's loss "
+                         "does not apply")]
+    return []
+
+
 def _not_as_written(job: dict, search_params: Optional[dict]) -> list[tuple[str, Any, str]]:
     """[(field, value, why)] for each setting of the job, or value a search may give it, that packs would not
     train as written."""
-    out = []
+    out = _model_not_as_written(job)
     for field, (ok, why) in _AS_PACKS_TRAIN.items():
         node: Any = job
         for part in field.split("."):
