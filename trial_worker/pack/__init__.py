@@ -110,7 +110,8 @@ def _model_not_as_written(job: dict) -> list[tuple[str, Any, str]]:
 
     name = (job.get("model") or {}).get("name_or_path")
     config = _model_config(name)
-    for section in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+    text = config.get("text_config")
+    for section in (config, text if isinstance(text, dict) else {}):
         for key in LOGIT_TRANSFORMS:
             value = section.get(key)
             if value is not None and value != 1.0:
