@@ -35,6 +35,12 @@ class QuantizationConfig(Strict):
     bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
+def targeted(name: str, targets: Union[str, list[str]]) -> bool:
+    """Whether LoRA's `target_modules` (`targets`: 'all-linear' or a list) names the layer `name`, by PEFT's rule
+    for a list: the layer's name is an entry, or ends with "." + an entry (`q_proj`, `self_attn.q_proj`)."""
+    return targets == "all-linear" or name in targets or any(name.endswith("." + t) for t in targets)
+
+
 class LoraConfig(Strict):
     r: int = Field(16, gt=0, le=4096, description="LoRA rank")
     alpha: float = Field(16, gt=0, le=1e6, description="LoRA scaling numerator (lora_alpha)")

@@ -536,6 +536,24 @@ def test_trials_queued_together_join_one_per_pack_step_and_the_first_trains_at_o
     assert moments[1].startswith("engine: training step 1 done (1 trials"), moments
 
 
+def test_target_modules_match_layers_as_peft_matches_them(engine, jobs):
+    """PEFT's rule for a list: a layer whose name is an entry or ends with "." + an entry; so `self_attn.q_proj`
+    wraps what `q_proj` wraps (the preflight check takes the same rule: `config.targeted`)."""
+    def layers(targets):
+        d = jobs["a"].model_dump()
+        d["model"]["lora"]["target_modules"] = targets
+        t = engine.add("t", JobConfig.model_validate(d), lambda m, c: None)
+        try:
+            return sorted(t.named_params)
+        finally:
+            engine.remove("t")
+
+    short = layers(["q_proj", "v_proj"])
+    assert len(short) == 2 * 2 * 2 and all(".self_attn." in n for n in short)  # 2 layers x (q, v) x (A, B)
+    assert layers(["self_attn.q_proj", "v_proj"]) == short
+    assert layers(["model.layers.0.self_attn.q_proj"]) == [n for n in short if ".0.self_attn.q_proj." in n]
+
+
 def _with_data(job: JobConfig, **data) -> JobConfig:
     d = job.model_dump()
     d["data"].update(data)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from trial_worker.config import ALL_LINEAR_LLAMA, DataConfig, JobConfig, ModelConfig
+from trial_worker.config import ALL_LINEAR_LLAMA, DataConfig, JobConfig, ModelConfig, targeted
 from trial_worker.data import (
     BUILDERS,
     DROP_REASONS,
@@ -492,7 +492,7 @@ def _check_targets(cfg: ModelConfig, tensors: set[str], out: Findings) -> None:
     if targets == "all-linear" or not modules:
         return
     # PEFT's matching of a list: a module whose path is the entry or ends with "." + the entry
-    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    missing = [t for t in targets if not any(targeted(m, [t]) for m in modules)]
     if not missing:
         return
     layers = layer_names(modules)

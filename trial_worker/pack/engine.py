@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 
 from trial_worker._compat import foreach_norm
 from trial_worker.checkpoint import write_manifest
-from trial_worker.config import JobConfig
+from trial_worker.config import JobConfig, targeted
 from trial_worker.lifecycle import check_finite, checkpoint_dir, counters, read_state, rung_report, write_state
 from trial_worker.marks import enabled as marking, mark
 from trial_worker.pack.batch import IGNORE_INDEX, Seq, build, pack_rows
@@ -443,7 +443,7 @@ class PackEngine:
         """A trial's own memory, upper bound: fp32 adapter, its gradient and two fp32 optimizer moments."""
         lora = job.model.lora
         n = sum(lora.r * (layer.in_features + layer.out_features) for name, layer in self.layers.items()
-                if lora.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in lora.target_modules)
+                if targeted(name, lora.target_modules))
         return 16.0 * n
 
     def fits(self, job: Optional[JobConfig] = None) -> bool:
@@ -493,19 +493,19 @@ class PackEngine:
         slot = min(set(range(len(self.trials) + 1)) - {t.slot for t in self.trials.values()})
         trial = PackedTrial(self, trial_id, job, slot, report, self.output_dir / trial_id, started_at)
         lora = job.model.lora
-        targeted = [(name, layer) for name, layer in self.layers.items()
-                    if lora.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in lora.target_modules]
-        if not targeted:
+        wrapped = [(name, layer) for name, layer in self.layers.items()
+                    if targeted(name, lora.target_modules)]
+        if not wrapped:
             has = sorted({name.rsplit(".", 1)[-1] for name in self.layers})
             raise ValueError(f"model.lora.target_modules {lora.target_modules} names none of the model's linear layers "
                              f"({', '.join(has)}); name some of them, or write all-linear")
         from trial_worker.pack.lora import new_adapters
 
-        flat, adapters = new_adapters([(layer.in_features, layer.out_features) for _, layer in targeted], lora.r,
+        flat, adapters = new_adapters([(layer.in_features, layer.out_features) for _, layer in wrapped], lora.r,
                                       lora.alpha, lora.dropout, torch.Generator().manual_seed(job.training.seed),
                                       self.device, bf16_init=job.model.quantization.load_in_4bit)
         named = {}
-        for (name, layer), adapter in zip(targeted, adapters):
+        for (name, layer), adapter in zip(wrapped, adapters):
             layer.adapters[str(slot)] = adapter
             named[f"{name}.lora_A"], named[f"{name}.lora_B"] = adapter.A, adapter.B
         trial.named_params = named

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from trial_worker._compat import foreach_add, foreach_copy, foreach_mul, grouped_mm, has_grouped_mm
+from trial_worker.config import targeted
 
 # "auto": grouped where `grouped_ok`, else segments; "segments" / "grouped" force one (tests, benchmarks).
 MODE = "auto"
@@ -262,14 +263,14 @@ def _spread(params: list, where: list, ranks: list, scales: Optional[list], stac
 
 
 def target_names(model, targets) -> list[str]:
-    """Qualified names of the linear layers LoRA may wrap: `targets` ('all-linear' or module short names)."""
+    """Qualified names of the linear layers LoRA may wrap: `targets` ('all-linear' or module names, `targeted`)."""
     import bitsandbytes as bnb
 
     out = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, bnb.nn.Linear4bit)) or name.endswith("lm_head"):
             continue
-        if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
+        if targeted(name, targets):
             out.append(name)
     return out
 
