@@ -23,6 +23,9 @@ SPEC = {
 NOT_AS_WRITTEN = [
     ({"model": {"lora": {"bias": "all"}}}, "model.lora.bias", "= 'all'"),
     ({"data": {"packing": True}}, "data.packing", "= true"),
+    ({"model": {"lora": {"target_modules": ["q_proj", "lm_head"]}}}, "model.lora.target_modules", "lm_head is not a decoder layer"),
+    ({"model": {"lora": {"target_modules": ["model.embed_tokens", "v_proj"]}}}, "model.lora.target_modules",
+     "model.embed_tokens is not a decoder layer"),
     ({"search": {"params": {"packing": {"type": "choice", "values": [False, True]}}}}, "search.params.packing", "= true"),
     ({"search": {"params": {"group_by_length": {"type": "choice", "values": [True]}}}}, "search.params.group_by_length", "= true"),
 ]

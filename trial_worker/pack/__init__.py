@@ -76,6 +76,12 @@ def trials_pack(resources: dict, job: dict, search_params: Optional[dict] = None
             and job["training"].get("execution", "auto") != "as_written" and not problems)
 
 
+# Module names of the LM head and the token embeddings across decoder families: LoRA there (PEFT allows it when
+# named) is not what a pack wraps (`pack.lora.install`: the decoder's linear layers).
+HEAD_AND_EMBEDDINGS = frozenset({"lm_head", "embed_tokens", "embed_out", "wte", "wpe", "word_embeddings", "output",
+                                 "embed_in", "embeddings", "tok_embeddings"})
+
+
 def _model_config(name: Any) -> dict:
     """The model's `config.json` as data, from its local folder or the hub's local cache; {} where neither has
     it (read when the engine loads the model)."""
@@ -108,7 +114,14 @@ def _model_not_as_written(job: dict) -> list[tuple[str, Any, str]]:
     `graphs.lm_head_not_plain` finds it in the loaded model), which the pack's loss does not apply."""
     from trial_worker.graphs import LOGIT_TRANSFORMS
 
-    name = (job.get("model") or {}).get("name_or_path")
+    model = job.get("model") or {}
+    targets = (model.get("lora") or {}).get("target_modules")
+    if isinstance(targets, list):
+        outside = [t for t in targets if isinstance(t, str) and (t.rsplit(".", 1)[-1] in HEAD_AND_EMBEDDINGS)]
+        if outside:
+            return [("model.lora.target_modules", targets, f"{', '.join(outside)} is not a decoder layer: a pack "
+                     "trains LoRA on the decoder's linear layers only, not on the LM head or the embeddings")]
+    name = model.get("name_or_path")
     config = _model_config(name)
     text = config.get("text_config")
     for section in (config, text if isinstance(text, dict) else {}):
