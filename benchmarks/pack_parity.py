@@ -33,8 +33,10 @@ adapters are the solo worker's (0.0: identical); `one_epoch`, whether every tria
 What made them differ, and what is left (CPU, tiny, 2026-12-06): the pack drew its LoRA A from its own stream
 (4.7e-4 relative at worst); it now draws PEFT's numbers (`pack.lora.new_adapters`): 2.9e-7, fp32 rounding. Data
 order was already the same (the Trainer's seedable sampler is `randperm(seed + epoch)`, as the pack's), as are
-loss normalisation and the optimizer. Still different by design: LoRA dropout masks (`--lora-dropout 0.1`:
-3.7e-5), the step at an epoch's end, and on a GPU bf16 rounding in other orders (see benchmarks/README.md).
+loss normalisation and the optimizer. Since 2026-12-07 also Adafactor (`--optim adafactor`: 2.4e-3, now 3.1e-7;
+it steps each adapter matrix) and the step at an epoch's end (`--rows 21`: 9.3e-5, now 3.2e-7; an optimizer step
+no longer spans two epochs). Still different by design: LoRA dropout masks (`--lora-dropout 0.1`: 3.7e-5), and on
+a GPU bf16 rounding in other orders (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -127,8 +129,8 @@ def prepare_assets(work: Path, tiny: bool, rows: int) -> tuple[str, str, dict]:
         model = work / "tiny-llama"
         if not (model / "config.json").exists():
             write_tiny_llama(model)
-        data = write_task_data(work / "tasks", n_train=TINY_TRAIN, n_val=TINY_VAL)
-        return str(model), str(data), {"rows": TINY_TRAIN, "validation_rows": TINY_VAL, "max_seq_length": 64}
+        data = write_task_data(work / f"tasks-{rows}", n_train=rows, n_val=TINY_VAL)
+        return str(model), str(data), {"rows": rows, "validation_rows": TINY_VAL, "max_seq_length": 64}
     from sweep_makespan import prepare  # the makespan benchmark's 1B-shaped model and conversations
 
     assets, lengths, _, _ = prepare(work, False, work / "conversations", rows)
@@ -278,11 +280,11 @@ def compare(jobs: dict, solo_out: dict, packed_out: dict, tolerance: float) -> d
 
 
 def run(*, tiny: bool, work: Path, out: Optional[Path], lora_dropout: float = 0.0, tolerance: float = TOLERANCE,
-        rows: int = GPU_ROWS, parallel: int = 2, optim: Optional[str] = None, overrides: tuple[str, ...] = ()) -> dict:
+        rows: Optional[int] = None, parallel: int = 2, optim: Optional[str] = None, overrides: tuple[str, ...] = ()) -> dict:
     """The whole benchmark; returns (and writes to `out`) the result."""
     t0 = time.time()
     work.mkdir(parents=True, exist_ok=True)
-    model, data, lengths = _in_child(prepare_assets, work, tiny, rows)
+    model, data, lengths = _in_child(prepare_assets, work, tiny, rows if rows else TINY_TRAIN if tiny else GPU_ROWS)
     prepared_s = round(time.time() - t0, 1)
     base = base_job(model, data, tiny=tiny, lora_dropout=lora_dropout, optim=optim, overrides=overrides)
     jobs = trial_jobs(base, tiny=tiny)
@@ -326,7 +328,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     help="a job field for every config, e.g. --set model.attn_implementation=eager (repeatable)")
     ap.add_argument("--tolerance", type=float, default=TOLERANCE, help="pass when every rung is within this "
                     f"relative difference (default {TOLERANCE})")
-    ap.add_argument("--rows", type=int, default=GPU_ROWS, help="GPU mode: conversations written")
+    ap.add_argument("--rows", type=int, help=f"training rows written (default {GPU_ROWS} conversations; with --tiny "
+                    f"{TINY_TRAIN} task chats: fewer train the top rungs over several epochs)")
     ap.add_argument("--parallel", type=int, default=2, help="solo trials (processes) at once, after the pack "
                     "(default 2; 1: each alone on the GPU, as a sweep with gpus_per_trial 1 runs them)")
     ap.add_argument("--work", default="/tmp/pack_parity")

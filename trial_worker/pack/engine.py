@@ -136,15 +136,16 @@ class PackedTrial:
 
     # --------------------------------------------------------------- data order
     def _next_rows(self, n: int) -> list[Seq]:
+        """The next `n` rows of the trial's order, fewer where its epoch ends first: as the Trainer steps, an
+        optimizer step never spans two epochs (the last of an epoch takes what is left of it, `Trainer`'s
+        `remainder` micro-batches, the last of them partial), then the next epoch's order starts."""
         data = self.data.train
-        out: list[Seq] = []
-        while len(out) < n:
-            if self.order is None or self.pos >= len(self.order):
-                if self.order is not None:
-                    self.epoch, self.pos = self.epoch + 1, 0
-                self.order = self._order_of(self.epoch)
-            out.append(data[self.order[self.pos]])
-            self.pos += 1
+        if self.order is None or self.pos >= len(self.order):
+            if self.order is not None:
+                self.epoch, self.pos = self.epoch + 1, 0
+            self.order = self._order_of(self.epoch)
+        out = [data[i] for i in self.order[self.pos:self.pos + n]]
+        self.pos += len(out)
         return out
 
     def start_window(self) -> None:
