@@ -504,31 +504,36 @@ def test_a_data_process_that_dies_is_an_error_of_the_pack_and_one_whose_pack_die
     assert not alive, [p.cmdline() for p in alive]
 
 
-def test_trials_queued_together_join_one_per_pack_step_and_the_first_trains_at_once(jobs, tmp_path, monkeypatch):
-    """A join is host work that leaves the GPU idle when it happens before a step: the pack's first step starts
-    after the first queued trial joined, and while the pack trains the others join one between two steps; all of
-    them train to their end."""
+def serve(server, jobs: dict) -> None:
+    """Join `jobs` ({id: job}) to a `PackServer` and drive them as their Tune attempts would (poll, go on after
+    each rung) until each is done; any error fails the test."""
     import time
 
-    from trial_worker.marks import read
-    from trial_worker.pack.server import PackServer
-
-    monkeypatch.setenv("SWEEP_TIMELINE", str(tmp_path / "marks.jsonl"))
-    server = PackServer("joins")
-    ids = ["a", "b", "c"]
-    for i in ids:
-        server.join(i, jobs[i])
+    for i, j in jobs.items():
+        server.join(i, j)
     done: dict[str, bool] = {}
     deadline = time.monotonic() + 300
-    while len(done) < len(ids) and time.monotonic() < deadline:
-        for i in ids:
+    while len(done) < len(jobs) and time.monotonic() < deadline:
+        for i in jobs:
             for event in server.poll(i, 0.2):
                 assert event["kind"] != "error", event
                 if event["kind"] == "done":
                     done[i] = True
                 else:
                     server.proceed(i)
-    assert set(done) == set(ids), (done, server.error)
+    assert set(done) == set(jobs), (done, server.error)
+
+
+def test_trials_queued_together_join_one_per_pack_step_and_the_first_trains_at_once(jobs, tmp_path, monkeypatch):
+    """A join is host work that leaves the GPU idle when it happens before a step: the pack's first step starts
+    after the first queued trial joined, and while the pack trains the others join one between two steps; all of
+    them train to their end."""
+
+    from trial_worker.marks import read
+    from trial_worker.pack.server import PackServer
+
+    monkeypatch.setenv("SWEEP_TIMELINE", str(tmp_path / "marks.jsonl"))
+    serve(PackServer("joins"), {i: jobs[i] for i in ("a", "b", "c")})
     moments = [e for _, _, e in read(str(tmp_path / "marks.jsonl"), 0)
                if e.startswith(("engine: training step", "pack: admit"))]
     order = ["admit" if e.startswith("pack: admit") else "step" for e in moments][:5]
@@ -583,27 +588,12 @@ def test_trials_of_another_max_seq_length_share_the_pack_and_train_as_in_a_pack_
 def test_a_trial_of_another_dataset_joins_while_the_pack_trains(jobs, tmp_path, monkeypatch):
     """The pack server makes a second dataset beside its steps and admits that trial once it is made: the first
     trial keeps training meanwhile, and both train to their end with their own rows."""
-    import time
 
     from trial_worker.marks import read
     from trial_worker.pack.server import PackServer
 
     monkeypatch.setenv("SWEEP_TIMELINE", str(tmp_path / "marks.jsonl"))
-    server = PackServer("datasets")
-    mixed = {"a": jobs["a"], "b": _with_data(jobs["b"], max_seq_length=40)}
-    for i, j in mixed.items():
-        server.join(i, j)
-    done: dict[str, bool] = {}
-    deadline = time.monotonic() + 300
-    while len(done) < 2 and time.monotonic() < deadline:
-        for i in mixed:
-            for event in server.poll(i, 0.2):
-                assert event["kind"] != "error", event
-                if event["kind"] == "done":
-                    done[i] = True
-                else:
-                    server.proceed(i)
-    assert set(done) == set(mixed), (done, server.error)
+    serve(PackServer("datasets"), {"a": jobs["a"], "b": _with_data(jobs["b"], max_seq_length=40)})
     moments = [e for _, _, e in read(str(tmp_path / "marks.jsonl"), 0)
                if e.startswith(("engine: training step", "pack: admit", "engine: another dataset", "pack: engine build"))]
     assert sum(e.startswith("pack: engine build") for e in moments) == 1, moments  # one base for both
