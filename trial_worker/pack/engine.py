@@ -64,6 +64,18 @@ WARM_UP_ID = "pack-warm-up"  # the throwaway trial of `PackEngine._warm_up`
 # tensor Adafactor trained the pack's trials 17% of what they learnt away from their own processes (CPU, tiny
 # Llama, benchmarks/pack_parity.py --tiny --optim adafactor, 2026-12-07); per matrix, as far as the others.
 PER_TENSOR_OPTIMIZERS = frozenset({"adafactor"})
+# bitsandbytes' 8-bit optimizers quantize a tensor's state in blocks of 256 elements and keep a tensor of fewer than
+# 4,096 elements in 32 bits (`min_8bit_size`): the trial's flat tensor is theirs only where every adapter matrix is
+# whole blocks and 8-bit (the 1B shape at r >= 2); else they too step each matrix (the tiny Llama: 7.5e-6 apart
+# on the flat tensor, CPU, 2026-12-07).
+BNB_8BIT_OPTIMIZERS = frozenset({"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "lion_8bit", "paged_lion_8bit"})
+BNB_BLOCK, BNB_MIN_8BIT = 256, 4096
+
+
+def steps_per_tensor(optim: str, sizes: list[int]) -> bool:
+    """Whether `optim` must step each adapter matrix (of `sizes` elements) to step as on the trial's own."""
+    return optim in PER_TENSOR_OPTIMIZERS or (optim in BNB_8BIT_OPTIMIZERS
+                                              and any(n < BNB_MIN_8BIT or n % BNB_BLOCK for n in sizes))
 
 
 def pack_key(job: JobConfig) -> str:
@@ -516,10 +528,11 @@ class PackEngine:
         decay = args.weight_decay
         from trial_worker._compat import lean_bnb_step
 
-        # The flat tensor where the update is elementwise; each adapter matrix where it is not (`PER_TENSOR_OPTIMIZERS`):
+        # The flat tensor where the update is elementwise; each adapter matrix where it is not (`steps_per_tensor`):
         # the pieces are views of the flat tensor and their gradients views of its gradient, so an update of a piece is
         # an update of the flat tensor, and clipping, zeroing and the finiteness check still see one tensor.
-        stepped = list(named.values()) if job.training.optim in PER_TENSOR_OPTIMIZERS else trial.params
+        pieces = list(named.values())
+        stepped = pieces if steps_per_tensor(job.training.optim, [p.numel() for p in pieces]) else trial.params
         # bitsandbytes' own step waits for the GPU after every parameter: a wait per trial step for nothing.
         trial.optimizer = lean_bnb_step(opt_cls([{"params": stepped, "weight_decay": decay}], **opt_kwargs))
         top = trial.rung_steps[-1]
