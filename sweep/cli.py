@@ -82,6 +82,10 @@ def validate(
         kind = f"{s.num_trials} trials ({s.search.sampler})" if s.search else "training config (no search)"
         unit = s.budget.unit
         typer.echo(f"{path}: ok — {s.name}: {kind}, rungs {' -> '.join(map(str, s.budget.rungs))} {unit}")
+        if s.search:
+            from trial_worker.entry import packing_said
+
+            typer.echo(f"  trials: {packing_said(s.resources.model_dump(), s.job().model_dump(mode='json'), s.search_params())}")
     if bad:
         raise typer.Exit(2)
 

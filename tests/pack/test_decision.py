@@ -56,7 +56,8 @@ def test_a_setting_a_pack_would_not_train_as_written_is_refused_by_name(tmp_path
     assert "Traceback" not in out
     # packing auto: the spec is fine, and the plan's decision is one trial per process even on a GPU cluster
     f = _spec(tmp_path, change, "auto")
-    assert _validate(f).returncode == 0
+    r = _validate(f)
+    assert r.returncode == 0 and f"trials: one trial per process (packing auto: {field} = " in r.stdout, r.stdout
     from sweep.spec import load_spec
 
     spec = load_spec(f)
@@ -122,3 +123,16 @@ def test_a_model_whose_logits_the_pack_would_not_compute_runs_one_trial_per_proc
     plain.mkdir()
     (plain / "config.json").write_text(json.dumps({"model_type": "llama", "logit_scale": 1.0}))
     assert _decide(gpus=8, model={"name_or_path": str(plain)})
+
+
+def test_validate_says_how_the_trials_will_run(tmp_path):
+    """`sweep validate` says whether the trials pack, and why not where `auto` runs one per process."""
+    said = {packing: _validate(_spec(tmp_path, {}, packing)).stdout for packing in ("auto", "on", "off")}
+    assert "trials: packed on GPUs (resources.packing: auto)" in said["auto"], said
+    assert "trials: packed (resources.packing: on)" in said["on"] and "trials: one trial per process (resources.packing: off)" in said["off"]
+    f = _spec(tmp_path, {}, "auto")
+    d = yaml.safe_load(f.read_text())
+    d["resources"]["gpus_per_trial"] = 0
+    d["training"] = {"use_cpu": True}
+    f.write_text(yaml.safe_dump(d))
+    assert "trials: one trial per process (packing auto: resources.gpus_per_trial is 0, and auto packs on GPUs)" in _validate(f).stdout

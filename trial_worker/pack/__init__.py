@@ -72,8 +72,38 @@ def trials_pack(resources: dict, job: dict, search_params: Optional[dict] = None
         if refused:
             raise PackingRefused(refused)
         return True
-    return (AUTO_PACKS and (gpus_in_cluster is None or gpus_in_cluster > 0) and 0 < resources["gpus_per_trial"] <= 1
-            and job["training"].get("execution", "auto") != "as_written" and not problems)
+    return auto_unpacked(resources, job, problems, gpus_in_cluster) is None
+
+
+def auto_unpacked(resources: dict, job: dict, problems: list[tuple[str, Any, str]],
+                  gpus_in_cluster: Optional[float] = None) -> Optional[str]:
+    """Why `packing: auto` runs one trial per process (None: it packs), given `problems` (`_not_as_written`)."""
+    gpus = resources.get("gpus_per_trial", 1)
+    if not AUTO_PACKS:
+        return "auto does not pack in this version"
+    if gpus_in_cluster is not None and gpus_in_cluster <= 0:
+        return "the cluster has no GPU, and auto packs on GPUs"
+    if gpus <= 0:
+        return "resources.gpus_per_trial is 0, and auto packs on GPUs"
+    if gpus > 1:
+        return f"a trial takes {gpus:g} GPUs (resources.gpus_per_trial), and a pack trains on one"
+    if job["training"].get("execution", "auto") == "as_written":
+        return "training.execution is as_written"
+    if problems:
+        field, value, why = problems[0]
+        return f"{field} = {value!r}: {why}"
+    return None
+
+
+def packing_said(resources: dict, job: dict, search_params: Optional[dict] = None) -> str:
+    """How the trials will run, in a line for `sweep validate` (the cluster's GPUs not known: as on GPUs)."""
+    mode = resources.get("packing", "auto")
+    if mode == "off":
+        return "one trial per process (resources.packing: off)"
+    if mode == "on":
+        return "packed (resources.packing: on): one pack per GPU trains the trials together"
+    why = auto_unpacked(resources, job, _not_as_written(job, search_params))
+    return "packed on GPUs (resources.packing: auto)" if why is None else f"one trial per process (packing auto: {why})"
 
 
 # Module names of the LM head and the token embeddings across decoder families: LoRA there (PEFT allows it when
