@@ -587,13 +587,25 @@ def test_trials_of_another_max_seq_length_share_the_pack_and_train_as_in_a_pack_
 
 def test_a_trial_of_another_dataset_joins_while_the_pack_trains(jobs, tmp_path, monkeypatch):
     """The pack server makes a second dataset beside its steps and admits that trial once it is made: the first
-    trial keeps training meanwhile, and both train to their end with their own rows."""
+    trial keeps training meanwhile, a trial queued after it on the pack's own data joins first, and all train to
+    their end with their own rows."""
+    import time
 
     from trial_worker.marks import read
     from trial_worker.pack.server import PackServer
 
     monkeypatch.setenv("SWEEP_TIMELINE", str(tmp_path / "marks.jsonl"))
-    serve(PackServer("datasets"), {"a": jobs["a"], "b": _with_data(jobs["b"], max_seq_length=40)})
+    from trial_worker.pack import data
+
+    made = data.tokenized
+
+    def slowly(job):  # b's dataset takes a while to make: c, queued after b, joins first
+        if job.data.max_seq_length == 40:
+            time.sleep(3)
+        return made(job)
+
+    monkeypatch.setattr(data, "tokenized", slowly)
+    serve(PackServer("datasets"), {"a": jobs["a"], "b": _with_data(jobs["b"], max_seq_length=40), "c": jobs["c"]})
     moments = [e for _, _, e in read(str(tmp_path / "marks.jsonl"), 0)
                if e.startswith(("engine: training step", "pack: admit", "engine: another dataset", "pack: engine build"))]
     assert sum(e.startswith("pack: engine build") for e in moments) == 1, moments  # one base for both
@@ -601,6 +613,7 @@ def test_a_trial_of_another_dataset_joins_while_the_pack_trains(jobs, tmp_path, 
     admitted_b = next(i for i, e in enumerate(moments) if e.startswith("pack: admit b"))
     assert moments[admitted_b - 1].startswith("engine: another dataset ready"), moments
     assert started < admitted_b and moments[admitted_b - 2].startswith("engine: training step"), moments
+    assert moments.index("pack: admit c") < admitted_b, moments  # not held behind b
 
 
 def test_a_checkpoint_with_per_tensor_optimizer_state_is_refused_by_name(engine, jobs, solo, tmp_path):

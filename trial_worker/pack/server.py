@@ -266,13 +266,33 @@ class PackServer:
         while self.queue:
             if self.engine is not None and self.engine.running() and self.joined_at == self.engine.steps:
                 return  # one join between two steps while the pack trains
-            trial_id, job, resume_from, started_at, attempt = self.queue[0]
+            head = self.queue[0]
             try:
-                e = self._engine_for(job)
-                # another dataset (a search over max_seq_length) is made beside the steps before its first trial joins
-                if pack_key(job) != e.key or not e.data_ready(job) or not e.fits(job):
-                    return
-                self.queue.pop(0)
+                e = self._engine_for(head[1])
+            except Exception as err:  # noqa: BLE001 - a trial that cannot join fails alone
+                self._refuse(head, err)
+                continue
+            if pack_key(head[1]) != e.key:
+                return  # another base: built once this pack has emptied
+            # Another dataset (a search over max_seq_length) is made beside the steps; meanwhile the next queued
+            # trial whose data is made joins in its place.
+            chosen = None
+            for queued in list(self.queue):
+                if pack_key(queued[1]) != e.key:
+                    continue
+                try:
+                    ready = e.data_ready(queued[1])
+                except Exception as err:  # noqa: BLE001 - its data could not be made: that trial fails
+                    self._refuse(queued, err)
+                    continue
+                if ready:
+                    chosen = queued
+                    break
+            if chosen is None or not e.fits(chosen[1]):
+                return
+            trial_id, job, resume_from, started_at, attempt = chosen
+            self.queue.remove(chosen)
+            try:
                 mark(f"pack: admit {trial_id}")
                 e.add(trial_id, job, lambda m, d, tid=trial_id, a=attempt: self._emit(
                           tid, {"kind": "report", "metrics": m, "checkpoint": d, "pack": self.name}, a),
@@ -280,11 +300,16 @@ class PackServer:
                 self.held[trial_id] = attempt
                 self.joined_at = e.steps
             except Exception as err:  # noqa: BLE001 - a trial that cannot join fails alone
-                if self.queue and self.queue[0][0] == trial_id:
-                    self.queue.pop(0)
-                if self.engine is not None:
-                    self.engine.remove(trial_id)
-                self._emit(trial_id, _error_event(err), attempt)
+                self._refuse(chosen, err)
+
+    def _refuse(self, queued: tuple, err: BaseException) -> None:
+        """A queued trial that cannot join: out of the queue (and the pack), its error to its attempt."""
+        trial_id, attempt = queued[0], queued[4]
+        if queued in self.queue:
+            self.queue.remove(queued)
+        if self.engine is not None:
+            self.engine.remove(trial_id)
+        self._emit(trial_id, _error_event(err), attempt)
 
     def _drain(self) -> None:
         """Hand each failed or finished trial's end to its owner, and take it out of the pack."""
