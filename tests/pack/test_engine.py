@@ -616,6 +616,29 @@ def test_a_trial_of_another_dataset_joins_while_the_pack_trains(jobs, tmp_path, 
     assert moments.index("pack: admit c") < admitted_b, moments  # not held behind b
 
 
+def test_a_trial_whose_dataset_keeps_no_row_fails_alone_and_the_pack_goes_on(jobs):
+    """A search down to a max_seq_length where no row keeps a response token: that trial fails with the data's own
+    message, the trial beside it trains to its end."""
+    import time
+
+    from trial_worker.pack.server import PackServer
+
+    server = PackServer("no-rows")
+    server.join("a", jobs["a"])
+    server.join("b", _with_data(jobs["b"], max_seq_length=4))
+    ended: dict[str, dict] = {}
+    deadline = time.monotonic() + 300
+    while len(ended) < 2 and time.monotonic() < deadline:
+        for i in ("a", "b"):
+            for event in server.poll(i, 0.2):
+                if event["kind"] in ("done", "error"):
+                    ended[i] = event
+                else:
+                    server.proceed(i)
+    assert ended["a"]["kind"] == "done", (ended, server.error)
+    assert ended["b"]["kind"] == "error" and "has a response token within max_seq_length=4" in ended["b"]["message"], ended
+
+
 def test_a_checkpoint_with_per_tensor_optimizer_state_is_refused_by_name(engine, jobs, solo, tmp_path):
     """A pack's checkpoint keeps its trial's optimizer state for one flat tensor; one written by the earlier pack
     (state per adapter tensor) is refused with what it is and what to do, not continued with a wrong state."""
