@@ -55,7 +55,7 @@ def preflight(spec: SweepSpec, spec_path: Union[str, os.PathLike], *, storage_ur
             verb, them = ("are", "them") if len(pending) > 1 else ("is", "it")
             return [f"{spec_path}: note: the generated {' and '.join(pending)} {verb} not written yet (`sweep run` "
                     f"writes {them}), so {'they are' if len(pending) > 1 else 'it is'} not checked"]
-    found = check_job(job, hub=hub and not local_only)
+    found = check_job(job, hub=hub and not local_only, searched_lengths=_searched_lengths(spec))
     problems = [Problem(f.field, f.message, _shown(spec, f.field, f.value)) for f in found.problems]
     if not local_only:
         problems += _writable(spec, storage_url, storage_field)
@@ -64,6 +64,18 @@ def preflight(spec: SweepSpec, spec_path: Union[str, os.PathLike], *, storage_ur
     if problems:
         raise PreflightError(str(spec_path), _locate_fields(problems, root))
     return [f"warning: {w.render(str(spec_path))}" for w in _locate_fields(warnings, root)]
+
+
+def _searched_lengths(spec: SweepSpec) -> tuple[int, ...]:
+    """The `max_seq_length` values a search may give a trial: a choice's values, an int range's low end."""
+    p = (spec.search_params() or {}).get("max_seq_length")
+    if not isinstance(p, dict):
+        return ()
+    if p.get("type") == "choice":
+        return tuple(v for v in p.get("values", []) if isinstance(v, int) and not isinstance(v, bool))
+    if p.get("type") == "int" and isinstance(p.get("low"), int):
+        return (p["low"],)
+    return ()
 
 
 def _shown(spec: SweepSpec, field: str, resolved: object) -> object:

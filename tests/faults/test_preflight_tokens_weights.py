@@ -145,3 +145,23 @@ def test_lora_target_modules_the_model_does_not_have_are_named_with_the_layers_i
     d["model"]["name_or_path"] = assets["model"]
     assert not [f for f in found(["q_proj", "down_proj"]).warnings if f.field == "model.lora.target_modules"]
     assert [f.field for f in found(["qkv_proj"]).problems] == ["model.lora.target_modules"]
+
+
+def test_a_searched_max_seq_length_that_keeps_no_row_is_refused_before_anything_starts(tmp_path, assets):
+    """A search over `max_seq_length` down to a length every prompt fills: those trials would fail (solo or packed),
+    so `sweep validate` / `sweep run` refuse it by the search field and value; the lengths that keep rows pass."""
+    env = sweep_env(tmp_path)
+    spec = _spec(tmp_path, assets, "searched")
+    d = yaml.safe_load(spec.read_text())
+    d["search"]["params"]["max_seq_length"] = {"type": "choice", "values": [16, 64]}
+    spec.write_text(yaml.safe_dump(d, sort_keys=False))
+    for command in ("validate", "run"):
+        r = sweep_cli(command, spec, cwd=tmp_path, env=env, probe_imports=True)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "search.params.max_seq_length = 16: a trial given max_seq_length 16 keeps no train row" in r.stderr, r.stderr
+        assert "= 64" not in r.stderr
+        _nothing_created(tmp_path, "searched", r)
+    d["search"]["params"]["max_seq_length"] = {"type": "choice", "values": [48, 64]}
+    spec.write_text(yaml.safe_dump(d, sort_keys=False))
+    r = sweep_cli("validate", spec, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "max_seq_length" not in r.stderr, r.stderr

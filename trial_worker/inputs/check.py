@@ -519,7 +519,7 @@ def _has_chat_template(path: Path, files: set[str]) -> bool:
     return bool(isinstance(config, dict) and config.get("chat_template"))
 
 
-def check_job(job: JobConfig, *, hub: bool = True) -> Findings:
+def check_job(job: JobConfig, *, hub: bool = True, searched_lengths: tuple[int, ...] = ()) -> Findings:
     """`check_data` and `check_model` of a job (paths resolved), together; a chat template is looked for
     when the data is conversations, and when both pass, the rows' tokens are checked (`check_lengths`)."""
     data = check_data(job.data, hub=hub)
@@ -527,7 +527,7 @@ def check_job(job: JobConfig, *, hub: bool = True) -> Findings:
     model = check_model(job.model, chat=fmt in CHAT_FORMATS, hub=hub)
     found = Findings(problems=data.problems + model.problems, warnings=data.warnings + model.warnings, format=data.format)
     if not found.problems and fmt in CHAT_FORMATS and data.used:
-        lengths = check_lengths(job, data.used)
+        lengths = check_lengths(job, data.used, searched_lengths)
         found.problems += lengths.problems
         found.warnings += lengths.warnings
     return found
@@ -598,12 +598,14 @@ class FolderTokenizer:
         return {"input_ids": [e.ids for e in encs], "offset_mapping": [e.offsets for e in encs]}
 
 
-def check_lengths(job: JobConfig, used: dict) -> Findings:
+def check_lengths(job: JobConfig, used: dict, searched: tuple[int, ...] = ()) -> Findings:
     """Rows that keep no response token within `data.max_seq_length` (the trainer keeps a row's first
     max_seq_length tokens and drops a row with no response token among them): a problem when a split keeps
     none, else a warning with the count. Counted with the model folder's own tokenizer and template on the
     rows the worker uses (up to `LENGTH_CHECK_ROWS` a split); a hub model, or a folder without a
-    `tokenizer.json`, is not checked here (the worker says it when it tokenizes)."""
+    `tokenizer.json`, is not checked here (the worker says it when it tokenizes). `searched`: the lengths a search
+    may give a trial (`search.params.max_seq_length`), each a problem when it leaves a split no row (those trials
+    would fail)."""
     from trial_worker.data import DataFormatError, tokenize_chat
 
     out = Findings()
@@ -617,7 +619,7 @@ def check_lengths(job: JobConfig, used: dict) -> Findings:
     limit = job.data.max_seq_length
     for name, rows in used.items():
         checked = rows[:LENGTH_CHECK_ROWS]
-        short = 0
+        first = []  # each row's first response token (None: none)
         for row in checked:
             try:
                 enc = tokenize_chat(tok, list(row["prompt"]) + list(row["completion"]))
@@ -626,7 +628,14 @@ def check_lengths(job: JobConfig, used: dict) -> Findings:
                 return out
             except Exception:  # noqa: BLE001 - a template error this reader does not share with transformers
                 return Findings()
-            short += not any(enc["completion_mask"][:limit])
+            first.append(next((i for i, m in enumerate(enc["completion_mask"]) if m), None))
+        for value in sorted(set(searched)):
+            if checked and all(f is None or f >= value for f in first):
+                out.problems.append(Finding("search.params.max_seq_length", value, (
+                    f"a trial given max_seq_length {value} keeps no {name} row with a response token (every prompt of "
+                    f"the {'first ' if len(checked) < len(rows) else ''}{len(checked)} fills it): its trials would fail; "
+                    "leave it out of the search")))
+        short = sum(f is None or f >= limit for f in first)
         if not short:
             continue
         of = f"{short} of {'the first ' if len(checked) < len(rows) else ''}{len(checked)} {name} rows"
