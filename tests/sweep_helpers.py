@@ -163,3 +163,22 @@ class LiveCli:
 
     def tail(self) -> str:
         return self.stdout[-3000:] + "\n--- stderr ---\n" + self.stderr[-4000:]
+
+
+def write_tiny_family(family: str, tokenizer_from: str, path: Path) -> str:
+    """A tiny decoder of another family than Llama (random weights, the tiny Llama's tokenizer from the folder
+    `tokenizer_from`), written to `path`: Qwen2 (biased q/k/v, the LM head tied to the embeddings) or Phi-3 (fused
+    `qkv_proj` and `gate_up_proj`, so Llama's layer names are not all there)."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_from)
+    config, model = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM")}[family]
+    cfg = getattr(transformers, config)(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, initializer_range=0.125, tie_word_embeddings=family == "qwen2")
+    torch.manual_seed(0)
+    getattr(transformers, model)(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweep_helpers import small_spec, sweep_cli, sweep_env
+from sweep_helpers import small_spec, sweep_cli, sweep_env, write_tiny_family
 
 
 def _spec(tmp_path: Path, assets: dict, name: str, **data) -> Path:
@@ -91,23 +91,6 @@ def test_rows_with_no_response_token_within_max_seq_length(tmp_path, assets, fau
                    f"{len(rows)} train rows dropped, the count transformers' tokenizer gives")
 
 
-def _fused_model(tmp_path: Path, assets: dict) -> Path:
-    """A tiny Phi-3 (random weights, the tiny Llama's tokenizer): fused `qkv_proj` and `gate_up_proj`, so Llama's
-    layer names (the default `target_modules`) are not all there."""
-    import torch
-    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(assets["model"])
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    path = tmp_path / "phi3"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_lora_target_modules_the_model_does_not_have_are_named_with_the_layers_it_has(tmp_path, assets):
     """A model whose layers are not Llama's: `target_modules` naming none of them is refused before anything starts
     (every trial would fail in PEFT), naming the layers the checkpoint has; naming some of them is a warning that
@@ -115,7 +98,7 @@ def test_lora_target_modules_the_model_does_not_have_are_named_with_the_layers_i
     from sweep.spec import load_spec
     from trial_worker.inputs.check import check_job
 
-    model = _fused_model(tmp_path, assets)
+    model = Path(write_tiny_family("phi3", assets["model"], tmp_path / "phi3"))
     env = sweep_env(tmp_path)
     spec = _spec(tmp_path, dict(assets, model=str(model)), "fused")
     d = yaml.safe_load(spec.read_text())

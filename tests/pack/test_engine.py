@@ -302,30 +302,14 @@ def _rows(fmt: str, n: int, rng) -> list[dict]:
     return out
 
 
-def _other_shape(arch: str, tokenizer_from: str, path: Path) -> str:
-    """A tiny decoder of another family (random weights, the tiny Llama's tokenizer): Qwen2 (biased q/k/v, the LM
-    head tied to the embeddings) or Phi-3 (fused qkv_proj and gate_up_proj)."""
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_from)
-    config, model = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM")}[arch]
-    cfg = getattr(transformers, config)(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, initializer_range=0.125, tie_word_embeddings=arch == "qwen2")
-    torch.manual_seed(0)
-    getattr(transformers, model)(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("arch", ["qwen2", "phi3"])
 def test_other_decoder_families_train_packed_as_alone(jobs, tmp_path, arch):
     """Not only Llama: a Qwen2 (biased projections, tied LM head) and a Phi-3 (fused projections) pack as they
     train alone, and `target_modules` a model lacks is refused naming the layers it has."""
+    from sweep_helpers import write_tiny_family
     from trial_worker.pack.engine import PackEngine
 
-    path = _other_shape(arch, jobs["a"].model.name_or_path, tmp_path / arch)
+    path = write_tiny_family(arch, jobs["a"].model.name_or_path, tmp_path / arch)
     targets = {"phi3": "all-linear"}.get(arch)
     shaped = {}
     for i in ("a", "b"):
