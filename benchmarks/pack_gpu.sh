@@ -73,11 +73,11 @@ for stage in "$@"; do
                 echo "$d: $nc .pyc of $np .py, writable: $([ -w "$d" ] && echo yes || echo no)"
                 [ "$nc" -lt $(( np / 2 )) ] && missing=1 && { [ -w "$d" ] || readonly=1; }
             done
-            s0=$(date +%s.%N); $PY -c "import peft" 2>/dev/null; echo "import peft before: $(echo "$(date +%s.%N) - $s0" | bc) s"
+            $PY -c "import time; t = time.perf_counter(); import peft; print(f'import peft before: {time.perf_counter() - t:.2f} s')" 2>/dev/null
             if [ $missing = 1 ]; then
                 [ $readonly = 1 ] && export PYTHONPYCACHEPREFIX=${PYCACHE:-/tmp/pyc} && echo "byte-code cache: $PYTHONPYCACHEPREFIX"
                 $PY -m compileall -q -j 0 $dirs >/dev/null 2>&1
-                s0=$(date +%s.%N); $PY -c "import peft" 2>/dev/null; echo "import peft after: $(echo "$(date +%s.%N) - $s0" | bc) s"
+                $PY -c "import time; t = time.perf_counter(); import peft; print(f'import peft after: {time.perf_counter() - t:.2f} s')" 2>/dev/null
             fi
             ;;
         startup)
