@@ -45,10 +45,16 @@ def main() -> None:
     import torch
 
     s["import torch"] = round(time.perf_counter() - t, 2)
-    for mod in ("transformers", "peft", "bitsandbytes"):
+    from trial_worker._compat import import_bitsandbytes
+
+    # bitsandbytes as the pack and the worker import it (before anything else does: without torch's compiler
+    # stack), then transformers' modeling and peft (which would import bitsandbytes itself, where installed)
+    for what, load in (("bitsandbytes", import_bitsandbytes), ("transformers", lambda: __import__("transformers")),
+                       ("transformers' modeling", lambda: __import__("transformers.modeling_utils")),
+                       ("peft", lambda: __import__("peft"))):
         t = time.perf_counter()
-        __import__(mod)
-        s[f"import {mod}"] = round(time.perf_counter() - t, 2)
+        load()
+        s[f"import {what}"] = round(time.perf_counter() - t, 2)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from trial_throughput import LORA_TARGETS, build_assets, merge_result  # noqa: E402
 

@@ -43,6 +43,45 @@ def fused_head_nll(model: Any, inputs: dict, num_items_in_batch: Any = None) -> 
     return -outputs.log_probs.sum() / torch.as_tensor(n).clamp(min=1)
 
 
+def import_bitsandbytes() -> Any:
+    """`import bitsandbytes`, without importing torch's compiler backend for it.
+
+    bitsandbytes (0.45-0.50) wraps its CPU ops in `torch.compile` at import time (`backends.default.ops`); the
+    call itself compiles nothing, but it imports Inductor (`torch._inductor.compile_fx`, sympy, ...): 1.3 s of the
+    4-bit load's imports on a 2-core CPU, more on a GPU host, in every pack and trial process, for ops a CUDA
+    run never calls. During the import each `torch.compile(fn, ...)` is answered by a wrapper that makes the
+    same call the first time `fn` runs, so what runs, and when it compiles, is unchanged."""
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    import functools
+
+    import torch
+
+    real = torch.compile
+
+    def deferred(fn=None, **kwargs):
+        if fn is None:  # used as @torch.compile(...)
+            return lambda f: deferred(f, **kwargs)
+        compiled: list = []
+
+        @functools.wraps(fn)
+        def run(*args, **kw):
+            if not compiled:
+                compiled.append(real(fn, **kwargs))
+            return compiled[0](*args, **kw)
+
+        return run
+
+    torch.compile = deferred  # type: ignore[assignment]
+    try:
+        import bitsandbytes
+    finally:
+        torch.compile = real  # type: ignore[assignment]
+    return bitsandbytes
+
+
 def apply_liger(model: Any) -> bool:
     """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) on the loaded `model`, as transformers' Trainer applies them
     for `use_liger_kernel` (liger_kernel's private `_apply_liger_kernel_to_instance`), without Liger's loss (the

@@ -118,6 +118,9 @@ def load_base(cfg: ModelConfig, *, cpu: bool):
     # Ours is sdpa, with torch's varlen kernel for padding-free micro-batches on CUDA: "sdpa" in a spec gets it too.
     kwargs["attn_implementation"] = FLAT_ATTENTION if cfg.attn_implementation in (None, "sdpa") else cfg.attn_implementation
     if q.load_in_4bit:
+        from trial_worker._compat import import_bitsandbytes
+
+        import_bitsandbytes()  # before transformers imports it, without the compiler stack it would pull in
         kwargs["quantization_config"] = bnb_config(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)

@@ -401,3 +401,33 @@ print(json.dumps({"forced": forced, "head": len(head), "alive": alive, "initiali
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out == {"forced": True, "head": 2, "alive": [], "initialized": False}, out
+
+
+def test_bitsandbytes_imports_without_torchs_compiler_and_its_cpu_ops_still_compile_on_first_use():
+    # A fresh interpreter, as a pack or trial process loads a 4-bit base: bitsandbytes comes in without Inductor
+    # (its import-time `torch.compile` wrappers are deferred); its CPU 4-bit round trip then compiles on first use,
+    # as bitsandbytes' own wrappers would, and gives what the eager function gives.
+    code = """
+import sys, torch
+from trial_worker._compat import import_bitsandbytes
+bnb = import_bitsandbytes()
+assert torch.compile.__module__.startswith("torch"), torch.compile
+print("torch._dynamo.eval_frame" in sys.modules)
+from bitsandbytes.backends.default import ops
+from bitsandbytes.backends.utils import _get_4bit_code
+torch.manual_seed(0)
+w = torch.randn(64, 128)
+q, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+args = (q.view(torch.uint8).reshape(-1), state.absmax, _get_4bit_code("nf4", q.device), 64, w.shape, torch.float32)
+back = ops._dequantize_4bit_compute(*args)  # bitsandbytes' wrapper, now through the deferred torch.compile
+print("torch._dynamo.eval_frame" in sys.modules)
+print(float((back - ops._dequantize_4bit_compute.__wrapped__(*args)).abs().max()), float((back - w).abs().max()))
+"""
+    # TORCHDYNAMO_DISABLE: torch.compile is called, and wraps, but runs the function eagerly (a CPU Inductor
+    # build would take half a minute here)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHDYNAMO_DISABLE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after, vs_eager, vs_weights = out.stdout.split()
+    assert (before, after) == ("False", "True"), out.stdout  # compiled at its first call, not at the import
+    assert float(vs_eager) == 0.0 and 0 < float(vs_weights) < 1.0, out.stdout
