@@ -12,6 +12,8 @@
 #             under $PYCACHE, default /tmp/pyc, for the later stages of the call); `import peft` timed (~30 s)
 #   startup   a pack's start-up parts one after another in a fresh process (imports, CUDA, the 4-bit load, the
 #             data), the load and the data under cProfile (benchmarks/pack_startup.py; ~40 s)
+#   engine    a pack engine's whole build (benchmarks/pack_startup.py --engine) by its marks, twice (Triton's cache
+#             cold, then warm), then under -X importtime (the 40 slowest imports; ~90 s)
 #   packed    the reference 24-trial sweep, packed (benchmarks/sweep_makespan.py; ~280 s)
 #   solo      the same 24 trials, one trial per process, cut at $SOLO_S s (default 480): figures of an unfinished
 #             sweep, tokens/s over its wall time (the whole one takes >600 s, a device call's limit)
@@ -83,6 +85,15 @@ for stage in "$@"; do
         startup)
             $PY benchmarks/pack_startup.py "${STARTUP_TINY[@]}" --out "$OUT/pack_startup.json" 2>&1 | grep -v '^Map\|^Filter\|^Loading' | tail -60
             ;;
+        engine)  # a pack engine's build by its marks: cold (Triton's cache empty), again, and its imports' times
+            for run in cold warm; do
+                $PY benchmarks/pack_startup.py --engine --label "engine-$run" "${STARTUP_TINY[@]}" --out "$OUT/pack_startup.json" 2>&1 \
+                    | grep -v '^Map\|^Filter\|^Loading' | tail -30
+            done
+            $PY -X importtime benchmarks/pack_startup.py --engine --label engine-importtime "${STARTUP_TINY[@]}" \
+                --out "$OUT/pack_startup.json" 2> "$OUT/engine_importtime.txt" >/dev/null
+            sort -t'|' -k2 -n -r "$OUT/engine_importtime.txt" | head -40
+            ;;
         packed)
             $PY benchmarks/sweep_makespan.py --mode packed --trials $TRIALS "${SWEEP_TINY[@]}" --work "$W" --out "$OUT/makespan_packed.json" 2>&1 | tail -40
             keep
@@ -100,7 +111,7 @@ for stage in "$@"; do
             $PY benchmarks/pack_parity.py "${PARITY_TINY[@]}" --out "$OUT/pack_parity.json" 2>&1 | tail -40
             ;;
         *)
-            echo "unknown stage $stage (pycache, steps, startup, packed, solo, lone, parity)"; exit 2
+            echo "unknown stage $stage (pycache, steps, startup, engine, packed, solo, lone, parity)"; exit 2
             ;;
     esac
     stamp "$stage done"
