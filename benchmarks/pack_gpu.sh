@@ -15,6 +15,7 @@
 #   engine    a pack engine's whole build (benchmarks/pack_startup.py --engine) by its marks, twice (Triton's cache
 #             cold, then warm), then under -X importtime (the 40 slowest imports; ~90 s)
 #   packed    the reference 24-trial sweep, packed (benchmarks/sweep_makespan.py; ~280 s)
+#   baseline  the packed sweep with SWEEP_EARLY_PACK=0: its first pack built in its Ray actor, after Ray's start
 #   solo      the same 24 trials, one trial per process, cut at $SOLO_S s (default 480): figures of an unfinished
 #             sweep, tokens/s over its wall time (the whole one takes >600 s, a device call's limit)
 #   lone      one trial alone in a pack, then in its own process (~150 s)
@@ -98,6 +99,11 @@ for stage in "$@"; do
             $PY benchmarks/sweep_makespan.py --mode packed --trials $TRIALS "${SWEEP_TINY[@]}" --work "$W" --out "$OUT/makespan_packed.json" 2>&1 | tail -40
             keep
             ;;
+        baseline)  # the packed sweep with its first pack built in its Ray actor (no pack started before Ray)
+            SWEEP_EARLY_PACK=0 $PY benchmarks/sweep_makespan.py --mode packed --trials $TRIALS "${SWEEP_TINY[@]}" --work "$W/baseline" \
+                --out "$OUT/makespan_packed_baseline.json" 2>&1 | tail -40
+            cp "$W"/baseline/makespan_packed.marks.jsonl "$OUT/makespan_packed_baseline.marks.jsonl" 2>/dev/null || true
+            ;;
         solo)
             $PY benchmarks/sweep_makespan.py --mode solo --trials $TRIALS "${SWEEP_TINY[@]}" --work "$W" --max-s "${SOLO_S:-480}" \
                 --out "$OUT/makespan_solo.json" 2>&1 | tail -40
@@ -111,7 +117,7 @@ for stage in "$@"; do
             $PY benchmarks/pack_parity.py "${PARITY_TINY[@]}" --out "$OUT/pack_parity.json" 2>&1 | tail -40
             ;;
         *)
-            echo "unknown stage $stage (pycache, steps, startup, engine, packed, solo, lone, parity)"; exit 2
+            echo "unknown stage $stage (pycache, steps, startup, engine, packed, baseline, solo, lone, parity)"; exit 2
             ;;
     esac
     stamp "$stage done"

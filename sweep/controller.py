@@ -102,6 +102,8 @@ def run_sweep(
                 _undo_unstarted(optuna, rstorage, study_name, storage_url, state, console)
                 raise
     finally:
+        if state.get("early") is not None:  # ended with the sweep, however it ended (its Ray actor went with Ray)
+            state["early"].end()
         lease.release()
 
 
@@ -145,14 +147,19 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
     mark("controller: study recorded")
     prepare_assets(job)
     mark("controller: assets ready")
+    # A local Ray's first pack starts now, its imports, load and data beside Ray's start (`pack.early`).
+    early = None if address else _start_early_pack(spec, job, run_dir)
+    state["early"] = early
     ray = _start_ray(address, run_dir, console)
     mark("controller: ray up")
     stops.install()  # again: `ray.init` set a SIGTERM handler of its own
     try:
         # Packed trials or one per process (`trial_worker.pack.tune.trial_plan`), chosen once: the plan holds the
         # pack servers' handles (Ray ends an actor whose owner holds none) for the whole fit.
-        plan = _trial_plan(spec, job, run_dir)
+        plan = _trial_plan(spec, job, run_dir, early=early.ticket if early else None)
         mark(f"controller: plan {plan.mode}")
+        if early is not None and plan.mode != "packed":
+            early.end()
         searcher = _searcher(spec, study_name, rstorage, resumed=resume)
         base = _evaluate_base_once(study, rstorage, job, plan, console, stops, on_gpu=_on_gpu(ray, spec),
                                    retry=searcher.retry)
@@ -451,19 +458,30 @@ def _make_progress_callback(searcher, spec: SweepSpec, console):
     return Progress(searcher, spec.budget.unit, list(spec.budget.rungs), console)
 
 
-def _trial_plan(spec: SweepSpec, job, run_dir: RunDir):
+def _run_name(run_dir: RunDir) -> str:
+    """The run folder's name (the pack servers are named after it)."""
+    return run_dir.name if isinstance(run_dir, Path) else PurePosixPath(urlsplit(run_dir).path).name
+
+
+def _start_early_pack(spec: SweepSpec, job, run_dir: RunDir):
+    """The first pack's process, started before Ray where this sweep's trials pack (`trial_worker.pack.early`)."""
+    from trial_worker.entry import pack_names, start_early_pack
+
+    return start_early_pack(job.model_dump(mode="json"), resources=spec.resources.model_dump(),
+                            search_params=spec.search_params(), pack_name=pack_names(_run_name(run_dir), 1)[0])
+
+
+def _trial_plan(spec: SweepSpec, job, run_dir: RunDir, early: Optional[dict] = None):
     """Packed trials (a warm pack server per GPU, `trial_worker.pack`) or one trial per process, by
-    `resources.packing`: the trainable with its resources, and where the base model is evaluated."""
+    `resources.packing`: the trainable with its resources, and where the base model is evaluated. `early`: the
+    ticket of the pack process started before Ray."""
     from trial_worker.entry import trial_plan
 
     # The worker keeps a trial's deterministic failure in the run folder as a local path; on a URI run folder it
     # keeps it in the trial's own folder instead (run_dir None: `trial_worker.attempt.fatal_path`).
-    if isinstance(run_dir, Path):
-        folder, name = str(run_dir), run_dir.name
-    else:
-        folder, name = None, PurePosixPath(urlsplit(run_dir).path).name
-    return trial_plan(job.model_dump(mode="json"), resources=spec.resources.model_dump(), run_dir=folder, name=name,
-                      search_params=spec.search_params())
+    folder = str(run_dir) if isinstance(run_dir, Path) else None
+    return trial_plan(job.model_dump(mode="json"), resources=spec.resources.model_dump(), run_dir=folder,
+                      name=_run_name(run_dir), search_params=spec.search_params(), early=early)
 
 
 def _new_tuner(spec: SweepSpec, study_name: str, out_dir: str, trainable, searcher, callbacks: list, n_trials: int,

@@ -127,7 +127,7 @@ def attempt(run_dir: str | None, output_dir: str):
 
 # The temp folders of trials and packs: `<tmp>/<kind>-<pid>-<random>`, named for the process that uses them, so
 # any sweep on the node can remove those whose process is gone (a worker killed, a sweep stopped or ended).
-TEMP_KINDS = ("sweep-trial-", "sweep-sweep-pack-", "sweep-pack-data-")
+TEMP_KINDS = ("sweep-trial-", "sweep-sweep-pack-", "sweep-pack-data-", "sweep-early-pack-")
 
 
 def temp_folder(kind: str) -> str:

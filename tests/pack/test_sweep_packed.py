@@ -33,7 +33,26 @@ def pack_processes(sweep_home: str) -> list:
     return out
 
 
-def test_packed_sweep_survives_its_pack_killed_and_keeps_the_record(tmp_path):
+def early_packs(sweep_home: str) -> list:
+    """The run's pack processes started before Ray (`trial_worker.pack.early`), which its first actor adopts."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if "trial_worker.pack.early" in " ".join(p.cmdline()) and p.environ().get("SWEEP_HOME") == sweep_home:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("victim", ["actor", "early pack"])
+def test_packed_sweep_survives_its_pack_killed_and_keeps_the_record(tmp_path, victim):
+    """The first pack is built in a process the controller starts before Ray, and its Ray actor relays to it
+    (`trial_worker.pack.early`). Killing either (the actor, or the process that holds the model) fails the
+    trials in the pack, not the sweep: the process does not outlive its actor, the actor comes back with a
+    pack of its own, and every trial goes on from its last rung."""
     from trial_worker.inputs.demo import write_task_data, write_tiny_llama
 
     assets = {"model": str(write_tiny_llama(tmp_path / "assets" / "tiny-llama")),
@@ -43,9 +62,10 @@ def test_packed_sweep_survives_its_pack_killed_and_keeps_the_record(tmp_path):
         "gpus_per_trial": 0, "cpus_per_trial": 1, "max_concurrent_trials": 4, "max_failures": 1, "packing": "on"},
         params={"learning_rate": {"type": "choice", "values": [0.02, 0.005]},
                 "per_device_train_batch_size": {"type": "choice", "values": [2, 4]}})
-    env = sweep_env(tmp_path)
+    env = sweep_env(tmp_path, SWEEP_TIMELINE=str(tmp_path / "marks.jsonl"))
     run = LiveCli("run", spec, cwd=tmp_path, env=env)
     killed = []
+    early = []
     try:
         assert run.wait_for(" rung 1/", 300), "no trial reached its first rung:\n" + run.tail()
         deadline = time.time() + 60  # Tune has registered a checkpoint: a retry can go on from it
@@ -54,11 +74,28 @@ def test_packed_sweep_survives_its_pack_killed_and_keeps_the_record(tmp_path):
             time.sleep(0.05)
         packs = pack_processes(env["SWEEP_HOME"])
         assert len(packs) == 1, packs  # one pack for the CPU, holding every trial
-        os.kill(packs[0].pid, signal.SIGKILL)
-        killed.append(packs[0].pid)
+        early = early_packs(env["SWEEP_HOME"])
+        assert len(early) == 1, early  # the process that holds the model and the trials
+        target = packs[0] if victim == "actor" else early[0]
+        os.kill(target.pid, signal.SIGKILL)
+        killed.append(target.pid)
+        if victim == "actor":  # the pack process ends with its actor: no second copy of the model stays
+            early[0].wait(timeout=10)
     finally:
         returncode = run.finish()
     assert returncode == 0, run.tail()
+    assert not early_packs(env["SWEEP_HOME"])
+    from trial_worker.marks import read
+
+    marks = read(str(tmp_path / "marks.jsonl"), 0.0)
+    events = [e for _, _, e in marks]
+    assert "pack: early pack adopted" in events, events
+    # the pack's engine was built by the early process, beside Ray's start: its imports began before Ray was up
+    building = [t for t, pid, e in marks if e == "pack: engine build" and pid == early[0].pid]
+    ray_up = [t for t, _, e in marks if e == "controller: ray up"]
+    assert building and building[0] < ray_up[0], marks
+    # after the kill, the restarted actor built a pack of its own
+    assert any(e == "pack: engine build" and pid not in (early[0].pid,) for _, pid, e in marks if _ > building[0]), marks
 
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / f'{name}.db'}")
     trials = study.trials

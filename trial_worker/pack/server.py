@@ -33,7 +33,19 @@ STALE_S = 900.0
 class PackServer:
     """The pack of one GPU (or of the CPU): admission, the training loop thread, and each trial's event queue."""
 
-    def __init__(self, name: str, max_trials: Optional[int] = None):
+    def __init__(self, name: str, max_trials: Optional[int] = None, early: Optional[dict] = None):
+        # `early`: the ticket of the pack process the controller started before Ray (`pack.early`): this actor
+        # adopts it and relays every call to it, or, where it cannot (another GPU, gone), builds the pack here.
+        self.relay = None
+        if early is not None:
+            import ray
+
+            from trial_worker.pack.early import adopt
+
+            self.relay = adopt(early, ray.get_gpu_ids())
+            if self.relay is not None:
+                self.name = name
+                return
         started = _process_start()
         if started is not None:  # else no mark: "now" would be a wrong start
             mark("pack: process started", started)
@@ -66,12 +78,21 @@ class PackServer:
     # ------------------------------------------------------------ called by Tune trials and the controller
     def info(self) -> dict:
         """Who this pack is: name, process id, node, its checkpoint folder, and how many trials it holds or queues."""
-        import ray
+        import sys
 
+        ray = sys.modules.get("ray")  # the pack's own process (`pack.early`) has no Ray: its actor adds the node
+        node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+        if self.relay is not None:
+            return dict(self.relay.call("info"), node=node)
         with self.lock:
             held = len(self.engine.trials) if self.engine else 0
-            return {"name": self.name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+            return {"name": self.name, "pid": os.getpid(), "node": node,
                     "trials": held + len(self.queue), "error": self.error, "output_dir": self.output_dir}
+
+    def prepare(self, job) -> None:
+        """Build the engine for `job` now (the base loaded, the data made, the warm-up step run), before any
+        trial asks to join: what the pack process started before Ray does first (`pack.early`)."""
+        self._command("prepare", _job(job))
 
     def join(self, trial_id: str, job, resume_from: Optional[str] = None, started_at: Optional[float] = None,
              attempt: Optional[str] = None) -> None:
@@ -79,6 +100,8 @@ class PackServer:
         `job`: the trial's `JobConfig` as the trial validated it (or its data, validated here once);
         `started_at` (`time.time()`): when Tune started the trial, for its reports' `setup_s`; `attempt`: this
         attempt's token, which its `poll`, `proceed` and `leave` give (a retry of the trial brings a new one)."""
+        if self.relay is not None:
+            return self.relay.call("join", trial_id, job, resume_from, started_at, attempt)
         job = _job(job)
         mark(f"pack: join {trial_id}")
         with self.lock:
@@ -93,6 +116,8 @@ class PackServer:
         A trial this pack does not hold for `attempt` (the pack process was restarted and came back empty, a
         newer attempt of the trial joined, or the pack dropped it: `LOST_S`) gets an error: its attempt fails and
         Tune retries it, where it would otherwise wait for events that never come."""
+        if self.relay is not None:
+            return self.relay.call("poll", trial_id, timeout, attempt)
         with self.lock:
             if self._current(trial_id, attempt):
                 self.seen[trial_id] = time.monotonic()
@@ -116,14 +141,20 @@ class PackServer:
 
     def proceed(self, trial_id: str, attempt: Optional[str] = None) -> None:
         """Tune took the trial's rung report and lets it go on (ASHA did not stop it)."""
+        if self.relay is not None:
+            return self.relay.call("proceed", trial_id, attempt)
         self._command("proceed", (trial_id, attempt))
 
     def leave(self, trial_id: str, attempt: Optional[str] = None) -> None:
         """The trial stopped (pruned, finished, failed, or its actor is going away): drop it from the pack."""
+        if self.relay is not None:
+            return self.relay.call("leave", trial_id, attempt)
         self._command("leave", (trial_id, attempt))
 
     def evaluate_base(self, job) -> dict:
         """{"val_loss", "ppl", "tokens"} of the untrained base on the job's validation rows, on the warm base."""
+        if self.relay is not None:
+            return self.relay.call("evaluate_base", job)
         done = threading.Event()
         box: dict = {}
         self._command("evaluate_base", (_job(job), box, done))
@@ -217,6 +248,11 @@ class PackServer:
             t = self.engine.trials.get(trial_id) if self.engine and self._current(trial_id, attempt) else None
             if t is not None and t.state == "parked":
                 t.state = "running"
+        elif op == "prepare":
+            try:
+                self._engine_for(args)
+            except Exception as e:  # noqa: BLE001 - only a head start: the first trial's join meets it again, and fails alone
+                mark(f"pack: engine build failed ({type(e).__name__}: {str(e)[:200]})")
         elif op == "evaluate_base":
             # Queued beside the trials' rung evaluations: the trials admitted next train while it runs.
             job, box, done = args

@@ -28,11 +28,18 @@ class TrialPlan:
     packs: list
 
 
-def trial_plan(job: dict, *, resources: dict, run_dir: Optional[str], name: str, search_params: Optional[dict] = None) -> TrialPlan:
+def pack_names(name: str, n: int) -> list[str]:
+    """The Ray names of a run's `n` pack servers (`name`: the run's)."""
+    return [f"sweep-pack-{name}-{i}" for i in range(n)]
+
+
+def trial_plan(job: dict, *, resources: dict, run_dir: Optional[str], name: str, search_params: Optional[dict] = None,
+               early: Optional[dict] = None) -> TrialPlan:
     """The sweep's `TrialPlan` (call after `ray.init`, once per run): packed or one trial per process, as
     `trial_worker.pack.trials_pack` decides from `resources`, the job, `search_params` (the values trials may
     take) and the cluster's GPUs; the only way a sweep's trials reach a pack. The pack servers are named after
-    the run: a plan asked for again in the same Ray session gets the same ones."""
+    the run: a plan asked for again in the same Ray session gets the same ones. `early`: the ticket of the pack
+    process the controller started before Ray (`pack.early`), which the first pack's actor adopts."""
     import ray
     from ray import tune
 
@@ -54,10 +61,11 @@ def trial_plan(job: dict, *, resources: dict, run_dir: Optional[str], name: str,
 
     actor = ray.remote(PackServer)
     n = max(1, int(in_cluster)) if gpus > 0 else 1
-    names = [f"sweep-pack-{name}-{i}" for i in range(n)]
+    names = pack_names(name, n)
     # The driver owns the packs (they outlive every trial); restarted when killed, empty, with the base reloaded.
     packs = [actor.options(name=nm, num_cpus=cpus, num_gpus=1 if gpus > 0 and in_cluster else 0, max_restarts=-1,
-                           max_concurrency=1000, get_if_exists=True).remote(nm) for nm in names]
+                           max_concurrency=1000, get_if_exists=True).remote(nm, None, early if i == 0 else None)
+             for i, nm in enumerate(names)]
 
     def packed_base(j) -> dict:
         return ray.get(packs[0].evaluate_base.remote(j))
