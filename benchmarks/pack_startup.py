@@ -62,7 +62,7 @@ def main() -> None:
         load()
         s[f"import {what}"] = round(time.perf_counter() - t, 2)
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from trial_throughput import LORA_TARGETS, build_assets, merge_result  # noqa: E402
+    from trial_throughput import build_assets, merge_result  # noqa: E402
 
     cuda = torch.cuda.is_available()
     t = time.perf_counter()

@@ -34,13 +34,13 @@ def pack_processes(sweep_home: str) -> list:
 
 
 def early_packs(sweep_home: str) -> list:
-    """The run's pack processes started before Ray (`trial_worker.pack.early`), which its first actor adopts."""
+    """The run's pack processes started before Ray (`trial_worker.pack.process`), which its first actor adopts."""
     import psutil
 
     out = []
     for p in psutil.process_iter():
         try:
-            if "trial_worker.pack.early" in " ".join(p.cmdline()) and p.environ().get("SWEEP_HOME") == sweep_home:
+            if "trial_worker.pack.process" in " ".join(p.cmdline()) and p.environ().get("SWEEP_HOME") == sweep_home:
                 out.append(p)
         except psutil.Error:
             pass

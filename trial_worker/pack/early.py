@@ -15,7 +15,7 @@ Lifetimes, so that no pack is ever left holding a GPU:
 - it is adopted once, by the actor of the GPU it was started on (Ray's GPU id for the actor), else ended;
 - the controller ends it after the sweep, and when the plan did not pack after all (`EarlyPack.end`).
 SIGINT and SIGTERM are ignored there, as Ray's own processes block them: a stop reaches the controller, which
-stops the sweep and ends it.
+stops the sweep and ends it. The process itself is `trial_worker.pack.process`.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def start(job: dict, *, resources: dict, search_params: Optional[dict], pack_nam
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
                CUDA_VISIBLE_DEVICES=device)
     with open(folder / "stderr.txt", "wb") as err:  # a file, not a pipe: nothing can fill it and stall the pack
-        proc = subprocess.Popen([sys.executable, "-m", "trial_worker.pack.early", str(folder)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "trial_worker.pack.process", str(folder)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     threading.Thread(target=proc.wait, name="early-pack-reaper", daemon=True).start()  # no zombie once it ends
     mark("controller: early pack started")
@@ -185,75 +185,3 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except OSError:
         pass
-
-
-# ------------------------------------------------------------------ the pack process
-def _main(folder: str) -> None:
-    from multiprocessing.connection import Listener
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    out = Path(folder)
-    spec = json.loads((out / "pack.json").read_text())
-    key = (out / "key").read_text().encode()
-    parent = int(spec["parent"])
-
-    def watch() -> None:  # the controller gone: so is this pack
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="controller-watch", daemon=True).start()
-    listener = Listener(str(out / "socket"), family="AF_UNIX", authkey=key)
-    (out / "listening").touch()
-    from trial_worker.pack.server import PackServer
-
-    server = PackServer(spec["name"])
-    server.prepare(spec["job"])  # the engine is built now, before any trial or actor asks for it
-    adopted = threading.Lock()
-
-    def serve(conn) -> None:
-        lease = False
-        try:
-            while True:
-                method, args, kwargs = conn.recv()
-                if method == "adopt":
-                    lease = adopted.acquire(blocking=False)
-                    conn.send(("ok", None) if lease else ("error", RuntimeError("adopted by another actor already")))
-                    if not lease:
-                        return
-                    continue
-                if method not in METHODS:
-                    conn.send(("error", ValueError(f"not a pack method: {method!r}")))
-                    continue
-                try:
-                    value: tuple = ("ok", getattr(server, method)(*args, **kwargs))
-                except Exception as e:  # noqa: BLE001 - raised in the actor as it was raised here
-                    value = ("error", _picklable(e))
-                conn.send(value)
-        except (EOFError, OSError):
-            if lease:  # the adopting actor is gone: so is this pack (Ray restarts the actor, empty)
-                os._exit(1)
-        finally:
-            conn.close()
-
-    while True:
-        try:
-            conn = listener.accept()
-        except Exception:  # noqa: BLE001 - a client that failed the key's challenge, or went away meanwhile
-            continue
-        threading.Thread(target=serve, args=(conn,), name="pack-relay", daemon=True).start()
-
-
-def _picklable(e: BaseException) -> BaseException:
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:  # noqa: BLE001 - its type and message
-        return RuntimeError(f"{type(e).__name__}: {e}")
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1])
