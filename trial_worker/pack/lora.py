@@ -264,7 +264,9 @@ def _spread(params: list, where: list, ranks: list, scales: Optional[list], stac
 
 def target_names(model, targets) -> list[str]:
     """Qualified names of the linear layers LoRA may wrap: `targets` ('all-linear' or module names, `targeted`)."""
-    import bitsandbytes as bnb
+    from trial_worker._compat import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
 
     out = []
     for name, module in model.named_modules():
