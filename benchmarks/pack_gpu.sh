@@ -95,9 +95,10 @@ for stage in "$@"; do
                 --out "$OUT/pack_startup.json" 2> "$OUT/engine_importtime.txt" >/dev/null
             sort -t'|' -k2 -n -r "$OUT/engine_importtime.txt" | head -40
             ;;
-        packed)
-            $PY benchmarks/sweep_makespan.py --mode packed --trials $TRIALS "${SWEEP_TINY[@]}" --work "$W" --out "$OUT/makespan_packed.json" 2>&1 | tail -40
-            keep
+        packed)  # named once more in the same call: run again (Triton's kernels then come from its cache), as _2, _3...
+            n=1; sfx=""; while [ -e "$OUT/makespan_packed$sfx.json" ]; do n=$((n + 1)); sfx="_$n"; done
+            $PY benchmarks/sweep_makespan.py --mode packed --trials $TRIALS "${SWEEP_TINY[@]}" --work "$W$sfx" --out "$OUT/makespan_packed$sfx.json" 2>&1 | tail -40
+            cp "$W$sfx/makespan_packed.marks.jsonl" "$OUT/makespan_packed$sfx.marks.jsonl" 2>/dev/null || true
             ;;
         baseline)  # the packed sweep with its first pack built in its Ray actor (no pack started before Ray)
             SWEEP_EARLY_PACK=0 $PY benchmarks/sweep_makespan.py --mode packed --trials $TRIALS "${SWEEP_TINY[@]}" --work "$W/baseline" \
