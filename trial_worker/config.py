@@ -19,6 +19,13 @@ from typing import Any, Literal, Mapping, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+
+def sweep_home() -> Path:
+    """$SWEEP_HOME, default ~/.sweep: where sweep keeps what outlives a sweep (its study registry, probed execution
+    plans, made data)."""
+    return Path(os.environ.get("SWEEP_HOME") or Path.home() / ".sweep").expanduser()
+
+
 class Strict(BaseModel):
     """Every spec model rejects unknown keys: a typo must never be silently ignored."""
 

@@ -98,7 +98,9 @@ def cache_key(job: JobConfig, device_name: str, total_bytes: int, extra: Iterabl
 
 
 def _cache_path() -> Path:
-    return Path(os.environ.get("SWEEP_HOME", Path.home() / ".sweep")).expanduser() / "execution_plans.json"
+    from trial_worker.config import sweep_home
+
+    return sweep_home() / "execution_plans.json"
 
 
 def cached(key: str) -> Optional[Execution]:

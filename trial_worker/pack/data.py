@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from trial_worker.config import JobConfig
+from trial_worker.config import JobConfig, sweep_home
 from trial_worker.marks import mark
 from trial_worker.pack.batch import Seq, tokenize
 
@@ -45,14 +45,110 @@ def tokenized(job: JobConfig) -> Data:
     return tokenizer.pad_token_id, train, val
 
 
+# The made data of local inputs is kept for the next sweep of the same tokenizer, data and data settings
+# (`cache_file`): its pack starts without making it again (H100, 2026-12-07: the data process took 15 s beside a
+# pack's start, the longest of what holds the first step back).
+CACHE_OFF_ENV = "SWEEP_DATA_CACHE"  # "0": always made, never kept
+CACHE_KEEP = 8  # datasets kept, the most recently used
+CACHE_MAX_TOKENS = 64_000_000  # a larger dataset is made each time (its pickle would be ~0.5 GB and more)
+WHOLE_FILE_BYTES = 64 << 20  # files up to this size are keyed by their bytes; larger ones by size and mtime
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
+# what makes the data: the key changes with any of them
+SOURCES = ("trial_worker/pack/data.py", "trial_worker/pack/batch.py", "trial_worker/data.py", "trial_worker/model.py",
+           "trial_worker/formats.py")
+
+
+def cache_file(job: JobConfig) -> Path | None:
+    """Where the job's made data is kept: a file named by what it is made of (the tokenizer's files, the data
+    files, the data settings, the libraries' versions and this code). None where the model or the data is not
+    a local path, or `SWEEP_DATA_CACHE=0`. Imports nothing heavy."""
+    import hashlib
+    from importlib import metadata
+
+    if os.environ.get(CACHE_OFF_ENV, "1") == "0":
+        return None
+    model, data = Path(job.model.name_or_path), Path(job.data.path)
+    if not model.is_dir() or not data.exists():
+        return None
+    h = hashlib.sha256()
+
+    def add(f: Path, name: str) -> None:
+        st = f.stat()
+        h.update(f"{name}\0{st.st_size}\0".encode())
+        h.update(f.read_bytes() if st.st_size <= WHOLE_FILE_BYTES else f"{f.resolve()}\0{st.st_mtime_ns}".encode())
+
+    for f in sorted(model.iterdir()):
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+            add(f, "model/" + f.name)
+    for f in sorted(data.rglob("*")) if data.is_dir() else [data]:
+        if f.is_file():
+            add(f, "data/" + (str(f.relative_to(data)) if data.is_dir() else ""))
+    h.update(job.data.model_dump_json(exclude={"path"}).encode())
+    h.update(f"{job.model.revision}\0{job.model.trust_remote_code}".encode())
+    for lib in ("transformers", "tokenizers", "datasets", "jinja2"):
+        try:
+            h.update(f"{lib}={metadata.version(lib)}".encode())
+        except metadata.PackageNotFoundError:
+            pass
+    root = Path(__file__).resolve().parents[2]
+    for src in SOURCES:
+        h.update((root / src).read_bytes())
+    return sweep_home() / "cache" / "pack-data" / f"{h.hexdigest()[:32]}.pkl"
+
+
+def _keep(cached: Path, data: Data, made: Path | None = None) -> None:
+    """Keep the made data as `cached` (copied from `made`, its result file, where there is one); the least
+    recently used beyond `CACHE_KEEP` go."""
+    if sum(len(s.ids) for seqs in data[1:] for s in seqs) > CACHE_MAX_TOKENS:
+        return
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        if made is not None:
+            shutil.copyfile(made, tmp)
+        else:
+            with open(tmp, "wb") as f:
+                pickle.dump(("ok", data), f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.rename(cached)  # whole or absent, for any sweep reading it
+        kept = sorted(cached.parent.glob("*.pkl"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for old in kept[CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass  # a cache that cannot be written costs the next sweep its head start, nothing more
+
+
+def _read(path: Path) -> Data:
+    with open(path, "rb") as f:
+        kind, value = pickle.load(f)
+    if kind == "error":
+        raise value
+    return value
+
+
 def start(job: JobConfig, *, own_process: bool) -> Callable[[], Data]:
-    """Start making the job's data (in a process of its own, or in a thread); returns the wait for it, which
-    raises what making it raised."""
+    """Start making the job's data (in a process of its own, or in a thread), or reading it where an earlier
+    sweep kept it (`cache_file`); returns the wait for it, which raises what making it raised."""
+    cached = cache_file(job)
+    if cached is not None and cached.exists():
+        try:
+            data = _read(cached)
+            os.utime(cached)  # recently used: kept longest
+            mark(f"engine: data tokenized ({len(data[1])} train, {len(data[2])} validation rows, kept from an earlier sweep)")
+            return lambda: data
+        except Exception:  # noqa: BLE001 - unreadable (another version's, cut short): made again, and kept anew
+            cached.unlink(missing_ok=True)
     if not own_process:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-data")
         future = pool.submit(tokenized, job)
         pool.shutdown(wait=False)
-        return future.result
+
+        def made() -> Data:
+            data = future.result()
+            if cached is not None:
+                _keep(cached, data)
+            return data
+
+        return made
     from trial_worker.attempt import temp_folder
 
     folder = Path(temp_folder("sweep-pack-data"))  # named for this process: removed by any sweep once it is gone
@@ -77,6 +173,8 @@ def start(job: JobConfig, *, own_process: bool) -> Callable[[], Data]:
                 raise RuntimeError(f"the pack's data process left a result that does not load: {e}") from e
             if kind == "error":
                 raise value
+            if cached is not None:
+                _keep(cached, value, made=result)
             return value
         finally:
             if proc.poll() is None:
