@@ -152,14 +152,14 @@ def remove_temp_folders(root: str | None = None) -> list[str]:
                 continue
         except OSError:
             continue
-        if _process_exists(int(pid)):
+        if process_exists(int(pid)):
             continue
         shutil.rmtree(e.path, ignore_errors=True)
         found.append(e.path)
     return found
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

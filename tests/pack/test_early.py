@@ -4,6 +4,7 @@ killed, is tests/pack/test_sweep_packed.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -43,14 +44,26 @@ time.sleep(600)
 """
 
 
-def _started(job: dict, tmp_path, **env) -> tuple[subprocess.Popen, dict]:
-    """A controller stand-in that starts an early pack and waits: (its process, the ticket)."""
+@contextlib.contextmanager
+def _started(job: dict, tmp_path):
+    """A controller stand-in that starts an early pack and waits: yields (its process, the ticket); both ended after."""
     parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps(job), json.dumps(RESOURCES)],
                               stdout=subprocess.PIPE, text=True, cwd=tmp_path,
-                              env=dict(os.environ, **env, PYTHONPATH=os.pathsep.join(sys.path)))
-    line = parent.stdout.readline()
-    assert line, "the stand-in controller started no early pack"
-    return parent, json.loads(line)
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    ticket = {"pid": -1}
+    try:
+        line = parent.stdout.readline()
+        assert line, "the stand-in controller started no early pack"
+        ticket = json.loads(line)
+        yield parent, ticket
+    finally:
+        parent.kill()
+        parent.wait()
+        if ticket["pid"] > 0:
+            try:
+                os.kill(ticket["pid"], signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _gone(pid: int, within: float = 10.0) -> bool:
@@ -66,30 +79,21 @@ def _gone(pid: int, within: float = 10.0) -> bool:
 
 
 def test_the_early_pack_ends_when_its_controller_is_killed_before_adopting_it(job, tmp_path):
-    parent, ticket = _started(job, tmp_path)
-    try:
+    with _started(job, tmp_path) as (parent, ticket):
         assert psutil.pid_exists(ticket["pid"])
         assert not _gone(ticket["pid"], within=1.0)  # it lives while its controller does
         parent.kill()
         parent.wait()
         assert _gone(ticket["pid"]), "the early pack outlived its killed controller"
-    finally:
-        parent.kill()
-        _kill(ticket["pid"])
 
 
 def test_only_the_actor_of_its_gpu_adopts_it_and_only_once(job, tmp_path):
-    parent, ticket = _started(job, tmp_path)
-    try:
+    with _started(job, tmp_path) as (_, ticket):
         # an actor Ray gave another GPU than the one the pack was started on ends it and builds its own
         assert adopt(dict(ticket, device="3"), gpu_ids=[1]) is None
         assert _gone(ticket["pid"])
-    finally:
-        parent.kill()
-        _kill(ticket["pid"])
 
-    parent, ticket = _started(job, tmp_path)
-    try:
+    with _started(job, tmp_path) as (_, ticket):
         relay = adopt(ticket, gpu_ids=[])
         assert relay is not None
         info = relay.call("info")
@@ -99,26 +103,12 @@ def test_only_the_actor_of_its_gpu_adopts_it_and_only_once(job, tmp_path):
         # A second actor (a restart of the first, which is gone) does not share it: it is ended.
         assert adopt(ticket, gpu_ids=[]) is None
         assert _gone(ticket["pid"])
-    finally:
-        parent.kill()
-        _kill(ticket["pid"])
 
 
 def test_the_early_pack_ends_with_the_actor_that_adopted_it(job, tmp_path):
-    parent, ticket = _started(job, tmp_path)
-    try:
+    with _started(job, tmp_path) as (parent, ticket):
         relay = adopt(ticket, gpu_ids=[])
         assert relay is not None and relay.call("info")["pid"] == ticket["pid"]
         relay.lease.close()  # as when the actor's process ends
         assert _gone(ticket["pid"]), "the early pack outlived the actor that adopted it"
         assert parent.poll() is None
-    finally:
-        parent.kill()
-        _kill(ticket["pid"])
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass

@@ -147,10 +147,12 @@ def adopt(ticket: dict, gpu_ids: list) -> Optional[Relay]:
         mark(f"pack: the early pack runs on GPU {device}, this actor has {gpu_ids}: ended")
         _kill(pid)
         return None
+    from trial_worker.attempt import process_exists
+
     address = folder / "socket"
     deadline = time.monotonic() + ADOPT_WAIT_S
     while not (folder / "listening").exists():
-        if not _alive(pid) or time.monotonic() > deadline:
+        if not process_exists(pid) or time.monotonic() > deadline:
             _kill(pid)
             return None
         time.sleep(0.02)
@@ -168,16 +170,6 @@ def adopt(ticket: dict, gpu_ids: list) -> Optional[Relay]:
         return None
     mark("pack: early pack adopted")
     return Relay(str(address), key, lease, pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _kill(pid: int) -> None:
