@@ -96,19 +96,15 @@ def cache_file(job: JobConfig) -> Path | None:
     return sweep_home() / "cache" / "pack-data" / f"{h.hexdigest()[:32]}.pkl"
 
 
-def _keep(cached: Path, data: Data, made: Path | None = None) -> None:
-    """Keep the made data as `cached` (copied from `made`, its result file, where there is one); the least
-    recently used beyond `CACHE_KEEP` go."""
+def _keep(cached: Path, data: Data) -> None:
+    """Keep the made data as `cached`; the least recently used beyond `CACHE_KEEP` go."""
     if sum(len(s.ids) for seqs in data[1:] for s in seqs) > CACHE_MAX_TOKENS:
         return
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        if made is not None:
-            shutil.copyfile(made, tmp)
-        else:
-            with open(tmp, "wb") as f:
-                pickle.dump(("ok", data), f, protocol=pickle.HIGHEST_PROTOCOL)
+        with open(tmp, "wb") as f:
+            pickle.dump(("ok", data), f, protocol=pickle.HIGHEST_PROTOCOL)
         tmp.rename(cached)  # whole or absent, for any sweep reading it
         kept = sorted(cached.parent.glob("*.pkl"), key=lambda f: f.stat().st_mtime, reverse=True)
         for old in kept[CACHE_KEEP:]:
@@ -117,38 +113,35 @@ def _keep(cached: Path, data: Data, made: Path | None = None) -> None:
         pass  # a cache that cannot be written costs the next sweep its head start, nothing more
 
 
-def _read(path: Path) -> Data:
-    with open(path, "rb") as f:
-        kind, value = pickle.load(f)
-    if kind == "error":
-        raise value
-    return value
-
-
-def start(job: JobConfig, *, own_process: bool) -> Callable[[], Data]:
-    """Start making the job's data (in a process of its own, or in a thread), or reading it where an earlier
-    sweep kept it (`cache_file`); returns the wait for it, which raises what making it raised."""
+def made_or_kept(job: JobConfig) -> Data:
+    """The job's data as an earlier sweep kept it (`cache_file`), else made now (`tokenized`) and kept."""
     cached = cache_file(job)
     if cached is not None and cached.exists():
         try:
-            data = _read(cached)
-            os.utime(cached)  # recently used: kept longest
-            mark(f"engine: data tokenized ({len(data[1])} train, {len(data[2])} validation rows, kept from an earlier sweep)")
-            return lambda: data
-        except Exception:  # noqa: BLE001 - unreadable (another version's, cut short): made again, and kept anew
-            cached.unlink(missing_ok=True)
+            with open(cached, "rb") as f:
+                kind, data = pickle.load(f)
+            if kind == "ok":
+                os.utime(cached)  # recently used: kept longest
+                mark(f"engine: data tokenized ({len(data[1])} train, {len(data[2])} validation rows, kept from an "
+                     "earlier sweep)")
+                return data
+        except Exception:  # noqa: BLE001 - unreadable (cut short, another version's): made again, and kept anew
+            pass
+        cached.unlink(missing_ok=True)
+    data = tokenized(job)
+    if cached is not None:
+        _keep(cached, data)
+    return data
+
+
+def start(job: JobConfig, *, own_process: bool) -> Callable[[], Data]:
+    """Start making the job's data, or reading it where an earlier sweep kept it (`made_or_kept`), in a process
+    of its own or in a thread; returns the wait for it, which raises what making it raised."""
     if not own_process:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-data")
-        future = pool.submit(tokenized, job)
+        future = pool.submit(made_or_kept, job)
         pool.shutdown(wait=False)
-
-        def made() -> Data:
-            data = future.result()
-            if cached is not None:
-                _keep(cached, data)
-            return data
-
-        return made
+        return future.result
     from trial_worker.attempt import temp_folder
 
     folder = Path(temp_folder("sweep-pack-data"))  # named for this process: removed by any sweep once it is gone
@@ -173,8 +166,6 @@ def start(job: JobConfig, *, own_process: bool) -> Callable[[], Data]:
                 raise RuntimeError(f"the pack's data process left a result that does not load: {e}") from e
             if kind == "error":
                 raise value
-            if cached is not None:
-                _keep(cached, value, made=result)
             return value
         finally:
             if proc.poll() is None:
@@ -203,7 +194,7 @@ def _main(folder: str, parent: int) -> None:
     out = Path(folder)
     job = JobConfig.model_validate_json((out / "job.json").read_text())
     try:
-        value: object = ("ok", tokenized(job))
+        value: object = ("ok", made_or_kept(job))
     except Exception as e:  # noqa: BLE001 - handed to the pack, raised there as it was raised here
         try:
             pickle.dumps(e)
