@@ -113,24 +113,32 @@ def _keep(cached: Path, data: Data) -> None:
         pass  # a cache that cannot be written costs the next sweep its head start, nothing more
 
 
+def _kept(cached: Path | None) -> Data | None:
+    """The data an earlier sweep kept in `cached`; None where there is none (or it is unreadable: removed)."""
+    if cached is None or not cached.exists():
+        return None
+    try:
+        with open(cached, "rb") as f:
+            kind, data = pickle.load(f)
+        if kind == "ok":
+            os.utime(cached)  # recently used: kept longest
+            mark(f"engine: data tokenized ({len(data[1])} train, {len(data[2])} validation rows, kept from an "
+                 "earlier sweep)")
+            return data
+    except Exception:  # noqa: BLE001 - unreadable (cut short, another version's): made again, and kept anew
+        pass
+    cached.unlink(missing_ok=True)
+    return None
+
+
 def made_or_kept(job: JobConfig) -> Data:
     """The job's data as an earlier sweep kept it (`cache_file`), else made now (`tokenized`) and kept."""
     cached = cache_file(job)
-    if cached is not None and cached.exists():
-        try:
-            with open(cached, "rb") as f:
-                kind, data = pickle.load(f)
-            if kind == "ok":
-                os.utime(cached)  # recently used: kept longest
-                mark(f"engine: data tokenized ({len(data[1])} train, {len(data[2])} validation rows, kept from an "
-                     "earlier sweep)")
-                return data
-        except Exception:  # noqa: BLE001 - unreadable (cut short, another version's): made again, and kept anew
-            pass
-        cached.unlink(missing_ok=True)
-    data = tokenized(job)
-    if cached is not None:
-        _keep(cached, data)
+    data = _kept(cached)
+    if data is None:
+        data = tokenized(job)
+        if cached is not None:
+            _keep(cached, data)
     return data
 
 
@@ -138,8 +146,22 @@ def start(job: JobConfig, *, own_process: bool) -> Callable[[], Data]:
     """Start making the job's data, or reading it where an earlier sweep kept it (`made_or_kept`), in a process
     of its own or in a thread; returns the wait for it, which raises what making it raised."""
     if not own_process:
+        # The kept data is looked for here, and the thread only makes it: it imports transformers (the tokenizer)
+        # at once, before this thread's own imports do (two threads importing transformers' lazy module at the
+        # same moment can fail: "cannot import name 'AutoTokenizer'").
+        cached = cache_file(job)
+        kept = _kept(cached)
+        if kept is not None:
+            return lambda: kept
+
+        def made() -> Data:
+            data = tokenized(job)
+            if cached is not None:
+                _keep(cached, data)
+            return data
+
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-data")
-        future = pool.submit(made_or_kept, job)
+        future = pool.submit(made)
         pool.shutdown(wait=False)
         return future.result
     from trial_worker.attempt import temp_folder
