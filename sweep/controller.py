@@ -215,6 +215,8 @@ def _run(optuna, spec: SweepSpec, *, spec_path: Path, study_name: str, storage: 
         shutdown_ray(ray)
         if ours:
             end_processes(ours, grace_s=0.0)
+        if early is not None:  # the pack process started before Ray: ended with it, before its folders are removed
+            early.end()
         mark("controller: ray down")
         _remove_temp_folders()
 

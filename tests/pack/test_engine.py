@@ -579,6 +579,7 @@ def test_a_trial_of_another_dataset_joins_while_the_pack_trains(jobs, tmp_path, 
     from trial_worker.pack.server import PackServer
 
     monkeypatch.setenv("SWEEP_TIMELINE", str(tmp_path / "marks.jsonl"))
+    monkeypatch.setenv("SWEEP_DATA_CACHE", "0")  # made here, slowly: not read as an earlier test kept it
     from trial_worker.pack import data
 
     made = data.tokenized
