@@ -35,6 +35,7 @@ def tokenized(job: JobConfig) -> Data:
     tokenizer = load_tokenizer(job.model)
     mark("engine: tokenizer")
     train_rows, val_rows = load_splits(job.data, tokenizer=tokenizer)
+    mark("engine: rows read and tokenized")
     L = job.data.max_seq_length
     train, val = tokenize(train_rows, tokenizer, L), tokenize(val_rows, tokenizer, L)
     for name, before, seqs in (("train", len(train_rows), train), ("validation", len(val_rows), val)):
