@@ -105,6 +105,15 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
     from trial_worker.marks import mark
 
     started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
+    from trial_worker.marks import enabled
+
+    if enabled():  # the benchmark's timeline: when Ray started this actor's process
+        try:
+            import psutil
+
+            mark("trial: process started", psutil.Process().create_time())
+        except ImportError:
+            pass
     mark("trial: started")
     remove_temp_folders()  # what killed workers and packs on this node left behind
     trial = trial_job(config, job, cpus=pack_cpus)
