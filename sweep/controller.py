@@ -318,7 +318,8 @@ def _quiet_libraries(*, local_ray: bool) -> None:
 def _start_ray(address: Optional[str], run_dir: RunDir, console):
     """Ray: the cluster at `address`, else a local Ray listening on 127.0.0.1 only, after ending what a killed
     controller of this run folder left of its own local Ray. Returns the `ray` module."""
-    from sweep._compat.ray import keep_local_ray_on_loopback, quiet_worker_death_notices, retry_trials_lost_in_reset
+    from sweep._compat.ray import (import_for_tune, keep_local_ray_on_loopback, quiet_worker_death_notices,
+                                   retry_trials_lost_in_reset)
 
     if not address:
         keep_local_ray_on_loopback()  # before `import ray` reads the switch
@@ -345,11 +346,14 @@ def _start_ray(address: Optional[str], run_dir: RunDir, console):
 
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if not address else None
     mark("controller: ray.init")
+    imports = import_for_tune()
     try:
         _ray_init(ray, address)
     finally:
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        imports.join()
+    mark("controller: tune's imports done")
     return ray
 
 

@@ -135,6 +135,12 @@ def temp_folder(kind: str) -> str:
     return tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-")
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a Python process this one starts that imports this package: it finds it (and every
+    other module) where this one did (an editable install, PYTHONPATH, a Ray worker's path); `extra` set on top."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)), **extra)
+
+
 def remove_temp_folders(root: str | None = None) -> list[str]:
     """Remove this user's trial and pack temp folders (`TEMP_KINDS`) on this machine whose process has ended; return
     them. A folder of a live process (or of a pid reused since) is left alone; so is one this user does not own."""

@@ -29,6 +29,16 @@ def mark(event: str, t: Optional[float] = None) -> None:
         f.write(line + "\n")
 
 
+def process_start() -> Optional[float]:
+    """When this process started (`time.time()`'s clock), for a mark of it; None where psutil is missing."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a mark without its start time
+        return None
+
+
 def read(path: str, since: float) -> list[tuple[float, int, str]]:
     """[(seconds after `since`, pid, event)] of the moments in `path`, in time order."""
     if not os.path.exists(path):

@@ -132,15 +132,19 @@ def _kept(cached: Path | None) -> Data | None:
     return None
 
 
+def _made(job: JobConfig, cached: Path | None) -> Data:
+    """The job's data made now (`tokenized`), and kept as `cached` (None: not kept)."""
+    data = tokenized(job)
+    if cached is not None:
+        _keep(cached, data)
+    return data
+
+
 def made_or_kept(job: JobConfig) -> Data:
-    """The job's data as an earlier sweep kept it (`cache_file`), else made now (`tokenized`) and kept."""
+    """The job's data as an earlier sweep kept it (`cache_file`), else made now and kept."""
     cached = cache_file(job)
     data = _kept(cached)
-    if data is None:
-        data = tokenized(job)
-        if cached is not None:
-            _keep(cached, data)
-    return data
+    return data if data is not None else _made(job, cached)
 
 
 def start(job: JobConfig, *, own_process: bool) -> Callable[[], Data]:
@@ -154,23 +158,15 @@ def start(job: JobConfig, *, own_process: bool) -> Callable[[], Data]:
         kept = _kept(cached)
         if kept is not None:
             return lambda: kept
-
-        def made() -> Data:
-            data = tokenized(job)
-            if cached is not None:
-                _keep(cached, data)
-            return data
-
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-data")
-        future = pool.submit(made)
+        future = pool.submit(_made, job, cached)
         pool.shutdown(wait=False)
         return future.result
-    from trial_worker.attempt import temp_folder
+    from trial_worker.attempt import child_env, temp_folder
 
     folder = Path(temp_folder("sweep-pack-data"))  # named for this process: removed by any sweep once it is gone
     (folder / "job.json").write_text(job.model_dump_json())
-    # The child finds this package where the parent found it (an editable install, PYTHONPATH, a Ray worker's path).
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
+    env = child_env()
     with open(folder / "stderr.txt", "wb") as err:  # a file, not a pipe: progress bars cannot fill it and stall
         proc = subprocess.Popen([sys.executable, "-m", "trial_worker.pack.data", str(folder), str(os.getpid())], env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -88,7 +89,7 @@ def start(job: dict, *, resources: dict, search_params: Optional[dict], pack_nam
     except Exception:  # noqa: BLE001 - refused: the trial plan says why, with the sweep's own message
         return None
     device = gpus[0] if resources.get("gpus_per_trial", 1) > 0 and gpus else ""
-    from trial_worker.attempt import temp_folder
+    from trial_worker.attempt import child_env, temp_folder
 
     folder = Path(temp_folder("sweep-early-pack"))  # named for the controller: removed by any sweep once it is gone
     key = secrets.token_hex(16)
@@ -96,8 +97,7 @@ def start(job: dict, *, resources: dict, search_params: Optional[dict], pack_nam
     key_file.touch(mode=0o600)
     key_file.write_text(key)
     (folder / "pack.json").write_text(json.dumps({"name": pack_name, "job": job, "parent": os.getpid()}))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
-               CUDA_VISIBLE_DEVICES=device)
+    env = child_env(CUDA_VISIBLE_DEVICES=device)
     with open(folder / "stderr.txt", "wb") as err:  # a file, not a pipe: nothing can fill it and stall the pack
         proc = subprocess.Popen([sys.executable, "-m", "trial_worker.pack.process", str(folder)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
@@ -112,8 +112,6 @@ class Relay:
     its own, reused). A lost process ends this actor's process, for Ray to restart it empty."""
 
     def __init__(self, address: str, key: bytes, lease: Any, pid: int):
-        import queue
-
         self.address, self.key, self.lease, self.pid = address, key, lease, pid
         self.idle: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -123,7 +121,7 @@ class Relay:
         try:
             try:
                 conn = self.idle.get_nowait()
-            except Exception:  # noqa: BLE001 - queue.Empty: a new connection
+            except queue.Empty:  # every connection in use: a new one
                 conn = Client(self.address, family="AF_UNIX", authkey=self.key)
             conn.send((method, args, kwargs))
             kind, value = conn.recv()

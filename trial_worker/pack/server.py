@@ -21,7 +21,7 @@ import traceback
 from collections import deque
 from typing import Any, Optional
 
-from trial_worker.marks import mark
+from trial_worker.marks import mark, process_start
 
 # A trial whose attempt has not polled for this long lost its Tune actor (killed, or stopped without a word):
 # it is dropped from the pack, its slot and memory freed. An attempt polls all the time (each poll waits up to
@@ -46,7 +46,7 @@ class PackServer:
             if self.relay is not None:
                 self.name = name
                 return
-        started = _process_start()
+        started = process_start()
         if started is not None:  # else no mark: "now" would be a wrong start
             mark("pack: process started", started)
         mark("pack: actor init")
@@ -358,15 +358,6 @@ class PackServer:
         for t in [t for t in e.trials.values() if t.state == "done"]:
             e.remove(t.id)
             self._emit(t.id, {"kind": "done"}, self.held.get(t.id))
-
-
-def _process_start() -> Optional[float]:
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except Exception:  # noqa: BLE001 - a mark without its start time
-        return None
 
 
 def _error_event(error: BaseException) -> dict:

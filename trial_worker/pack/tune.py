@@ -105,15 +105,10 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
     from trial_worker.marks import mark
 
     started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
-    from trial_worker.marks import enabled
+    from trial_worker.marks import enabled, process_start
 
-    if enabled():  # the benchmark's timeline: when Ray started this actor's process
-        try:
-            import psutil
-
-            mark("trial: process started", psutil.Process().create_time())
-        except ImportError:
-            pass
+    if enabled() and process_start():  # the benchmark's timeline: when Ray started this actor's process
+        mark("trial: process started", process_start())
     mark("trial: started")
     remove_temp_folders()  # what killed workers and packs on this node left behind
     trial = trial_job(config, job, cpus=pack_cpus)
