@@ -194,7 +194,7 @@ def start(job: JobConfig, *, own_process: bool) -> Callable[[], Data]:
     return wait
 
 
-def _exit_with(parent: int) -> None:
+def exit_with(parent: int) -> None:
     """End this process once `parent` (the pack; its pid as the pack gave it, since this process may start after
     the pack is already gone) is gone: a killed pack leaves no data process behind."""
     import threading
@@ -209,7 +209,7 @@ def _exit_with(parent: int) -> None:
 
 
 def _main(folder: str, parent: int) -> None:
-    _exit_with(parent)
+    exit_with(parent)
     out = Path(folder)
     job = JobConfig.model_validate_json((out / "job.json").read_text())
     try:

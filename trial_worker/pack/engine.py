@@ -296,6 +296,14 @@ class PackEngine:
         # base's load: in a process of its own on a GPU (`data_process`, default: not on the CPU; pack.data).
         self.data_process = not self.cpu if data_process is None else data_process
         data = start(job, own_process=self.data_process)
+        from trial_worker.formats import liger_wanted
+
+        # Liger's Triton kernels, compiled beside the imports and the load for the warm-up to find (`pack.kernels`)
+        warmer = None
+        if not self.cpu and liger_wanted(job, cpu=False):
+            from trial_worker.pack.kernels import start as start_kernels
+
+            warmer = start_kernels(job)
         import torch
 
         from trial_worker._compat import apply_liger
@@ -314,8 +322,6 @@ class PackEngine:
         self.model = load_base(job.model, cpu=self.cpu)
         mark("engine: base model read")
         freeze_base(self.model)
-        from trial_worker.formats import liger_wanted
-
         # Liger's fused RMSNorm, RoPE and SwiGLU, as the solo worker runs them (TRL's `use_liger_kernel`): on a GPU
         # where installed, unless the job says no. The pack's loss is its own (`graphs.per_token_nll`).
         self.liger = liger_wanted(job, cpu=self.cpu) and apply_liger(self.model)
@@ -357,6 +363,9 @@ class PackEngine:
         self.warmed_up = False  # (GPU) its throwaway first step ran through (`_warm_up`)
         if not self.cpu if warm_up is None else warm_up:
             self._warm_up(job)
+        if warmer is not None:  # of no more use (what it has not compiled by now, the warm-up did)
+            warmer.kill()
+            warmer.wait()
         self.pad_id, train, val = data()
         mark("engine: data ready")
         self.data = self.datasets[data_key(job)] = PackData(train, val)  # the job's own: the base evaluation's
