@@ -6,8 +6,10 @@ forward took 4.3 s and its backward 1.5 s against 1.3 s and 0.16 s with Triton's
 `benchmarks/results/pack_startup.json`), all of it on the critical path to the first training step. Triton keeps
 what it compiles in its cache (`~/.triton/cache`, or `TRITON_CACHE_DIR`), keyed by the kernel's source, its
 arguments' types and specialisations and the GPU: `start` runs the same kernels, on tensors of the model's sizes
-and dtype, in a light process (torch and Liger's ops only, no transformers) started beside the pack's data
-process, so that the warm-up finds them compiled. It is only a head start: a kernel it did not meet exactly (another
+and dtype, in a light process (torch and Liger's modules: transformers' package, none of its models, no 4-bit
+load) started beside the pack's data process, so that the warm-up finds them compiled. A GPU test
+(`tests/pack/test_kernels.py`, passed on an H100 on 2026-12-07) checks that a Liger-patched model then compiles
+nothing more. It is only a head start: a kernel it did not meet exactly (another
 Liger version's arguments, a model whose Liger patch differs) is compiled by the warm-up as before.
 
 Model types whose Liger patch is Llama's (RMSNorm with offset 0 and Llama's casting, the shared RoPE, SwiGLU with
