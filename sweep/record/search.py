@@ -241,7 +241,7 @@ class StudySearch(Searcher):
         return False  # the space, metric and mode were given at construction (as OptunaSearch answers)
 
     def suggest(self, trial_id: str) -> Optional[Dict]:
-        from trial_worker.marks import mark
+        from trial_worker.entry import mark
 
         mark(f"controller: suggest {trial_id}")  # the benchmark's timeline (`SWEEP_TIMELINE`), else nothing
         # One read of the study: which Ray trial runs what, which trial no Ray trial runs, how many there are.
