@@ -29,14 +29,17 @@ def mark(event: str, t: Optional[float] = None) -> None:
         f.write(line + "\n")
 
 
-def process_start() -> Optional[float]:
-    """When this process started (`time.time()`'s clock), for a mark of it; None where psutil is missing."""
+def mark_process_start(event: str) -> None:
+    """Record `event` at the moment this process started (not now), where psutil can tell it."""
+    if not enabled():
+        return
     try:
         import psutil
 
-        return psutil.Process().create_time()
-    except Exception:  # noqa: BLE001 - a mark without its start time
-        return None
+        started = psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - no mark: "now" would be a wrong start
+        return
+    mark(event, started)
 
 
 def read(path: str, since: float) -> list[tuple[float, int, str]]:

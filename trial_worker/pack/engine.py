@@ -298,9 +298,10 @@ class PackEngine:
         data = start(job, own_process=self.data_process)
         from trial_worker.formats import liger_wanted
 
+        warm = not self.cpu if warm_up is None else warm_up
         # Liger's Triton kernels, compiled beside the imports and the load for the warm-up to find (`pack.kernels`)
         warmer = None
-        if not self.cpu and liger_wanted(job, cpu=False):
+        if warm and not self.cpu and liger_wanted(job, cpu=False):
             from trial_worker.pack.kernels import start as start_kernels
 
             warmer = start_kernels(job)
@@ -361,7 +362,7 @@ class PackEngine:
         self.data_waits = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pack-data-wait")
         self.saves: list[tuple[PackedTrial, Future, dict, Path]] = []  # checkpoint writes in flight
         self.warmed_up = False  # (GPU) its throwaway first step ran through (`_warm_up`)
-        if not self.cpu if warm_up is None else warm_up:
+        if warm:
             self._warm_up(job)
         if warmer is not None:  # of no more use (what it has not compiled by now, the warm-up did)
             warmer.kill()
@@ -438,15 +439,9 @@ class PackEngine:
             mark("engine: warm-up trial added")
             trial.start_window()
             sums, _ = self._losses([(trial.slot, trial.take(None))], {trial.slot: 0})
-            if marking():  # the benchmark's split of the warm-up (a sync it alone pays)
-                if not self.cpu:
-                    torch.cuda.synchronize(self.device)
-                mark("engine: warm-up forward")
+            self._mark_done("engine: warm-up forward")
             sums.sum().backward()
-            if marking():  # the benchmark's split of the warm-up (a sync it alone pays)
-                if not self.cpu:
-                    torch.cuda.synchronize(self.device)
-                mark("engine: warm-up backward")
+            self._mark_done("engine: warm-up backward")
             trial.optimizer.step()
             if not self.cpu:
                 torch.cuda.synchronize(self.device)
@@ -458,6 +453,16 @@ class PackEngine:
             self.routing.set([], None)
             self.remove(WARM_UP_ID)
             del self.datasets[data_key(job)]
+
+    def _mark_done(self, event: str) -> None:
+        """Mark `event` once the GPU has done the work queued so far: the benchmark's split of the warm-up (a sync
+        only a marked run pays)."""
+        if marking():
+            if not self.cpu:
+                import torch
+
+                torch.cuda.synchronize(self.device)
+            mark(event)
 
     # --------------------------------------------------------------- membership
     def running(self) -> list[PackedTrial]:

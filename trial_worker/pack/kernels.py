@@ -56,8 +56,10 @@ def start(job: JobConfig) -> Optional[subprocess.Popen]:
     there is nothing to compile ahead (`shape_of`) or `SWEEP_KERNEL_WARMER=0`."""
     from trial_worker.attempt import child_env
 
+    if os.environ.get("SWEEP_KERNEL_WARMER", "1") == "0":
+        return None
     shape = shape_of(job)
-    if shape is None or os.environ.get("SWEEP_KERNEL_WARMER", "1") == "0":
+    if shape is None:
         return None
     return subprocess.Popen([sys.executable, "-m", "trial_worker.pack.kernels", json.dumps(shape), str(os.getpid())],
                             env=child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -21,7 +21,7 @@ import traceback
 from collections import deque
 from typing import Any, Optional
 
-from trial_worker.marks import mark, process_start
+from trial_worker.marks import mark, mark_process_start
 
 # A trial whose attempt has not polled for this long lost its Tune actor (killed, or stopped without a word):
 # it is dropped from the pack, its slot and memory freed. An attempt polls all the time (each poll waits up to
@@ -46,9 +46,7 @@ class PackServer:
             if self.relay is not None:
                 self.name = name
                 return
-        started = process_start()
-        if started is not None:  # else no mark: "now" would be a wrong start
-            mark("pack: process started", started)
+        mark_process_start("pack: process started")
         mark("pack: actor init")
         self.name = name
         self.max_trials = max_trials

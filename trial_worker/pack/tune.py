@@ -102,13 +102,10 @@ def run_packed_trial(config: dict[str, Any], job: dict, run_dir: Optional[str] =
     from ray import tune
 
     from trial_worker.attempt import attempt, remove_temp_folders, trial_job
-    from trial_worker.marks import mark
+    from trial_worker.marks import mark, mark_process_start
 
     started_at = time.time()  # Tune started this attempt of the trial (`setup_s` in its reports)
-    from trial_worker.marks import enabled, process_start
-
-    if enabled() and process_start():  # the benchmark's timeline: when Ray started this actor's process
-        mark("trial: process started", process_start())
+    mark_process_start("trial: process started")  # when Ray started this actor's process
     mark("trial: started")
     remove_temp_folders()  # what killed workers and packs on this node left behind
     trial = trial_job(config, job, cpus=pack_cpus)
